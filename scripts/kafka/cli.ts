@@ -1,0 +1,58 @@
+/**
+ * The local Kafka broker from the command line.
+ *
+ *   node --experimental-strip-types scripts/kafka/cli.ts run   [--port 9092] [--dir D] [--auto-create-topics]
+ *   node --experimental-strip-types scripts/kafka/cli.ts start [--port N]    [--dir D] [--auto-create-topics]
+ *   node --experimental-strip-types scripts/kafka/cli.ts stop  --dir D
+ *   node --experimental-strip-types scripts/kafka/cli.ts jars
+ *
+ * `run` (what `npm run kafka` does) keeps the broker in the foreground until Ctrl-C; `start` leaves it running
+ * in the background and prints `KAFKA_BROKERS=…` and `KAFKA_BROKER_DIR=…` for `eval`; `stop` ends it by its PID.
+ */
+import { parseArgs } from "node:util"
+import { NodeRuntime } from "@effect/platform-node"
+import { Console, Effect } from "effect"
+import * as Broker from "./broker.ts"
+
+const { positionals, values } = parseArgs({
+  allowPositionals: true,
+  options: {
+    port: { type: "string" },
+    dir: { type: "string" },
+    "auto-create-topics": { type: "boolean", default: false }
+  }
+})
+
+const port = values.port === undefined ? undefined : Number(values.port)
+if (port !== undefined && !(Number.isInteger(port) && port > 0 && port < 65536)) {
+  console.error(`--port must be an integer from 1 to 65535, got ${values.port}`)
+  process.exit(2)
+}
+const options: Broker.BrokerOptions = { port, dir: values.dir, autoCreateTopics: values["auto-create-topics"] }
+
+const describe = (broker: Broker.Broker) =>
+  Console.log(`KAFKA_BROKERS=${broker.brokers}\nKAFKA_BROKER_DIR=${broker.dir}\nKAFKA_BROKER_PID=${broker.pid}`)
+
+const commands: Record<string, Effect.Effect<void, Broker.BrokerError>> = {
+  jars: Effect.flatMap(Broker.resolveJars, (dir) => Console.log(dir)),
+  start: Effect.flatMap(Broker.start(options), describe),
+  stop:
+    values.dir === undefined
+      ? Effect.fail(new Broker.BrokerError({ message: "stop needs --dir, the KAFKA_BROKER_DIR that start printed" }))
+      : Effect.flatMap(Broker.fromDir(values.dir), Broker.stop),
+  run: Effect.scoped(
+    Effect.gen(function* () {
+      const broker = yield* Broker.acquire({ ...options, port: options.port ?? 9092 })
+      yield* describe(broker)
+      yield* Console.log(`Kafka is up (log: ${broker.logFile}). Ctrl-C stops it.`)
+      return yield* Effect.never
+    })
+  )
+}
+
+const command = commands[positionals[0] ?? "run"]
+if (command === undefined) {
+  console.error(`unknown command ${positionals[0]}; expected one of ${Object.keys(commands).join(", ")}`)
+  process.exit(2)
+}
+NodeRuntime.runMain(command)
