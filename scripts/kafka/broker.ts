@@ -240,6 +240,13 @@ export const start = (options: BrokerOptions = {}): Effect.Effect<Broker, Broker
     const ownsDir = options.dir === undefined
     const dir = options.dir ?? Fs.mkdtempSync(Path.join(Os.tmpdir(), "kafka-effect-broker-"))
     Fs.mkdirSync(dir, { recursive: true })
+    return yield* launch(dir, ownsDir, jarsDir, options).pipe(
+      Effect.onError(() => Effect.sync(() => ownsDir && Fs.rmSync(dir, { recursive: true, force: true })))
+    )
+  })
+
+const launch = (dir: string, ownsDir: boolean, jarsDir: string, options: BrokerOptions) =>
+  Effect.gen(function* () {
     const dataDir = Path.join(dir, "data")
     const port = options.port ?? (yield* freePort)
     const controllerPort = yield* freePort
@@ -266,6 +273,8 @@ export const start = (options: BrokerOptions = {}): Effect.Effect<Broker, Broker
       stdio: ["ignore", out, out]
     })
     Fs.closeSync(out)
+    // A spawn failure is also emitted as an event; unhandled, it would crash the caller. `pid` tells us below.
+    child.on("error", () => undefined)
     const pid = child.pid
     if (pid === undefined) {
       return yield* new BrokerError({ message: `could not start ${javaBin()}: is a JDK 17+ installed?` })
