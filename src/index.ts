@@ -1,1 +1,1 @@
-export {}
+export * as KafkaConfig from "./Config.ts"

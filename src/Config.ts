@@ -1,0 +1,453 @@
+/**
+ * KafkaConfig: every environment variable of kafka-effect, with the Go example's defaults, validated at start-up.
+ *
+ * Values are read through Effect's current `ConfigProvider` (the environment by default; tests provide
+ * `ConfigProvider.fromUnknown`). A bad value never waits for the first send: loading fails with a
+ * `KafkaConfigError` that lists every problem — the variable, the value it had (secrets never shown) and the
+ * form it accepts — and inconsistent combinations, such as an idempotent producer with acks other than all.
+ *
+ * @example
+ * ```ts
+ * import { Effect } from "effect"
+ * import * as KafkaConfig from "kafka-effect/Config"
+ *
+ * const program = Effect.gen(function* () {
+ *   const producer = yield* KafkaConfig.producer
+ *   yield* Effect.log(`producing to ${producer.topic} with acks=${producer.acks}`)
+ * })
+ * ```
+ */
+import { Config, Duration, Effect, Option, Redacted, Schema } from "effect"
+import type * as LogLevel from "effect/LogLevel"
+
+/** One bad variable (or combination): what it is, what it held, what it accepts. */
+export class ConfigProblem extends Schema.Class<ConfigProblem>("kafka-effect/ConfigProblem")({
+  variable: Schema.String,
+  /** the raw value, or "(secret)" for secrets, or undefined when the variable was unset */
+  value: Schema.UndefinedOr(Schema.String),
+  expected: Schema.String
+}) {
+  override toString() {
+    const got = this.value === undefined ? "is not set" : `is ${JSON.stringify(this.value)}`
+    return `${this.variable} ${got}; expected ${this.expected}`
+  }
+}
+
+export class KafkaConfigError extends Schema.TaggedError<KafkaConfigError>()("KafkaConfigError", {
+  problems: Schema.Array(ConfigProblem)
+}) {
+  override get message() {
+    return `Invalid Kafka configuration:\n${this.problems.map((problem) => `  - ${problem.toString()}`).join("\n")}`
+  }
+}
+
+export type Acks = -1 | 0 | 1
+
+export type SaslMechanism = "plain" | "scram-sha-256" | "scram-sha-512"
+
+export interface SaslConfig {
+  readonly mechanism: SaslMechanism
+  readonly username: string
+  readonly password: Redacted.Redacted<string>
+}
+
+export interface TlsConfig {
+  /** PEM file of the CA that signed the brokers' certificates; the system CAs when absent. */
+  readonly caFile: Option.Option<string>
+  /** PEM client certificate and key files, for brokers that require client authentication. */
+  readonly certFile: Option.Option<string>
+  readonly keyFile: Option.Option<string>
+}
+
+export interface ConnectionConfig {
+  readonly brokers: ReadonlyArray<string>
+  readonly clientId: string
+  readonly sasl: Option.Option<SaslConfig>
+  readonly tls: Option.Option<TlsConfig>
+  readonly connectionTimeout: Duration.Duration
+  readonly requestTimeout: Duration.Duration
+  /** First delay of the reconnect schedule; it doubles, with jitter, up to `reconnectBackoffMax`. */
+  readonly reconnectBackoff: Duration.Duration
+  readonly reconnectBackoffMax: Duration.Duration
+}
+
+export interface ProducerConfig {
+  readonly topic: string
+  readonly acks: Acks
+  /** how many times a send that failed with a retriable error is tried again */
+  readonly retries: number
+  readonly idempotent: boolean
+  /** how long a lone record may wait for others to share its request */
+  readonly linger: Duration.Duration
+  /** most records in one request */
+  readonly batchSize: number
+  /** most records waiting to be sent; `send` waits when the queue is full */
+  readonly queueCapacity: number
+}
+
+export interface ConsumerConfig {
+  readonly topic: string
+  readonly groupId: string
+  readonly workers: number
+  readonly retryMax: number
+  readonly fetchMinBytes: number
+  readonly fetchMaxBytes: number
+  readonly retryTopicPrefix: string
+  readonly dlqTopic: string
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Reading and validating
+// ---------------------------------------------------------------------------------------------------------------
+
+type Parse<A> = (raw: string) => Option.Option<A>
+
+/** Collects the problems of one section while it reads its variables, so that all of them are reported at once. */
+class Reader {
+  readonly problems: Array<ConfigProblem> = []
+  readonly env: ReadonlyMap<string, string>
+  constructor(env: ReadonlyMap<string, string>) {
+    this.env = env
+  }
+
+  raw(variable: string): string | undefined {
+    const value = this.env.get(variable)?.trim()
+    return value === "" ? undefined : value
+  }
+
+  /** The variable parsed, or its default when unset; a bad value is recorded and the default stands in. */
+  field<A>(variable: string, fallback: A, parse: Parse<A>, expected: string, options?: { readonly secret?: boolean }) {
+    const raw = this.raw(variable)
+    if (raw === undefined) return fallback
+    const parsed = parse(raw)
+    if (Option.isSome(parsed)) return parsed.value
+    this.problem(variable, options?.secret ? "(secret)" : raw, expected)
+    return fallback
+  }
+
+  optional<A>(variable: string, parse: Parse<A>, expected: string, options?: { readonly secret?: boolean }) {
+    const raw = this.raw(variable)
+    if (raw === undefined) return Option.none<A>()
+    const parsed = parse(raw)
+    if (Option.isNone(parsed)) this.problem(variable, options?.secret ? "(secret)" : raw, expected)
+    return parsed
+  }
+
+  problem(variable: string, value: string | undefined, expected: string) {
+    this.problems.push(new ConfigProblem({ variable, value, expected }))
+  }
+
+  done<A>(value: A): Effect.Effect<A, KafkaConfigError> {
+    return this.problems.length === 0
+      ? Effect.succeed(value)
+      : Effect.fail(new KafkaConfigError({ problems: this.problems }))
+  }
+}
+
+const text: Parse<string> = Option.some
+
+const integer =
+  (min: number, max = Number.MAX_SAFE_INTEGER): Parse<number> =>
+  (raw) => {
+    if (!/^-?\d+$/.test(raw)) return Option.none()
+    const n = Number(raw)
+    return n >= min && n <= max ? Option.some(n) : Option.none()
+  }
+
+const boolean: Parse<boolean> = (raw) => {
+  const value = raw.toLowerCase()
+  if (["true", "1", "yes", "on"].includes(value)) return Option.some(true)
+  if (["false", "0", "no", "off"].includes(value)) return Option.some(false)
+  return Option.none()
+}
+const booleanForm = "true or false (also 1/0, yes/no, on/off)"
+
+const millis =
+  (min: number, max = Number.MAX_SAFE_INTEGER): Parse<Duration.Duration> =>
+  (raw) =>
+    Option.map(integer(min, max)(raw), Duration.millis)
+
+const oneOf =
+  <A>(choices: Readonly<Record<string, A>>): Parse<A> =>
+  (raw) => {
+    const key = raw.toLowerCase()
+    return Object.hasOwn(choices, key) ? Option.some(choices[key] as A) : Option.none()
+  }
+
+const hostPort = /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})$/
+
+const brokerList: Parse<ReadonlyArray<string>> = (raw) => {
+  const brokers = raw.split(",").map((broker) => broker.trim())
+  const valid = brokers.every((broker) => {
+    const match = hostPort.exec(broker)
+    const port = Number(match?.[2])
+    return match !== null && port >= 1 && port <= 65535
+  })
+  return valid ? Option.some(brokers) : Option.none()
+}
+
+/** Kafka's legal topic names: 1–249 of [a-zA-Z0-9._-], and not "." or "..". */
+const topicName: Parse<string> = (raw) =>
+  /^[a-zA-Z0-9._-]{1,249}$/.test(raw) && raw !== "." && raw !== ".." ? Option.some(raw) : Option.none()
+const topicForm = "a Kafka topic name: 1 to 249 characters of a-z A-Z 0-9 . _ -"
+
+/** The names of every variable, for reading them in one pass. */
+export const variables = [
+  "KAFKA_BROKERS",
+  "KAFKA_CLIENT_ID",
+  "KAFKA_SASL_MECHANISM",
+  "KAFKA_SASL_USERNAME",
+  "KAFKA_SASL_PASSWORD",
+  "KAFKA_TLS",
+  "KAFKA_TLS_CA_FILE",
+  "KAFKA_TLS_CERT_FILE",
+  "KAFKA_TLS_KEY_FILE",
+  "KAFKA_CONNECTION_TIMEOUT_MS",
+  "KAFKA_REQUEST_TIMEOUT_MS",
+  "KAFKA_RECONNECT_BACKOFF_MS",
+  "KAFKA_RECONNECT_BACKOFF_MAX_MS",
+  "KAFKA_PRODUCER_TOPIC",
+  "KAFKA_PRODUCER_ACKS",
+  "KAFKA_PRODUCER_RETRIES",
+  "KAFKA_PRODUCER_IDEMPOTENT",
+  "KAFKA_PRODUCER_LINGER_MS",
+  "KAFKA_PRODUCER_BATCH_SIZE",
+  "KAFKA_PRODUCER_QUEUE_CAPACITY",
+  "KAFKA_CONSUMER_TOPIC",
+  "KAFKA_CONSUMER_GROUP_ID",
+  "KAFKA_CONSUMER_WORKERS",
+  "KAFKA_CONSUMER_RETRY_MAX",
+  "KAFKA_CONSUMER_FETCH_MIN_BYTES",
+  "KAFKA_CONSUMER_FETCH_MAX_BYTES",
+  "KAFKA_RETRY_TOPIC_PREFIX",
+  "KAFKA_DLQ_TOPIC",
+  "LOG_LEVEL"
+] as const
+
+const readEnv: Effect.Effect<Reader, KafkaConfigError> = Effect.gen(function* () {
+  const env = new Map<string, string>()
+  for (const variable of variables) {
+    const value = yield* Config.option(Config.String(variable)).pipe(
+      Effect.mapError(
+        (error) =>
+          new KafkaConfigError({
+            problems: [
+              new ConfigProblem({ variable, value: undefined, expected: `a readable value (${error.message})` })
+            ]
+          })
+      )
+    )
+    if (Option.isSome(value)) env.set(variable, value.value)
+  }
+  return new Reader(env)
+})
+
+const readConnection = (r: Reader): ConnectionConfig => {
+  const brokers = r.field(
+    "KAFKA_BROKERS",
+    ["localhost:9092"],
+    brokerList,
+    "a comma-separated list of host:port with ports 1-65535, e.g. kafka-1:9092,kafka-2:9092"
+  )
+  const clientId = r.field("KAFKA_CLIENT_ID", "kafka-effect", text, "a client id")
+
+  const mechanism = r.optional(
+    "KAFKA_SASL_MECHANISM",
+    oneOf<SaslMechanism>({ plain: "plain", "scram-sha-256": "scram-sha-256", "scram-sha-512": "scram-sha-512" }),
+    "one of plain, scram-sha-256, scram-sha-512"
+  )
+  const username = r.optional("KAFKA_SASL_USERNAME", text, "a user name")
+  const password = r.optional("KAFKA_SASL_PASSWORD", (raw) => Option.some(Redacted.make(raw)), "a password", {
+    secret: true
+  })
+  let sasl = Option.none<SaslConfig>()
+  if (Option.isSome(mechanism)) {
+    if (Option.isNone(username))
+      r.problem("KAFKA_SASL_USERNAME", undefined, `a user name when KAFKA_SASL_MECHANISM is set`)
+    if (Option.isNone(password))
+      r.problem("KAFKA_SASL_PASSWORD", undefined, `a password when KAFKA_SASL_MECHANISM is set`)
+    if (Option.isSome(username) && Option.isSome(password)) {
+      sasl = Option.some({ mechanism: mechanism.value, username: username.value, password: password.value })
+    }
+  } else if (r.raw("KAFKA_SASL_MECHANISM") === undefined && (Option.isSome(username) || Option.isSome(password))) {
+    r.problem(
+      "KAFKA_SASL_MECHANISM",
+      undefined,
+      "one of plain, scram-sha-256, scram-sha-512 when KAFKA_SASL_USERNAME or KAFKA_SASL_PASSWORD is set"
+    )
+  }
+
+  const caFile = r.optional("KAFKA_TLS_CA_FILE", text, "the path of a PEM CA file")
+  const certFile = r.optional("KAFKA_TLS_CERT_FILE", text, "the path of a PEM client certificate")
+  const keyFile = r.optional("KAFKA_TLS_KEY_FILE", text, "the path of a PEM client key")
+  if (Option.isSome(certFile) !== Option.isSome(keyFile)) {
+    const missing = Option.isSome(certFile) ? "KAFKA_TLS_KEY_FILE" : "KAFKA_TLS_CERT_FILE"
+    r.problem(missing, undefined, "both KAFKA_TLS_CERT_FILE and KAFKA_TLS_KEY_FILE, or neither")
+  }
+  const anyTlsFile = Option.isSome(caFile) || Option.isSome(certFile) || Option.isSome(keyFile)
+  const tlsOn = r.field("KAFKA_TLS", anyTlsFile, boolean, booleanForm)
+  if (!tlsOn && anyTlsFile) {
+    r.problem("KAFKA_TLS", r.raw("KAFKA_TLS"), "true (or unset) when a KAFKA_TLS_*_FILE is set")
+  }
+  const tls = tlsOn ? Option.some({ caFile, certFile, keyFile }) : Option.none<TlsConfig>()
+
+  const msForm = (min: number) => `a whole number of milliseconds, at least ${min}`
+  const connectionTimeout = r.field("KAFKA_CONNECTION_TIMEOUT_MS", Duration.seconds(10), millis(100), msForm(100))
+  const requestTimeout = r.field("KAFKA_REQUEST_TIMEOUT_MS", Duration.seconds(30), millis(100), msForm(100))
+  const reconnectBackoff = r.field("KAFKA_RECONNECT_BACKOFF_MS", Duration.millis(200), millis(1), msForm(1))
+  const reconnectBackoffMax = r.field("KAFKA_RECONNECT_BACKOFF_MAX_MS", Duration.seconds(30), millis(1), msForm(1))
+  if (Duration.isGreaterThan(reconnectBackoff, reconnectBackoffMax)) {
+    r.problem(
+      "KAFKA_RECONNECT_BACKOFF_MAX_MS",
+      r.raw("KAFKA_RECONNECT_BACKOFF_MAX_MS"),
+      `at least KAFKA_RECONNECT_BACKOFF_MS (${Duration.toMillis(reconnectBackoff)})`
+    )
+  }
+  return {
+    brokers,
+    clientId,
+    sasl,
+    tls,
+    connectionTimeout,
+    requestTimeout,
+    reconnectBackoff,
+    reconnectBackoffMax
+  }
+}
+
+const readProducer = (r: Reader): ProducerConfig => {
+  const topic = r.field("KAFKA_PRODUCER_TOPIC", "events", topicName, topicForm)
+  const acks = r.field<Acks>(
+    "KAFKA_PRODUCER_ACKS",
+    -1,
+    oneOf<Acks>({ all: -1, "-1": -1, "1": 1, leader: 1, "0": 0, none: 0 }),
+    "all (or -1), 1 (or leader), 0 (or none)"
+  )
+  const retries = r.field("KAFKA_PRODUCER_RETRIES", 3, integer(0, 1000), "a whole number from 0 to 1000")
+  const idempotent = r.field("KAFKA_PRODUCER_IDEMPOTENT", true, boolean, booleanForm)
+  if (idempotent && acks !== -1) {
+    r.problem(
+      "KAFKA_PRODUCER_ACKS",
+      r.raw("KAFKA_PRODUCER_ACKS"),
+      "all when KAFKA_PRODUCER_IDEMPOTENT is true (an idempotent producer needs every in-sync replica's ack)"
+    )
+  }
+  if (idempotent && retries === 0) {
+    r.problem(
+      "KAFKA_PRODUCER_RETRIES",
+      r.raw("KAFKA_PRODUCER_RETRIES"),
+      "at least 1 when KAFKA_PRODUCER_IDEMPOTENT is true (idempotence exists to make retries safe)"
+    )
+  }
+  const linger = r.field("KAFKA_PRODUCER_LINGER_MS", Duration.millis(5), millis(0, 60_000), "0 to 60000 milliseconds")
+  const batchSize = r.field("KAFKA_PRODUCER_BATCH_SIZE", 500, integer(1, 100_000), "a whole number from 1 to 100000")
+  const queueCapacity = r.field(
+    "KAFKA_PRODUCER_QUEUE_CAPACITY",
+    10_000,
+    integer(1, 10_000_000),
+    "a whole number from 1 to 10000000"
+  )
+  if (queueCapacity < batchSize) {
+    r.problem(
+      "KAFKA_PRODUCER_QUEUE_CAPACITY",
+      r.raw("KAFKA_PRODUCER_QUEUE_CAPACITY"),
+      `at least KAFKA_PRODUCER_BATCH_SIZE (${batchSize})`
+    )
+  }
+  return { topic, acks, retries, idempotent, linger, batchSize, queueCapacity }
+}
+
+const readConsumer = (r: Reader): ConsumerConfig => {
+  const topic = r.field("KAFKA_CONSUMER_TOPIC", "events", topicName, topicForm)
+  const groupId = r.field("KAFKA_CONSUMER_GROUP_ID", "event-processor-group", text, "a consumer group id")
+  const workers = r.field("KAFKA_CONSUMER_WORKERS", 5, integer(1, 1024), "a whole number from 1 to 1024")
+  const retryMax = r.field("KAFKA_CONSUMER_RETRY_MAX", 3, integer(0, 100), "a whole number from 0 to 100")
+  const fetchMinBytes = r.field(
+    "KAFKA_CONSUMER_FETCH_MIN_BYTES",
+    1024,
+    integer(1, 2 ** 31 - 1),
+    "a whole number of bytes from 1 to 2147483647"
+  )
+  const fetchMaxBytes = r.field(
+    "KAFKA_CONSUMER_FETCH_MAX_BYTES",
+    10_485_760,
+    integer(1, 2 ** 31 - 1),
+    "a whole number of bytes from 1 to 2147483647"
+  )
+  if (fetchMinBytes > fetchMaxBytes) {
+    r.problem(
+      "KAFKA_CONSUMER_FETCH_MIN_BYTES",
+      r.raw("KAFKA_CONSUMER_FETCH_MIN_BYTES"),
+      `at most KAFKA_CONSUMER_FETCH_MAX_BYTES (${fetchMaxBytes})`
+    )
+  }
+  // Retry topics are `${prefix}-${n}`: the prefix must leave room for the suffix within Kafka's 249 characters.
+  const retryTopicPrefix = r.field(
+    "KAFKA_RETRY_TOPIC_PREFIX",
+    "events-retry",
+    (raw) => topicName(`${raw}-${retryMax}`).pipe(Option.as(raw)),
+    "a topic name prefix: characters a-z A-Z 0-9 . _ - and short enough for the suffix -N"
+  )
+  const dlqTopic = r.field("KAFKA_DLQ_TOPIC", "events-dlq", topicName, topicForm)
+  if (dlqTopic === topic) {
+    r.problem("KAFKA_DLQ_TOPIC", r.raw("KAFKA_DLQ_TOPIC"), "a topic other than KAFKA_CONSUMER_TOPIC")
+  }
+  return { topic, groupId, workers, retryMax, fetchMinBytes, fetchMaxBytes, retryTopicPrefix, dlqTopic }
+}
+
+const readLogLevel = (r: Reader): LogLevel.LogLevel =>
+  r.field<LogLevel.LogLevel>(
+    "LOG_LEVEL",
+    "Info",
+    oneOf<LogLevel.LogLevel>({
+      all: "All",
+      trace: "Trace",
+      debug: "Debug",
+      info: "Info",
+      warn: "Warn",
+      warning: "Warn",
+      error: "Error",
+      fatal: "Fatal",
+      panic: "Fatal",
+      none: "None",
+      off: "None"
+    }),
+    "one of trace, debug, info, warn, error, fatal, none"
+  )
+
+/** The connection settings: brokers, client id, SASL, TLS, timeouts, reconnect backoff. */
+export const connection: Effect.Effect<ConnectionConfig, KafkaConfigError> = Effect.flatMap(readEnv, (r) =>
+  r.done(readConnection(r))
+)
+
+/** The producer's settings. */
+export const producer: Effect.Effect<ProducerConfig, KafkaConfigError> = Effect.flatMap(readEnv, (r) =>
+  r.done(readProducer(r))
+)
+
+/** The consumer's, retry topics' and DLQ's settings. */
+export const consumer: Effect.Effect<ConsumerConfig, KafkaConfigError> = Effect.flatMap(readEnv, (r) =>
+  r.done(readConsumer(r))
+)
+
+/** `LOG_LEVEL`. */
+export const logLevel: Effect.Effect<LogLevel.LogLevel, KafkaConfigError> = Effect.flatMap(readEnv, (r) =>
+  r.done(readLogLevel(r))
+)
+
+export interface KafkaConfig {
+  readonly connection: ConnectionConfig
+  readonly producer: ProducerConfig
+  readonly consumer: ConsumerConfig
+  readonly logLevel: LogLevel.LogLevel
+}
+
+/** Every section at once, with every problem of every section in one error. */
+export const all: Effect.Effect<KafkaConfig, KafkaConfigError> = Effect.flatMap(readEnv, (r) =>
+  r.done({
+    connection: readConnection(r),
+    producer: readProducer(r),
+    consumer: readConsumer(r),
+    logLevel: readLogLevel(r)
+  })
+)

@@ -1,0 +1,252 @@
+import { assert, describe, it } from "@effect/vitest"
+import { ConfigProvider, Duration, Effect, Option, Redacted } from "effect"
+import * as KafkaConfig from "../src/Config.ts"
+
+const load = (env: Record<string, string>) =>
+  KafkaConfig.all.pipe(Effect.provide(ConfigProvider.layer(ConfigProvider.fromEnv({ env }))))
+
+const problemsOf = (env: Record<string, string>) =>
+  load(env).pipe(
+    Effect.flip,
+    Effect.map((error) => error.problems)
+  )
+
+describe("KafkaConfig", () => {
+  it.effect("defaults are the Go example's", () =>
+    Effect.gen(function* () {
+      const config = yield* load({})
+      assert.deepStrictEqual(config.connection.brokers, ["localhost:9092"])
+      assert.strictEqual(config.producer.topic, "events")
+      assert.strictEqual(config.producer.acks, -1)
+      assert.strictEqual(config.producer.retries, 3)
+      assert.isTrue(config.producer.idempotent)
+      assert.strictEqual(config.consumer.topic, "events")
+      assert.strictEqual(config.consumer.groupId, "event-processor-group")
+      assert.strictEqual(config.consumer.workers, 5)
+      assert.strictEqual(config.consumer.retryMax, 3)
+      assert.strictEqual(config.consumer.fetchMinBytes, 1024)
+      assert.strictEqual(config.consumer.fetchMaxBytes, 10_485_760)
+      assert.strictEqual(config.consumer.retryTopicPrefix, "events-retry")
+      assert.strictEqual(config.consumer.dlqTopic, "events-dlq")
+      assert.strictEqual(config.logLevel, "Info")
+      assert.isTrue(Option.isNone(config.connection.sasl))
+      assert.isTrue(Option.isNone(config.connection.tls))
+    })
+  )
+
+  it.effect("every variable is read", () =>
+    Effect.gen(function* () {
+      const config = yield* load({
+        KAFKA_BROKERS: "kafka-1:9092, kafka-2:9093,[::1]:9094",
+        KAFKA_CLIENT_ID: "billing",
+        KAFKA_SASL_MECHANISM: "SCRAM-SHA-512",
+        KAFKA_SASL_USERNAME: "alice",
+        KAFKA_SASL_PASSWORD: "alice-secret",
+        KAFKA_TLS_CA_FILE: "/etc/kafka/ca.pem",
+        KAFKA_CONNECTION_TIMEOUT_MS: "2500",
+        KAFKA_REQUEST_TIMEOUT_MS: "15000",
+        KAFKA_RECONNECT_BACKOFF_MS: "100",
+        KAFKA_RECONNECT_BACKOFF_MAX_MS: "5000",
+        KAFKA_PRODUCER_TOPIC: "orders",
+        KAFKA_PRODUCER_ACKS: "1",
+        KAFKA_PRODUCER_RETRIES: "7",
+        KAFKA_PRODUCER_IDEMPOTENT: "false",
+        KAFKA_PRODUCER_LINGER_MS: "20",
+        KAFKA_PRODUCER_BATCH_SIZE: "1000",
+        KAFKA_PRODUCER_QUEUE_CAPACITY: "50000",
+        KAFKA_CONSUMER_TOPIC: "orders",
+        KAFKA_CONSUMER_GROUP_ID: "billing-group",
+        KAFKA_CONSUMER_WORKERS: "64",
+        KAFKA_CONSUMER_RETRY_MAX: "5",
+        KAFKA_CONSUMER_FETCH_MIN_BYTES: "1",
+        KAFKA_CONSUMER_FETCH_MAX_BYTES: "1048576",
+        KAFKA_RETRY_TOPIC_PREFIX: "orders-retry",
+        KAFKA_DLQ_TOPIC: "orders-dlq",
+        LOG_LEVEL: "debug"
+      })
+      const { connection, producer, consumer } = config
+      assert.deepStrictEqual(connection.brokers, ["kafka-1:9092", "kafka-2:9093", "[::1]:9094"])
+      assert.strictEqual(connection.clientId, "billing")
+      const sasl = Option.getOrThrow(connection.sasl)
+      assert.strictEqual(sasl.mechanism, "scram-sha-512")
+      assert.strictEqual(sasl.username, "alice")
+      assert.strictEqual(Redacted.value(sasl.password), "alice-secret")
+      assert.deepStrictEqual(Option.getOrThrow(connection.tls).caFile, Option.some("/etc/kafka/ca.pem"))
+      assert.strictEqual(Duration.toMillis(connection.connectionTimeout), 2500)
+      assert.strictEqual(Duration.toMillis(connection.requestTimeout), 15000)
+      assert.strictEqual(Duration.toMillis(connection.reconnectBackoff), 100)
+      assert.strictEqual(Duration.toMillis(connection.reconnectBackoffMax), 5000)
+      assert.deepStrictEqual(
+        { ...producer, linger: Duration.toMillis(producer.linger) },
+        {
+          topic: "orders",
+          acks: 1,
+          retries: 7,
+          idempotent: false,
+          linger: 20,
+          batchSize: 1000,
+          queueCapacity: 50000
+        }
+      )
+      assert.deepStrictEqual(consumer, {
+        topic: "orders",
+        groupId: "billing-group",
+        workers: 64,
+        retryMax: 5,
+        fetchMinBytes: 1,
+        fetchMaxBytes: 1_048_576,
+        retryTopicPrefix: "orders-retry",
+        dlqTopic: "orders-dlq"
+      })
+      assert.strictEqual(config.logLevel, "Debug")
+    })
+  )
+
+  const bad: ReadonlyArray<readonly [string, string, string]> = [
+    ["KAFKA_BROKERS", "localhost", "host:port"],
+    ["KAFKA_BROKERS", "localhost:99999", "ports 1-65535"],
+    ["KAFKA_SASL_MECHANISM", "gssapi", "plain, scram-sha-256, scram-sha-512"],
+    ["KAFKA_TLS", "maybe", "true or false"],
+    ["KAFKA_CONNECTION_TIMEOUT_MS", "10s", "milliseconds"],
+    ["KAFKA_REQUEST_TIMEOUT_MS", "50", "at least 100"],
+    ["KAFKA_RECONNECT_BACKOFF_MS", "0", "at least 1"],
+    ["KAFKA_RECONNECT_BACKOFF_MAX_MS", "-5", "milliseconds"],
+    ["KAFKA_PRODUCER_TOPIC", "bad topic", "topic name"],
+    ["KAFKA_PRODUCER_ACKS", "2", "all (or -1), 1 (or leader), 0 (or none)"],
+    ["KAFKA_PRODUCER_RETRIES", "many", "0 to 1000"],
+    ["KAFKA_PRODUCER_IDEMPOTENT", "perhaps", "true or false"],
+    ["KAFKA_PRODUCER_LINGER_MS", "70000", "0 to 60000"],
+    ["KAFKA_PRODUCER_BATCH_SIZE", "0", "1 to 100000"],
+    ["KAFKA_PRODUCER_QUEUE_CAPACITY", "1.5", "whole number"],
+    ["KAFKA_CONSUMER_TOPIC", "..", "topic name"],
+    ["KAFKA_CONSUMER_WORKERS", "2000", "1 to 1024"],
+    ["KAFKA_CONSUMER_RETRY_MAX", "-1", "0 to 100"],
+    ["KAFKA_CONSUMER_FETCH_MIN_BYTES", "0", "bytes from 1"],
+    ["KAFKA_CONSUMER_FETCH_MAX_BYTES", "lots", "bytes from 1"],
+    ["KAFKA_RETRY_TOPIC_PREFIX", "retry/topic", "prefix"],
+    ["KAFKA_DLQ_TOPIC", "dlq topic", "topic name"],
+    ["LOG_LEVEL", "loud", "trace, debug, info, warn, error, fatal, none"]
+  ]
+  it.effect.each(bad)("%s=%s fails naming the variable, the value and the accepted form", ([variable, value, form]) =>
+    Effect.gen(function* () {
+      const problems = yield* problemsOf({ [variable]: value })
+      assert.strictEqual(problems.length, 1)
+      const [problem] = problems
+      assert.strictEqual(problem?.variable, variable)
+      assert.strictEqual(problem?.value, value)
+      assert.include(problem?.expected, form)
+      assert.include(problem?.toString(), `${variable} is ${JSON.stringify(value)}`)
+    })
+  )
+
+  it.effect("an empty value counts as unset", () =>
+    Effect.gen(function* () {
+      const config = yield* load({ KAFKA_CONSUMER_WORKERS: "  ", KAFKA_BROKERS: "" })
+      assert.strictEqual(config.consumer.workers, 5)
+      assert.deepStrictEqual(config.connection.brokers, ["localhost:9092"])
+    })
+  )
+
+  it.effect("every problem is reported at once", () =>
+    Effect.gen(function* () {
+      const error = yield* Effect.flip(load({ KAFKA_BROKERS: "x", KAFKA_CONSUMER_WORKERS: "0", LOG_LEVEL: "loud" }))
+      assert.deepStrictEqual(
+        error.problems.map((problem) => problem.variable),
+        ["KAFKA_BROKERS", "KAFKA_CONSUMER_WORKERS", "LOG_LEVEL"]
+      )
+      assert.include(error.message, 'KAFKA_CONSUMER_WORKERS is "0"')
+    })
+  )
+
+  describe("inconsistent combinations", () => {
+    it.effect("idempotent with acks other than all", () =>
+      Effect.gen(function* () {
+        const problems = yield* problemsOf({ KAFKA_PRODUCER_ACKS: "1" })
+        assert.strictEqual(problems[0]?.variable, "KAFKA_PRODUCER_ACKS")
+        assert.include(problems[0]?.expected, "KAFKA_PRODUCER_IDEMPOTENT")
+        // Turning idempotence off makes the same acks valid.
+        const config = yield* load({ KAFKA_PRODUCER_ACKS: "1", KAFKA_PRODUCER_IDEMPOTENT: "false" })
+        assert.strictEqual(config.producer.acks, 1)
+      })
+    )
+
+    it.effect("idempotent with no retries", () =>
+      Effect.gen(function* () {
+        const problems = yield* problemsOf({ KAFKA_PRODUCER_RETRIES: "0" })
+        assert.strictEqual(problems[0]?.variable, "KAFKA_PRODUCER_RETRIES")
+      })
+    )
+
+    it.effect("fetch min bytes above fetch max bytes", () =>
+      Effect.gen(function* () {
+        const problems = yield* problemsOf({
+          KAFKA_CONSUMER_FETCH_MIN_BYTES: "2048",
+          KAFKA_CONSUMER_FETCH_MAX_BYTES: "1024"
+        })
+        assert.strictEqual(problems[0]?.variable, "KAFKA_CONSUMER_FETCH_MIN_BYTES")
+      })
+    )
+
+    it.effect("queue capacity below batch size", () =>
+      Effect.gen(function* () {
+        const problems = yield* problemsOf({ KAFKA_PRODUCER_BATCH_SIZE: "100", KAFKA_PRODUCER_QUEUE_CAPACITY: "10" })
+        assert.strictEqual(problems[0]?.variable, "KAFKA_PRODUCER_QUEUE_CAPACITY")
+      })
+    )
+
+    it.effect("reconnect backoff above its maximum", () =>
+      Effect.gen(function* () {
+        const problems = yield* problemsOf({ KAFKA_RECONNECT_BACKOFF_MS: "1000", KAFKA_RECONNECT_BACKOFF_MAX_MS: "10" })
+        assert.strictEqual(problems[0]?.variable, "KAFKA_RECONNECT_BACKOFF_MAX_MS")
+      })
+    )
+
+    it.effect("a DLQ topic that is the consumer topic", () =>
+      Effect.gen(function* () {
+        const problems = yield* problemsOf({ KAFKA_DLQ_TOPIC: "events" })
+        assert.strictEqual(problems[0]?.variable, "KAFKA_DLQ_TOPIC")
+      })
+    )
+
+    it.effect("SASL credentials without a mechanism, and a mechanism without credentials", () =>
+      Effect.gen(function* () {
+        const noMechanism = yield* problemsOf({ KAFKA_SASL_USERNAME: "alice", KAFKA_SASL_PASSWORD: "secret" })
+        assert.deepStrictEqual(
+          noMechanism.map((problem) => problem.variable),
+          ["KAFKA_SASL_MECHANISM"]
+        )
+        const noCredentials = yield* problemsOf({ KAFKA_SASL_MECHANISM: "plain" })
+        assert.deepStrictEqual(
+          noCredentials.map((problem) => problem.variable),
+          ["KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD"]
+        )
+      })
+    )
+
+    it.effect("a TLS client certificate without its key, and TLS files with KAFKA_TLS=false", () =>
+      Effect.gen(function* () {
+        const noKey = yield* problemsOf({ KAFKA_TLS_CERT_FILE: "/c.pem" })
+        assert.strictEqual(noKey[0]?.variable, "KAFKA_TLS_KEY_FILE")
+        const off = yield* problemsOf({ KAFKA_TLS: "false", KAFKA_TLS_CA_FILE: "/ca.pem" })
+        assert.strictEqual(off[0]?.variable, "KAFKA_TLS")
+      })
+    )
+  })
+
+  it.effect("a secret never appears in an error", () =>
+    Effect.gen(function* () {
+      const error = yield* Effect.flip(
+        load({ KAFKA_SASL_MECHANISM: "kerberos", KAFKA_SASL_USERNAME: "alice", KAFKA_SASL_PASSWORD: "hunter2-s3cret" })
+      )
+      assert.notInclude(error.message, "hunter2-s3cret")
+      assert.notInclude(JSON.stringify(error), "hunter2-s3cret")
+      const config = yield* load({
+        KAFKA_SASL_MECHANISM: "plain",
+        KAFKA_SASL_USERNAME: "alice",
+        KAFKA_SASL_PASSWORD: "hunter2-s3cret"
+      })
+      assert.notInclude(String(Option.getOrThrow(config.connection.sasl).password), "hunter2-s3cret")
+      assert.notInclude(JSON.stringify(config), "hunter2-s3cret")
+    })
+  )
+})
