@@ -1,0 +1,249 @@
+/**
+ * KafkaClient: the port through which kafka-effect talks to Kafka — admin and producer primitives, Effect-native,
+ * with typed errors that say whether trying again can help.
+ *
+ * Two implementations keep the same contract: `layerKafkaJS` (kafkajs against real brokers, the default) and the
+ * in-memory broker for tests. Everything above this module (Producer, Consumer, Processor) depends on the port
+ * only.
+ *
+ * @example
+ * ```ts
+ * import { Effect } from "effect"
+ * import * as KafkaClient from "kafka-effect/KafkaClient"
+ *
+ * const topics = Effect.gen(function* () {
+ *   const client = yield* KafkaClient.KafkaClient
+ *   return yield* client.admin.listTopics
+ * }).pipe(Effect.provide(KafkaClient.layerConfig))
+ * ```
+ */
+import { Context, Duration, Effect, Layer, Schedule, Schema, type Scope } from "effect"
+import * as KafkaConfig from "./Config.ts"
+import * as KafkaJS from "./internal/kafkajs.ts"
+
+// ---------------------------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------------------------
+
+/** No broker could be reached, or a connection broke. Retriable. */
+export class ConnectionFailed extends Schema.TaggedError<ConnectionFailed>()("ConnectionFailed", {
+  brokers: Schema.String,
+  detail: Schema.String
+}) {}
+
+/** SASL authentication was refused: wrong credentials or mechanism. Not retriable: retrying cannot fix it. */
+export class AuthenticationFailed extends Schema.TaggedError<AuthenticationFailed>()("AuthenticationFailed", {
+  detail: Schema.String
+}) {}
+
+/** The TLS handshake failed (unknown CA, wrong host name, expired certificate). Not retriable. */
+export class TlsFailed extends Schema.TaggedError<TlsFailed>()("TlsFailed", {
+  detail: Schema.String
+}) {}
+
+/** A request did not complete within the request timeout. Retriable. */
+export class RequestTimedOut extends Schema.TaggedError<RequestTimedOut>()("RequestTimedOut", {
+  detail: Schema.String
+}) {}
+
+/** The topic does not exist (and the broker does not create topics on demand). Not retriable. */
+export class UnknownTopic extends Schema.TaggedError<UnknownTopic>()("UnknownTopic", {
+  topic: Schema.String
+}) {}
+
+/** The broker answered with a Kafka error code, e.g. NOT_LEADER_OR_FOLLOWER (retriable) or MESSAGE_TOO_LARGE. */
+export class BrokerError extends Schema.TaggedError<BrokerError>()("BrokerError", {
+  /** Kafka's name for the error code */
+  type: Schema.String,
+  retriable: Schema.Boolean,
+  detail: Schema.String
+}) {}
+
+/** Anything else the client reported. */
+export class ClientFailed extends Schema.TaggedError<ClientFailed>()("ClientFailed", {
+  retriable: Schema.Boolean,
+  detail: Schema.String
+}) {}
+
+export const KafkaErrorReason = Schema.Union([
+  ConnectionFailed,
+  AuthenticationFailed,
+  TlsFailed,
+  RequestTimedOut,
+  UnknownTopic,
+  BrokerError,
+  ClientFailed
+])
+export type KafkaErrorReason = typeof KafkaErrorReason.Type
+
+/**
+ * A failed Kafka operation: which operation, on which topic and partition when known, and why (`reason`).
+ * `retriable` tells whether the same operation may succeed if tried again.
+ */
+export class KafkaError extends Schema.TaggedError<KafkaError>()("KafkaError", {
+  operation: Schema.String,
+  topic: Schema.optional(Schema.String),
+  partition: Schema.optional(Schema.Number),
+  reason: KafkaErrorReason
+}) {
+  get retriable(): boolean {
+    switch (this.reason._tag) {
+      case "ConnectionFailed":
+      case "RequestTimedOut":
+        return true
+      case "BrokerError":
+      case "ClientFailed":
+        return this.reason.retriable
+      default:
+        return false
+    }
+  }
+
+  override get message() {
+    const where =
+      this.topic === undefined ? "" : ` on ${this.topic}${this.partition === undefined ? "" : `[${this.partition}]`}`
+    const detail =
+      this.reason._tag === "UnknownTopic" ? `topic ${this.reason.topic} does not exist` : this.reason.detail
+    return `${this.operation}${where} failed (${this.reason._tag}${this.retriable ? ", retriable" : ""}): ${detail}`
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The port
+// ---------------------------------------------------------------------------------------------------------------
+
+export type Headers = Readonly<Record<string, string | Uint8Array>>
+
+/** A record to produce. A `null` key spreads records over partitions; a key pins them to one. */
+export interface ProducerRecord {
+  readonly topic: string
+  readonly key: string | Uint8Array | null
+  readonly value: string | Uint8Array | null
+  readonly headers?: Headers | undefined
+  /** an explicit partition, overriding the key's */
+  readonly partition?: number | undefined
+  /** epoch milliseconds; the broker's time when absent */
+  readonly timestamp?: number | undefined
+}
+
+/** Where a produced record landed. `offset` is -1 when acks=0 (the broker does not answer). */
+export interface RecordMetadata {
+  readonly topic: string
+  readonly partition: number
+  readonly offset: bigint
+}
+
+export interface TopicSpec {
+  readonly topic: string
+  readonly partitions: number
+  readonly replicationFactor?: number | undefined
+  readonly configs?: Readonly<Record<string, string>> | undefined
+}
+
+export interface PartitionOffsets {
+  readonly partition: number
+  /** the log start offset */
+  readonly low: bigint
+  /** the high watermark: the offset the next record will get */
+  readonly high: bigint
+}
+
+export interface CommittedOffset {
+  readonly partition: number
+  /** the next offset the group will read; `null` when the group has committed nothing there */
+  readonly offset: bigint | null
+}
+
+export interface Admin {
+  /** Creates the topics that do not exist yet; succeeds with the names it created. */
+  readonly createTopics: (topics: ReadonlyArray<TopicSpec>) => Effect.Effect<ReadonlyArray<string>, KafkaError>
+  readonly deleteTopics: (topics: ReadonlyArray<string>) => Effect.Effect<void, KafkaError>
+  readonly listTopics: Effect.Effect<ReadonlyArray<string>, KafkaError>
+  /** The number of partitions of a topic; fails with `UnknownTopic` when it does not exist. */
+  readonly partitionCount: (topic: string) => Effect.Effect<number, KafkaError>
+  readonly fetchTopicOffsets: (topic: string) => Effect.Effect<ReadonlyArray<PartitionOffsets>, KafkaError>
+  readonly fetchCommittedOffsets: (
+    groupId: string,
+    topic: string
+  ) => Effect.Effect<ReadonlyArray<CommittedOffset>, KafkaError>
+}
+
+export interface ProducerOptions {
+  readonly idempotent: boolean
+  readonly acks: KafkaConfig.Acks
+  /** how long the broker may wait for replicas' acks before answering */
+  readonly ackTimeout?: Duration.Duration | undefined
+}
+
+/** A connected producer: one `send` is one produce request (per broker) for all its records. */
+export interface ProducerConnection {
+  /**
+   * Sends the records in one request and succeeds with each record's metadata, in the order given. Records of
+   * one partition are written in the order given. On failure, none, some or all of the records may have been
+   * written (at-least-once): an idempotent producer makes a retry of the same connection safe per partition.
+   */
+  readonly send: (records: ReadonlyArray<ProducerRecord>) => Effect.Effect<ReadonlyArray<RecordMetadata>, KafkaError>
+}
+
+export class KafkaClient extends Context.Service<
+  KafkaClient,
+  {
+    /** the bootstrap brokers, for logs */
+    readonly brokers: ReadonlyArray<string>
+    readonly admin: Admin
+    /** A producer connection for the life of the scope; disconnected when the scope closes. */
+    readonly producer: (options: ProducerOptions) => Effect.Effect<ProducerConnection, KafkaError, Scope.Scope>
+  }
+>()("kafka-effect/KafkaClient") {}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Reconnecting
+// ---------------------------------------------------------------------------------------------------------------
+
+/**
+ * The reconnect policy: exponential from `initial` (doubling), each delay jittered to 80–120 %, never above `max`.
+ * It recurs for as long as the error is retriable; `layerKafkaJS` logs each attempt.
+ */
+export const reconnectSchedule = (options: {
+  readonly initial: Duration.Duration
+  readonly max: Duration.Duration
+}): Schedule.Schedule<Duration.Duration> =>
+  Schedule.exponential(options.initial, 2).pipe(
+    Schedule.jittered,
+    Schedule.modifyDelay(({ duration }) => Effect.succeed(Duration.min(duration, options.max)))
+  )
+
+/**
+ * Runs `connect` until it succeeds, retrying retriable failures on `schedule` and logging each failed attempt
+ * with the delay before the next; a non-retriable failure (bad credentials, TLS) ends it at once.
+ */
+export const retryConnect = <A, R>(
+  connect: Effect.Effect<A, KafkaError, R>,
+  schedule: Schedule.Schedule<Duration.Duration>
+): Effect.Effect<A, KafkaError, R> =>
+  Effect.retry(connect, {
+    schedule: schedule.pipe(
+      Schedule.tap(({ attempt, duration, input }: Schedule.Metadata<Duration.Duration, KafkaError>) =>
+        Effect.logWarning(
+          `Kafka not reachable (attempt ${attempt}): ${input.message}; retrying in ${Duration.format(duration)}`
+        )
+      )
+    ),
+    while: (error: KafkaError) => error.retriable
+  })
+
+// ---------------------------------------------------------------------------------------------------------------
+// Layers
+// ---------------------------------------------------------------------------------------------------------------
+
+/**
+ * kafkajs against real brokers. Connecting waits for the brokers on `reconnectSchedule` (a process started before
+ * its broker waits instead of exiting); kafkajs' own logs go to the Effect logger at matching levels.
+ */
+export const layerKafkaJS = (connection: KafkaConfig.ConnectionConfig): Layer.Layer<KafkaClient, KafkaError> =>
+  Layer.effect(KafkaClient, KafkaJS.make(connection, retryConnect))
+
+/** `layerKafkaJS` configured from the environment (`KafkaConfig.connection`). */
+export const layerConfig: Layer.Layer<KafkaClient, KafkaError | KafkaConfig.KafkaConfigError> = Layer.unwrap(
+  Effect.map(KafkaConfig.connection, layerKafkaJS)
+)

@@ -1,0 +1,247 @@
+/**
+ * Producer: send records to Kafka one at a time and let the service batch them.
+ *
+ * `send` puts the record in a bounded queue (waiting when it is full, so a fast caller cannot exhaust memory)
+ * and completes when the broker has acked it, with its own partition and offset, or with a typed error. One fiber
+ * drains the queue: it takes what is waiting, lingers up to `linger` for a batch to fill (a full batch leaves at
+ * once), and sends the batch as one request. A batch that fails with a retriable error is sent again on a
+ * jittered exponential `Schedule`, up to `retries` times, before the next batch goes, so records of one key keep
+ * their order. When the scope closes, the producer stops taking records, flushes what is pending, then
+ * disconnects.
+ *
+ * @example
+ * ```ts
+ * import { Effect } from "effect"
+ * import * as Producer from "kafka-effect/Producer"
+ *
+ * const program = Effect.gen(function* () {
+ *   const metadata = yield* Producer.send({ topic: "events", key: "user-1", value: JSON.stringify({ n: 1 }) })
+ *   yield* Effect.log(`written at ${metadata.partition}/${metadata.offset}`)
+ * })
+ * ```
+ */
+import {
+  type Cause,
+  Context,
+  Deferred,
+  Duration,
+  Effect,
+  Exit,
+  Fiber,
+  Layer,
+  Option,
+  Queue,
+  Schedule,
+  Schema
+} from "effect"
+import * as KafkaConfig from "./Config.ts"
+import * as KafkaClient from "./KafkaClient.ts"
+
+/** `send` after the producer's scope closed, or a record still queued when the flush timeout ran out. */
+export class ProducerClosed extends Schema.TaggedError<ProducerClosed>()("ProducerClosed", {
+  topic: Schema.String
+}) {
+  override get message() {
+    return `the producer is closed; the record for ${this.topic} was not sent`
+  }
+}
+
+export type ProduceError = KafkaClient.KafkaError | ProducerClosed
+
+/** A record for `send`; `topic` defaults to the producer's topic (`KAFKA_PRODUCER_TOPIC`). */
+export interface OutgoingRecord extends Omit<KafkaClient.ProducerRecord, "topic" | "key"> {
+  readonly topic?: string | undefined
+  readonly key?: string | Uint8Array | null | undefined
+}
+
+export class Producer extends Context.Service<
+  Producer,
+  {
+    /** Sends one record; succeeds once the broker acked it. */
+    readonly send: (record: OutgoingRecord) => Effect.Effect<KafkaClient.RecordMetadata, ProduceError>
+    /** Sends many; succeeds with each record's metadata in order, or fails with the first error. */
+    readonly sendAll: (
+      records: Iterable<OutgoingRecord>
+    ) => Effect.Effect<ReadonlyArray<KafkaClient.RecordMetadata>, ProduceError>
+    /** Waits until every record sent before this call is acked or failed. */
+    readonly flush: Effect.Effect<void>
+  }
+>()("kafka-effect/Producer") {}
+
+export interface ProducerOptions {
+  readonly topic: string
+  readonly acks: KafkaConfig.Acks
+  readonly idempotent: boolean
+  readonly retries: number
+  readonly linger: Duration.Duration
+  readonly batchSize: number
+  readonly queueCapacity: number
+  /** first delay between tries of a failed batch; doubles, jittered. Default 100 ms */
+  readonly retryBackoff?: Duration.Duration | undefined
+  /** how long closing the scope waits for pending records. Default 30 s */
+  readonly flushTimeout?: Duration.Duration | undefined
+}
+
+interface Pending {
+  readonly record: KafkaClient.ProducerRecord
+  readonly done: Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>
+}
+
+/** The jittered exponential policy for retrying a failed batch. */
+export const retrySchedule = (backoff: Duration.Duration): Schedule.Schedule<Duration.Duration> =>
+  Schedule.exponential(backoff, 2).pipe(Schedule.jittered)
+
+export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
+  const client = yield* KafkaClient.KafkaClient
+  const connection = yield* client.producer({ idempotent: options.idempotent, acks: options.acks })
+  const queue = yield* Queue.bounded<Pending, Cause.Done>(options.queueCapacity)
+  const retry = retrySchedule(options.retryBackoff ?? Duration.millis(100))
+  let inFlight: ReadonlyArray<Pending> = []
+  let lastEnqueued: Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError> | undefined
+
+  const sendBatch = (batch: ReadonlyArray<Pending>) =>
+    connection.send(batch.map((pending) => pending.record)).pipe(
+      Effect.tapError((error) =>
+        error.retriable ? Effect.logWarning(`produce failed, will retry: ${error.message}`) : Effect.void
+      ),
+      Effect.retry({ schedule: retry, times: options.retries, while: (error) => error.retriable }),
+      Effect.exit,
+      Effect.map((exit) => {
+        batch.forEach((pending, index) => {
+          Deferred.doneUnsafe(
+            pending.done,
+            Exit.isSuccess(exit)
+              ? Effect.succeed(exit.value[index] as KafkaClient.RecordMetadata)
+              : Effect.failCause(exit.cause)
+          )
+        })
+      })
+    )
+
+  /** The next batch: what is waiting, plus what arrives within `linger` (without waiting once it is full). */
+  const nextBatch = Effect.gen(function* () {
+    const batch = yield* Queue.takeBetween(queue, 1, options.batchSize)
+    const missing = options.batchSize - batch.length
+    if (missing === 0 || Duration.isZero(options.linger)) return batch
+    // takeBetween takes atomically, so losing the race against the linger timer takes nothing.
+    // A queue ended while lingering (the scope is closing) has nothing more to give: send what we hold.
+    const rest = yield* Queue.takeBetween(queue, missing, missing).pipe(
+      Effect.timeoutOption(options.linger),
+      Effect.catch(() => Effect.succeedNone)
+    )
+    if (Option.isSome(rest)) return [...batch, ...rest.value]
+    const waiting = yield* Queue.size(queue)
+    return waiting === 0 ? batch : [...batch, ...(yield* Queue.takeBetween(queue, 1, missing))]
+  })
+
+  const drain = Effect.gen(function* () {
+    while (true) {
+      const batch = yield* nextBatch
+      inFlight = batch
+      yield* Effect.uninterruptible(sendBatch(batch))
+      inFlight = []
+    }
+  }).pipe(Effect.catchCause(() => Effect.void))
+
+  const drainer = yield* Effect.forkDetach(drain)
+
+  yield* Effect.addFinalizer(() =>
+    Effect.gen(function* () {
+      yield* Queue.end(queue)
+      const flushed = yield* Fiber.join(drainer).pipe(
+        Effect.timeoutOption(options.flushTimeout ?? Duration.seconds(30))
+      )
+      if (Option.isNone(flushed)) {
+        yield* Fiber.interrupt(drainer)
+        const abandoned = [...inFlight, ...(yield* Queue.clear(queue))]
+        yield* Effect.logWarning(`producer closed with ${abandoned.length} records unsent after the flush timeout`)
+        for (const pending of abandoned) {
+          Deferred.doneUnsafe(pending.done, Effect.fail(new ProducerClosed({ topic: pending.record.topic })))
+        }
+      }
+    })
+  )
+
+  const enqueue = (record: OutgoingRecord) =>
+    Effect.gen(function* () {
+      const topic = record.topic ?? options.topic
+      const done = yield* Deferred.make<KafkaClient.RecordMetadata, ProduceError>()
+      const accepted = yield* Queue.offer(queue, { record: { ...record, topic, key: record.key ?? null }, done })
+      if (!accepted) return yield* new ProducerClosed({ topic })
+      lastEnqueued = done
+      return done
+    })
+
+  const send = (record: OutgoingRecord) => Effect.flatMap(enqueue(record), Deferred.await)
+
+  const sendAll = (records: Iterable<OutgoingRecord>) =>
+    Effect.gen(function* () {
+      const pending: Array<Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>> = []
+      for (const record of records) pending.push(yield* enqueue(record))
+      return yield* Effect.forEach(pending, Deferred.await)
+    })
+
+  // Batches complete in queue order, so the last record enqueued is the last to complete.
+  const flush = Effect.suspend(() =>
+    lastEnqueued === undefined ? Effect.void : Effect.ignore(Deferred.await(lastEnqueued))
+  )
+
+  return Producer.of({ send, sendAll, flush })
+})
+
+/** The Producer with explicit options. */
+export const layer = (
+  options: ProducerOptions
+): Layer.Layer<Producer, KafkaClient.KafkaError, KafkaClient.KafkaClient> => Layer.effect(Producer, make(options))
+
+/** The Producer configured from the environment (`KafkaConfig.producer`). */
+export const layerConfig: Layer.Layer<
+  Producer,
+  KafkaClient.KafkaError | KafkaConfig.KafkaConfigError,
+  KafkaClient.KafkaClient
+> = Layer.effect(Producer, Effect.flatMap(KafkaConfig.producer, make))
+
+/** Sends one record with the Producer in context. */
+export const send = (record: OutgoingRecord): Effect.Effect<KafkaClient.RecordMetadata, ProduceError, Producer> =>
+  Effect.gen(function* () {
+    const producer = yield* Producer
+    return yield* producer.send(record)
+  })
+
+/** Sends many records with the Producer in context. */
+export const sendAll = (
+  records: Iterable<OutgoingRecord>
+): Effect.Effect<ReadonlyArray<KafkaClient.RecordMetadata>, ProduceError, Producer> =>
+  Effect.gen(function* () {
+    const producer = yield* Producer
+    return yield* producer.sendAll(records)
+  })
+
+/**
+ * A topic whose values are encoded to JSON by a `Schema`.
+ *
+ * @example
+ * ```ts
+ * const Orders = Producer.typedTopic("orders", Order)
+ * yield* Orders.send(order, { key: order.id })
+ * ```
+ */
+export const typedTopic = <
+  S extends Schema.Top & { readonly DecodingServices: never; readonly EncodingServices: never }
+>(
+  topic: string,
+  schema: S
+) => {
+  const encode = Schema.encodeEffect(Schema.fromJsonString(schema))
+  return {
+    topic,
+    schema,
+    send: (
+      value: S["Type"],
+      options?: { readonly key?: string | Uint8Array | null; readonly headers?: KafkaClient.Headers }
+    ): Effect.Effect<KafkaClient.RecordMetadata, ProduceError | Schema.SchemaError, Producer> =>
+      Effect.flatMap(encode(value), (json) =>
+        send({ topic, value: json as string, key: options?.key ?? null, headers: options?.headers })
+      )
+  }
+}

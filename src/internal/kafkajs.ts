@@ -1,0 +1,350 @@
+/**
+ * The kafkajs adapter behind `KafkaClient.layerKafkaJS`. Users depend on the port, not on this file.
+ */
+import * as Fs from "node:fs"
+import { Duration, Effect, Option, Redacted, type Schedule } from "effect"
+import type * as LogLevel from "effect/LogLevel"
+import {
+  Kafka,
+  type Admin as KafkaJSAdmin,
+  type KafkaConfig as KafkaJSConfig,
+  logLevel as KafkaJSLogLevel,
+  type LogEntry,
+  type Message,
+  Partitioners,
+  type SASLOptions
+} from "kafkajs"
+import type * as KafkaConfig from "../Config.ts"
+import * as KafkaClient from "../KafkaClient.ts"
+
+// ---------------------------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------------------------
+
+interface KafkaJSErrorLike {
+  readonly name?: string
+  readonly message?: string
+  readonly retriable?: boolean
+  readonly type?: string
+  readonly code?: string | number
+  readonly broker?: string
+  readonly topic?: string
+  readonly originalError?: unknown
+  readonly cause?: unknown
+  readonly errors?: ReadonlyArray<unknown>
+}
+
+const asErrorLike = (cause: unknown): KafkaJSErrorLike =>
+  typeof cause === "object" && cause !== null ? (cause as KafkaJSErrorLike) : { message: String(cause) }
+
+/** Node's codes for a failed TLS handshake: retrying cannot fix a certificate. */
+const isTlsCode = (code: unknown) =>
+  typeof code === "string" && /CERT|SELF_SIGNED|ERR_TLS|ERR_SSL|UNABLE_TO_(GET|VERIFY)|HOSTNAME/.test(code)
+
+/** The innermost error: kafkajs wraps the real one in "number of retries exceeded" and in `cause`. */
+const innermost = (cause: unknown): KafkaJSErrorLike => {
+  let error = asErrorLike(cause)
+  for (let depth = 0; depth < 5; depth++) {
+    const inner = error.name === "KafkaJSNumberOfRetriesExceeded" ? (error.originalError ?? error.cause) : undefined
+    if (inner === undefined) break
+    error = asErrorLike(inner)
+  }
+  return error
+}
+
+export const reasonOf = (cause: unknown, brokers: string): KafkaClient.KafkaErrorReason => {
+  const error = innermost(cause)
+  const detail = error.message ?? String(cause)
+  switch (error.name) {
+    case "KafkaJSSASLAuthenticationError":
+      return new KafkaClient.AuthenticationFailed({ detail })
+    case "KafkaJSRequestTimeoutError":
+      return new KafkaClient.RequestTimedOut({ detail })
+    case "KafkaJSConnectionError":
+    case "KafkaJSConnectionClosedError":
+    case "KafkaJSBrokerNotFound":
+    case "KafkaJSNoBrokerAvailableError":
+    case "KafkaJSMetadataNotLoaded":
+      return isTlsCode(error.code) || /certificate|SSL routines|TLS/i.test(detail)
+        ? new KafkaClient.TlsFailed({ detail })
+        : new KafkaClient.ConnectionFailed({ brokers, detail })
+    case "KafkaJSTopicMetadataNotLoaded":
+      return new KafkaClient.UnknownTopic({ topic: error.topic ?? "" })
+  }
+  if (error.type === "UNKNOWN_TOPIC_OR_PARTITION" && error.topic !== undefined) {
+    return new KafkaClient.UnknownTopic({ topic: error.topic })
+  }
+  if (typeof error.type === "string") {
+    return new KafkaClient.BrokerError({ type: error.type, retriable: error.retriable === true, detail })
+  }
+  if (error.name === "KafkaJSAggregateError" && error.errors !== undefined && error.errors.length > 0) {
+    return reasonOf(error.errors[0], brokers)
+  }
+  return new KafkaClient.ClientFailed({ retriable: error.retriable === true, detail })
+}
+
+const attempt = <A>(
+  brokers: string,
+  operation: string,
+  run: () => Promise<A>,
+  where?: { readonly topic?: string | undefined; readonly partition?: number | undefined }
+): Effect.Effect<A, KafkaClient.KafkaError> =>
+  Effect.tryPromise({
+    try: run,
+    catch: (cause) => {
+      let reason = reasonOf(cause, brokers)
+      // kafkajs reports a missing topic as UNKNOWN_TOPIC_OR_PARTITION without the name; the caller knows it.
+      if (where?.topic !== undefined && reason._tag === "BrokerError" && reason.type === "UNKNOWN_TOPIC_OR_PARTITION") {
+        reason = new KafkaClient.UnknownTopic({ topic: where.topic })
+      }
+      return new KafkaClient.KafkaError({ operation, ...where, reason })
+    }
+  })
+
+// ---------------------------------------------------------------------------------------------------------------
+// Logs: kafkajs → Effect logger
+// ---------------------------------------------------------------------------------------------------------------
+
+const levelOf = (level: KafkaJSLogLevel): LogLevel.Severity => {
+  switch (level) {
+    case KafkaJSLogLevel.ERROR:
+      return "Error"
+    case KafkaJSLogLevel.WARN:
+      return "Warn"
+    case KafkaJSLogLevel.INFO:
+      return "Info"
+    default:
+      return "Debug"
+  }
+}
+
+/**
+ * kafkajs warns about this on every idempotent producer whose retries are bounded; ours are bounded on purpose
+ * (retries of a failed send are the Producer's `Schedule`, which resends with the same sequence numbers).
+ */
+const mutedMessages = new Set(["Limiting retries for the idempotent producer may invalidate EoS guarantees"])
+
+const logCreator =
+  (log: (effect: Effect.Effect<void>) => void) =>
+  () =>
+  ({ namespace, level, log: entry }: LogEntry) => {
+    const { message, timestamp: _timestamp, logger: _logger, ...fields } = entry
+    if (mutedMessages.has(message)) return
+    log(Effect.logWithLevel(levelOf(level))(message).pipe(Effect.annotateLogs({ kafkajs: namespace, ...fields })))
+  }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Connection settings
+// ---------------------------------------------------------------------------------------------------------------
+
+const readPem = (variable: string, path: string) =>
+  Effect.try({
+    try: () => Fs.readFileSync(path, "utf8"),
+    catch: (cause) =>
+      new KafkaClient.KafkaError({
+        operation: "read TLS files",
+        reason: new KafkaClient.TlsFailed({ detail: `${variable}=${path} cannot be read: ${String(cause)}` })
+      })
+  })
+
+const sslOptions = (tls: KafkaConfig.TlsConfig) =>
+  Effect.gen(function* () {
+    const ca = Option.isSome(tls.caFile) ? [yield* readPem("KAFKA_TLS_CA_FILE", tls.caFile.value)] : undefined
+    const cert = Option.isSome(tls.certFile) ? yield* readPem("KAFKA_TLS_CERT_FILE", tls.certFile.value) : undefined
+    const key = Option.isSome(tls.keyFile) ? yield* readPem("KAFKA_TLS_KEY_FILE", tls.keyFile.value) : undefined
+    return { rejectUnauthorized: true, ...(ca && { ca }), ...(cert && { cert }), ...(key && { key }) }
+  })
+
+const saslOptions = (sasl: KafkaConfig.SaslConfig): SASLOptions => ({
+  mechanism: sasl.mechanism,
+  username: sasl.username,
+  // The only place a secret leaves its Redacted: the client needs the password itself.
+  password: Redacted.value(sasl.password)
+})
+
+// ---------------------------------------------------------------------------------------------------------------
+// The client
+// ---------------------------------------------------------------------------------------------------------------
+
+export const make = (
+  connection: KafkaConfig.ConnectionConfig,
+  retryConnect: <A, R>(
+    connect: Effect.Effect<A, KafkaClient.KafkaError, R>,
+    schedule: Schedule.Schedule<Duration.Duration>
+  ) => Effect.Effect<A, KafkaClient.KafkaError, R>
+): Effect.Effect<KafkaClient.KafkaClient["Service"], KafkaClient.KafkaError, import("effect").Scope.Scope> =>
+  Effect.gen(function* () {
+    const brokers = connection.brokers.join(",")
+    const context = yield* Effect.context<never>()
+    const runLog = (effect: Effect.Effect<void>) => Effect.runForkWith(context)(effect)
+    const config: KafkaJSConfig = {
+      clientId: connection.clientId,
+      brokers: [...connection.brokers],
+      connectionTimeout: Duration.toMillis(connection.connectionTimeout),
+      requestTimeout: Duration.toMillis(connection.requestTimeout),
+      // kafkajs' own retries stay short: waiting for a broker is `reconnectSchedule`'s job, so that it is logged,
+      // capped, and under TestClock in tests.
+      retry: { retries: 2, initialRetryTime: 100, maxRetryTime: 1_000 },
+      logLevel: KafkaJSLogLevel.INFO,
+      logCreator: logCreator(runLog)
+    }
+    if (Option.isSome(connection.tls)) config.ssl = yield* sslOptions(connection.tls.value)
+    if (Option.isSome(connection.sasl)) config.sasl = saslOptions(connection.sasl.value)
+    const kafka = new Kafka(config)
+    const schedule = KafkaClient.reconnectSchedule({
+      initial: connection.reconnectBackoff,
+      max: connection.reconnectBackoffMax
+    })
+
+    const admin: KafkaJSAdmin = yield* Effect.acquireRelease(
+      retryConnect(
+        Effect.suspend(() => {
+          const admin = kafka.admin()
+          return attempt(brokers, "connect", () => admin.connect()).pipe(
+            Effect.andThen(attempt(brokers, "connect", () => admin.listTopics())),
+            Effect.as(admin),
+            Effect.onError(() => Effect.promise(() => admin.disconnect().catch(() => undefined)))
+          )
+        }),
+        schedule
+      ),
+      (admin) => Effect.promise(() => admin.disconnect().catch(() => undefined))
+    )
+    yield* Effect.logInfo(`Connected to Kafka at ${brokers}`)
+
+    const partitionCount = (topic: string) =>
+      attempt(brokers, "fetch topic metadata", () => admin.fetchTopicMetadata({ topics: [topic] }), { topic }).pipe(
+        Effect.map(({ topics }) => topics[0]?.partitions.length ?? 0)
+      )
+
+    const adminPort: KafkaClient.Admin = {
+      createTopics: (topics) =>
+        Effect.gen(function* () {
+          const existing = new Set(yield* attempt(brokers, "list topics", () => admin.listTopics()))
+          const missing = topics.filter((spec) => !existing.has(spec.topic))
+          if (missing.length === 0) return []
+          yield* attempt(brokers, "create topics", () =>
+            admin.createTopics({
+              waitForLeaders: true,
+              topics: missing.map((spec) => ({
+                topic: spec.topic,
+                numPartitions: spec.partitions,
+                replicationFactor: spec.replicationFactor ?? -1,
+                configEntries: Object.entries(spec.configs ?? {}).map(([name, value]) => ({ name, value }))
+              }))
+            })
+          )
+          return missing.map((spec) => spec.topic)
+        }),
+      deleteTopics: (topics) => attempt(brokers, "delete topics", () => admin.deleteTopics({ topics: [...topics] })),
+      listTopics: attempt(brokers, "list topics", () => admin.listTopics()),
+      partitionCount,
+      fetchTopicOffsets: (topic) =>
+        attempt(brokers, "fetch topic offsets", () => admin.fetchTopicOffsets(topic), { topic }).pipe(
+          Effect.map((partitions) =>
+            partitions
+              .map(({ partition, low, high }) => ({ partition, low: BigInt(low), high: BigInt(high) }))
+              .sort((a, b) => a.partition - b.partition)
+          )
+        ),
+      fetchCommittedOffsets: (groupId, topic) =>
+        attempt(brokers, "fetch committed offsets", () => admin.fetchOffsets({ groupId, topics: [topic] }), {
+          topic
+        }).pipe(
+          Effect.map((topics) =>
+            (topics[0]?.partitions ?? [])
+              .map(({ partition, offset }) => ({ partition, offset: offset === "-1" ? null : BigInt(offset) }))
+              .sort((a, b) => a.partition - b.partition)
+          )
+        )
+    }
+
+    const producer = (options: KafkaClient.ProducerOptions) =>
+      Effect.gen(function* () {
+        // kafkajs picks each keyed record's partition (murmur2, as the Java client does); recording its choice is
+        // how each record gets its own offset back from a response that gives one base offset per partition.
+        const assigned = new WeakMap<Message, number>()
+        const createPartitioner = () => {
+          const partition = Partitioners.DefaultPartitioner()
+          return (args: Parameters<typeof partition>[0]) => {
+            const chosen = partition(args)
+            assigned.set(args.message, chosen)
+            return chosen
+          }
+        }
+        const client = kafka.producer({
+          idempotent: options.idempotent,
+          // One request at a time per broker: kafkajs keeps per-partition order only with 1.
+          maxInFlightRequests: 1,
+          allowAutoTopicCreation: false,
+          createPartitioner,
+          // The least kafkajs accepts for an idempotent producer; the Producer's Schedule does the rest.
+          retry: { retries: 1, initialRetryTime: 100, maxRetryTime: 1_000 }
+        })
+        yield* Effect.acquireRelease(
+          retryConnect(
+            attempt(brokers, "connect producer", () => client.connect()),
+            schedule
+          ),
+          () => Effect.promise(() => client.disconnect().catch(() => undefined))
+        )
+        const timeout = options.ackTimeout === undefined ? undefined : Duration.toMillis(options.ackTimeout)
+        const send = (records: ReadonlyArray<KafkaClient.ProducerRecord>) =>
+          Effect.suspend(() => {
+            const byTopic = new Map<string, Array<Message>>()
+            const messages = records.map((record) => {
+              const message: Message = {
+                key: toBuffer(record.key),
+                value: toBuffer(record.value),
+                ...(record.headers && { headers: toKafkaJSHeaders(record.headers) }),
+                ...(record.partition !== undefined && { partition: record.partition }),
+                ...(record.timestamp !== undefined && { timestamp: String(record.timestamp) })
+              }
+              const list = byTopic.get(record.topic) ?? []
+              list.push(message)
+              byTopic.set(record.topic, list)
+              return message
+            })
+            const topicMessages = [...byTopic].map(([topic, messages]) => ({ topic, messages }))
+            const firstTopic = records[0]?.topic
+            return attempt(
+              brokers,
+              "produce",
+              () => client.sendBatch({ topicMessages, acks: options.acks, ...(timeout !== undefined && { timeout }) }),
+              byTopic.size === 1 ? { topic: firstTopic } : undefined
+            ).pipe(
+              Effect.map((responses) => {
+                const base = new Map<string, bigint>()
+                for (const response of responses) {
+                  base.set(`${response.topicName}\u0000${response.partition}`, BigInt(response.baseOffset ?? "-1"))
+                }
+                const next = new Map<string, bigint>()
+                return records.map((record, index): KafkaClient.RecordMetadata => {
+                  const message = messages[index] as Message
+                  const partition = message.partition ?? assigned.get(message) ?? -1
+                  const slot = `${record.topic}\u0000${partition}`
+                  const baseOffset = base.get(slot)
+                  if (baseOffset === undefined || baseOffset < 0n) {
+                    return { topic: record.topic, partition, offset: -1n }
+                  }
+                  const offset = next.get(slot) ?? baseOffset
+                  next.set(slot, offset + 1n)
+                  return { topic: record.topic, partition, offset }
+                })
+              })
+            )
+          })
+        return { send } satisfies KafkaClient.ProducerConnection
+      })
+
+    return KafkaClient.KafkaClient.of({ brokers: connection.brokers, admin: adminPort, producer })
+  })
+
+const toBuffer = (value: string | Uint8Array | null): Buffer | null =>
+  value === null ? null : typeof value === "string" ? Buffer.from(value, "utf8") : Buffer.from(value)
+
+const toKafkaJSHeaders = (headers: KafkaClient.Headers) => {
+  const out: Record<string, Buffer> = {}
+  for (const [name, value] of Object.entries(headers)) out[name] = toBuffer(value) ?? Buffer.alloc(0)
+  return out
+}

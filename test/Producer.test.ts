@@ -1,0 +1,184 @@
+import { assert, describe, it } from "@effect/vitest"
+import { Duration, Effect, Exit, Fiber, Layer, Scope } from "effect"
+import { TestClock } from "effect/testing"
+import * as KafkaClient from "../src/KafkaClient.ts"
+import * as Producer from "../src/Producer.ts"
+import * as Scripted from "./support/scriptedClient.ts"
+
+const options: Producer.ProducerOptions = {
+  topic: "events",
+  acks: -1,
+  idempotent: true,
+  retries: 3,
+  linger: Duration.millis(50),
+  batchSize: 3,
+  queueCapacity: 100
+}
+
+/** A producer over a scripted client, in a scope the test can close. */
+const setup = (overrides: Partial<Producer.ProducerOptions> = {}) =>
+  Effect.gen(function* () {
+    const scripted = yield* Scripted.make
+    const scope = yield* Scope.make()
+    const producer = yield* Producer.make({ ...options, ...overrides }).pipe(
+      Effect.provideService(KafkaClient.KafkaClient, scripted.client),
+      Scope.provide(scope)
+    )
+    return { scripted, scope, producer }
+  })
+
+const retriable = new KafkaClient.BrokerError({ type: "NOT_LEADER_OR_FOLLOWER", retriable: true, detail: "moved" })
+const fatal = new KafkaClient.BrokerError({ type: "MESSAGE_TOO_LARGE", retriable: false, detail: "too large" })
+
+describe("Producer", () => {
+  it.effect("a lone record leaves after the linger time, not before", () =>
+    Effect.gen(function* () {
+      const { scripted, producer } = yield* setup()
+      const fiber = yield* Effect.forkChild(producer.send({ key: "k", value: "v" }))
+      yield* TestClock.adjust("49 millis")
+      assert.strictEqual((yield* scripted.recorded).requests.length, 0, "still lingering at 49 ms")
+      yield* TestClock.adjust("1 millis")
+      const metadata = yield* Fiber.join(fiber)
+      assert.deepStrictEqual(metadata, { topic: "events", partition: 0, offset: 0n })
+      assert.strictEqual((yield* scripted.recorded).requests.length, 1)
+    })
+  )
+
+  it.effect("a full batch leaves at once, without waiting for the linger time", () =>
+    Effect.gen(function* () {
+      const { scripted, producer } = yield* setup({ linger: Duration.hours(1) })
+      const metadata = yield* producer.sendAll([{ value: "a" }, { value: "b" }, { value: "c" }])
+      assert.deepStrictEqual(
+        metadata.map((m) => m.offset),
+        [0n, 1n, 2n]
+      )
+      const { requests } = yield* scripted.recorded
+      assert.strictEqual(requests.length, 1, "one request for the batch")
+      assert.deepStrictEqual(
+        requests[0]?.map((r) => r.value),
+        ["a", "b", "c"]
+      )
+    })
+  )
+
+  it.effect("records beyond the batch size go in the next request, each caller gets its own metadata", () =>
+    Effect.gen(function* () {
+      const { scripted, producer } = yield* setup()
+      const fiber = yield* Effect.forkChild(producer.sendAll(["a", "b", "c", "d", "e"].map((value) => ({ value }))))
+      yield* TestClock.adjust("50 millis")
+      const metadata = yield* Fiber.join(fiber)
+      assert.deepStrictEqual(
+        metadata.map((m) => m.offset),
+        [0n, 1n, 2n, 3n, 4n]
+      )
+      const { requests } = yield* scripted.recorded
+      assert.deepStrictEqual(
+        requests.map((request) => request.map((r) => r.value)),
+        [
+          ["a", "b", "c"],
+          ["d", "e"]
+        ]
+      )
+    })
+  )
+
+  it.effect("a retriable failure is retried on the schedule and then succeeds", () =>
+    Effect.gen(function* () {
+      const { scripted, producer } = yield* setup({ linger: Duration.zero })
+      yield* scripted.script([retriable, retriable])
+      const fiber = yield* Effect.forkChild(producer.send({ value: "v" }))
+      // 100 ms then 200 ms, each jittered to at most 120 %.
+      yield* TestClock.adjust("120 millis")
+      yield* TestClock.adjust("240 millis")
+      const metadata = yield* Fiber.join(fiber)
+      assert.strictEqual(metadata.offset, 0n)
+      assert.strictEqual((yield* scripted.recorded).requests.length, 3)
+    })
+  )
+
+  it.effect("retries stop after KAFKA_PRODUCER_RETRIES and the caller gets the typed error", () =>
+    Effect.gen(function* () {
+      const { scripted, producer } = yield* setup({ linger: Duration.zero, retries: 2 })
+      yield* scripted.script([retriable, retriable, retriable, retriable])
+      const fiber = yield* Effect.forkChild(Effect.flip(producer.send({ value: "v" })))
+      yield* TestClock.adjust("10 seconds")
+      const error = yield* Fiber.join(fiber)
+      assert.strictEqual(error._tag, "KafkaError")
+      if (error._tag === "KafkaError") assert.strictEqual(error.reason._tag, "BrokerError")
+      assert.strictEqual((yield* scripted.recorded).requests.length, 3, "one try and two retries")
+    })
+  )
+
+  it.effect("a non-retriable failure is not retried", () =>
+    Effect.gen(function* () {
+      const { scripted, producer } = yield* setup({ linger: Duration.zero })
+      yield* scripted.script([fatal])
+      const error = yield* Effect.flip(producer.send({ value: "v" }))
+      assert.strictEqual(error._tag, "KafkaError")
+      assert.isFalse(error._tag === "KafkaError" && error.retriable)
+      assert.strictEqual((yield* scripted.recorded).requests.length, 1)
+    })
+  )
+
+  it.effect("closing the scope flushes pending records before disconnecting", () =>
+    Effect.gen(function* () {
+      const { scripted, scope, producer } = yield* setup({ linger: Duration.seconds(5) })
+      const fiber = yield* Effect.forkChild(producer.send({ value: "pending" }))
+      yield* Effect.yieldNow
+      yield* Scope.close(scope, Exit.void)
+      const metadata = yield* Fiber.join(fiber)
+      assert.strictEqual(metadata.offset, 0n)
+      assert.deepStrictEqual((yield* scripted.recorded).events, ["connect", "request", "disconnect"])
+    })
+  )
+
+  it.effect("send after the scope closed fails with ProducerClosed", () =>
+    Effect.gen(function* () {
+      const { scope, producer } = yield* setup()
+      yield* Scope.close(scope, Exit.void)
+      const error = yield* Effect.flip(producer.send({ topic: "orders", value: "late" }))
+      assert.strictEqual(error._tag, "ProducerClosed")
+      assert.include(error.message, "orders")
+    })
+  )
+
+  it.effect("flush waits for every record sent before it", () =>
+    Effect.gen(function* () {
+      const { scripted, producer } = yield* setup()
+      const fiber = yield* Effect.forkChild(producer.sendAll([{ value: "a" }, { value: "b" }]))
+      yield* Effect.yieldNow
+      const flushing = yield* Effect.forkChild(producer.flush)
+      yield* TestClock.adjust("50 millis")
+      yield* Fiber.join(flushing)
+      assert.strictEqual((yield* scripted.recorded).requests.flat().length, 2)
+      yield* Fiber.join(fiber)
+    })
+  )
+
+  it.effect("typed topics encode values with their Schema", () =>
+    Effect.gen(function* () {
+      const { Schema } = yield* Effect.promise(() => import("effect"))
+      const Order = Schema.Struct({ id: Schema.String, total: Schema.Number })
+      const orders = Producer.typedTopic("orders", Order)
+      const { scripted, producer } = yield* setup({ linger: Duration.zero })
+      yield* orders
+        .send({ id: "o-1", total: 12.5 }, { key: "o-1" })
+        .pipe(Effect.provideService(Producer.Producer, producer))
+      const [request] = (yield* scripted.recorded).requests
+      assert.strictEqual(request?.[0]?.topic, "orders")
+      assert.strictEqual(request?.[0]?.key, "o-1")
+      assert.deepStrictEqual(JSON.parse(String(request?.[0]?.value)), { id: "o-1", total: 12.5 })
+    })
+  )
+
+  it.effect("the layer builds from a KafkaClient", () =>
+    Effect.gen(function* () {
+      const scripted = yield* Scripted.make
+      const layer = Producer.layer({ ...options, linger: Duration.zero }).pipe(
+        Layer.provide(Layer.succeed(KafkaClient.KafkaClient, scripted.client))
+      )
+      const metadata = yield* Producer.send({ value: "x" }).pipe(Effect.provide(layer))
+      assert.strictEqual(metadata.topic, "events")
+    })
+  )
+})
