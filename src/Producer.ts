@@ -78,6 +78,8 @@ export interface ProducerOptions {
   readonly queueCapacity: number
   /** first delay between tries of a failed batch; doubles, jittered. Default 100 ms */
   readonly retryBackoff?: Duration.Duration | undefined
+  /** the longest delay between tries. Default 5 s */
+  readonly retryBackoffMax?: Duration.Duration | undefined
   /** how long closing the scope waits for pending records. Default 30 s */
   readonly flushTimeout?: Duration.Duration | undefined
 }
@@ -87,15 +89,24 @@ interface Pending {
   readonly done: Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>
 }
 
-/** The jittered exponential policy for retrying a failed batch. */
-export const retrySchedule = (backoff: Duration.Duration): Schedule.Schedule<Duration.Duration> =>
-  Schedule.exponential(backoff, 2).pipe(Schedule.jittered)
+/** The policy for retrying a failed batch: exponential from `backoff`, jittered to 80–120 %, capped at `max`. */
+export const retrySchedule = (
+  backoff: Duration.Duration,
+  max: Duration.Duration
+): Schedule.Schedule<Duration.Duration> =>
+  Schedule.exponential(backoff, 2).pipe(
+    Schedule.jittered,
+    Schedule.modifyDelay(({ duration }) => Effect.succeed(Duration.min(duration, max)))
+  )
 
 export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
   const client = yield* KafkaClient.KafkaClient
   const connection = yield* client.producer({ idempotent: options.idempotent, acks: options.acks })
   const queue = yield* Queue.bounded<Pending, Cause.Done>(options.queueCapacity)
-  const retry = retrySchedule(options.retryBackoff ?? Duration.millis(100))
+  const retry = retrySchedule(
+    options.retryBackoff ?? Duration.millis(100),
+    options.retryBackoffMax ?? Duration.seconds(5)
+  )
   let inFlight: ReadonlyArray<Pending> = []
   let lastEnqueued: Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError> | undefined
 

@@ -1,0 +1,190 @@
+import * as Fs from "node:fs"
+import * as Os from "node:os"
+import * as Path from "node:path"
+import { assert, describe, it } from "@effect/vitest"
+import { Deferred, Effect, Exit, Fiber, Layer, Ref, Schedule } from "effect"
+import { Partitioners } from "kafkajs"
+import { inject } from "vitest"
+import * as Broker from "../scripts/kafka/broker.ts"
+import * as Producer from "../src/Producer.ts"
+import { clientLayer, configFor, createTopic, readTopic, uniqueName } from "./support/kafka.ts"
+
+const brokers = inject("kafkaBrokers")
+
+/** Producer.layerConfig over KafkaClient.layerConfig, both configured by `env`, against `at`. */
+const producerLayer = (at: string, env: Record<string, string> = {}) =>
+  Producer.layerConfig.pipe(Layer.provideMerge(clientLayer(at, env)), Layer.provide(configFor(at, env)))
+
+/** kafkajs' default partitioner (murmur2, as the Java client), asked directly. */
+const kafkajsPartitionFor = (topic: string, partitions: number) => {
+  const partitioner = Partitioners.DefaultPartitioner()
+  const partitionMetadata = Array.from({ length: partitions }, (_, partitionId) => ({
+    partitionId,
+    leader: 1,
+    replicas: [1],
+    isr: [1],
+    offlineReplicas: [],
+    partitionErrorCode: 0
+  }))
+  return (key: string) => partitioner({ topic, partitionMetadata, message: { key, value: null } })
+}
+
+/** A temporary directory for a broker that must survive its own restart. */
+const brokerDir = Effect.acquireRelease(
+  Effect.sync(() => Fs.mkdtempSync(Path.join(Os.tmpdir(), "kafka-effect-restart-"))),
+  (dir) => Effect.sync(() => Fs.rmSync(dir, { recursive: true, force: true }))
+)
+
+describe("Producer against a real broker", () => {
+  it.live("10,000 sends with keys and headers: each stored once, on kafkajs' partition for its key, intact", () =>
+    Effect.gen(function* () {
+      const topic = uniqueName("producer")
+      yield* createTopic(brokers, topic, 6)
+      const producer = yield* Producer.Producer
+      const records = Array.from({ length: 10_000 }, (_, i) => ({
+        topic,
+        key: `key-${i % 1000}`,
+        value: JSON.stringify({ index: i }),
+        headers: { "x-index": String(i), "x-kind": "test" }
+      }))
+      // Callers send one record at a time; the service batches them.
+      const metadata = yield* Effect.forEach(records, (record) => producer.send(record), { concurrency: 500 })
+
+      const stored = yield* readTopic(brokers, topic)
+      assert.strictEqual(stored.length, 10_000, "each record stored once")
+      const partitionFor = kafkajsPartitionFor(topic, 6)
+      const seen = new Set<number>()
+      for (const record of stored) {
+        const index = JSON.parse(record.value ?? "null").index as number
+        assert.isFalse(seen.has(index), `record ${index} stored twice`)
+        seen.add(index)
+        assert.strictEqual(record.key, `key-${index % 1000}`)
+        assert.deepStrictEqual(record.headers, { "x-index": String(index), "x-kind": "test" })
+        assert.strictEqual(record.partition, partitionFor(`key-${index % 1000}`), "kafkajs' partition for the key")
+        const acked = metadata[index]
+        assert.strictEqual(acked?.partition, record.partition, "send reported the partition it landed on")
+        assert.strictEqual(acked?.offset, record.offset, "send reported the offset it landed at")
+      }
+    }).pipe(Effect.provide(producerLayer(brokers, { KAFKA_PRODUCER_LINGER_MS: "5", KAFKA_PRODUCER_BATCH_SIZE: "500" })))
+  )
+
+  it.live("a send to a topic that does not exist fails with UnknownTopic, not a retry storm", () =>
+    Effect.gen(function* () {
+      const topic = uniqueName("missing")
+      const error = yield* Effect.flip(Producer.send({ topic, value: "x" }))
+      assert.strictEqual(error._tag, "KafkaError")
+      if (error._tag === "KafkaError") {
+        assert.isFalse(error.retriable)
+        assert.include(error.message, topic)
+      }
+    }).pipe(Effect.provide(producerLayer(brokers, { KAFKA_PRODUCER_LINGER_MS: "0" })))
+  )
+
+  it.live("started before its broker, the producer waits for it, connects and delivers", () =>
+    Effect.gen(function* () {
+      const dir = yield* brokerDir
+      // A port nobody listens on yet: the broker comes up there 3 s after the producer starts.
+      const port = yield* Effect.promise(() => import("node:net")).pipe(
+        Effect.flatMap((Net) =>
+          Effect.callback<number>((resume) => {
+            const server = Net.createServer().listen(0, "127.0.0.1", () => {
+              const address = server.address()
+              server.close(() => resume(Effect.succeed(typeof address === "object" && address ? address.port : 0)))
+            })
+          })
+        )
+      )
+      const at = `127.0.0.1:${port}`
+      const topic = uniqueName("late-broker")
+      const topicReady = yield* Deferred.make<void>()
+      const producing = yield* Effect.forkChild(
+        Effect.gen(function* () {
+          const producer = yield* Producer.Producer
+          yield* Deferred.await(topicReady)
+          return yield* producer.send({ topic, key: "k", value: "delivered" })
+        }).pipe(
+          Effect.provide(
+            producerLayer(at, { KAFKA_RECONNECT_BACKOFF_MS: "100", KAFKA_RECONNECT_BACKOFF_MAX_MS: "500" })
+          ),
+          Effect.scoped
+        )
+      )
+      // The scenario itself: the broker is down for 3 s.
+      yield* Effect.sleep("3 seconds")
+      assert.isUndefined(producing.pollUnsafe(), "the producer is still waiting, not exited")
+      const broker = yield* Effect.acquireRelease(Broker.start({ port, dir }), Broker.stop)
+      yield* createTopic(broker.brokers, topic, 1)
+      yield* Deferred.succeed(topicReady, undefined)
+      const metadata = yield* Fiber.join(producing)
+      assert.strictEqual(metadata.offset, 0n)
+      const stored = yield* readTopic(broker.brokers, topic)
+      assert.deepStrictEqual(
+        stored.map((r) => r.value),
+        ["delivered"]
+      )
+    }).pipe(Effect.scoped)
+  )
+
+  it.live(
+    "a broker killed mid-stream and restarted: every send is acked and stored, or failed with a typed error",
+    () =>
+      Effect.gen(function* () {
+        const dir = yield* brokerDir
+        const first = yield* Broker.start({ dir })
+        const topic = uniqueName("killed")
+        yield* createTopic(first.brokers, topic, 3)
+        const acked = yield* Ref.make(0)
+        const total = 3_000
+        const sending = yield* Effect.forkChild(
+          Effect.forEach(
+            Array.from({ length: total }, (_, i) => i),
+            (i) =>
+              Producer.send({ topic, key: `key-${i % 50}`, value: String(i) }).pipe(
+                Effect.tap(() => Ref.update(acked, (n) => n + 1)),
+                Effect.exit
+              ),
+            { concurrency: 20 }
+          ).pipe(
+            Effect.provide(
+              producerLayer(first.brokers, {
+                KAFKA_PRODUCER_RETRIES: "30",
+                KAFKA_PRODUCER_LINGER_MS: "2",
+                KAFKA_PRODUCER_BATCH_SIZE: "50",
+                KAFKA_RECONNECT_BACKOFF_MAX_MS: "500"
+              })
+            ),
+            Effect.scoped
+          )
+        )
+        // Kill it once a third of the records are acked.
+        yield* Ref.get(acked).pipe(
+          Effect.repeat({ until: (n) => n >= total / 3, schedule: Schedule.spaced("10 millis") })
+        )
+        process.kill(first.pid, "SIGKILL")
+        const second = yield* Effect.acquireRelease(Broker.start({ dir, port: first.port }), Broker.stop)
+
+        const exits = yield* Fiber.join(sending)
+        const stored = yield* readTopic(second.brokers, topic)
+        const storedAt = new Map(stored.map((r) => [`${r.partition}/${r.offset}`, r.value]))
+        let ok = 0
+        exits.forEach((exit, i) => {
+          if (Exit.isSuccess(exit)) {
+            ok++
+            const { partition, offset } = exit.value
+            assert.strictEqual(
+              storedAt.get(`${partition}/${offset}`),
+              String(i),
+              `acked record ${i} is stored where acked`
+            )
+          } else {
+            const error = Exit.findErrorOption(exit)
+            assert.isTrue(error._tag === "Some", `record ${i} failed with a typed error, not a defect`)
+            if (error._tag === "Some") assert.oneOf(error.value._tag, ["KafkaError", "ProducerClosed"])
+          }
+        })
+        assert.strictEqual(exits.length, total, "every send completed")
+        assert.isAtLeast(ok, total / 3, "the records acked before the kill are among the acked")
+      }).pipe(Effect.scoped),
+    180_000
+  )
+})

@@ -1,0 +1,115 @@
+/**
+ * Helpers for real-broker tests: our layers pointed at a given broker, and a plain kafkajs reader that reads a
+ * topic back independently of the code under test.
+ */
+import { randomBytes } from "node:crypto"
+import { ConfigProvider, Data, Effect, Layer } from "effect"
+import { Kafka, logLevel } from "kafkajs"
+import * as KafkaConfig from "../../src/Config.ts"
+import * as KafkaClient from "../../src/KafkaClient.ts"
+
+export const uniqueName = (prefix: string) => `${prefix}-${Date.now()}-${randomBytes(3).toString("hex")}`
+
+/** Our configuration as the environment would give it, with `env` on top of `KAFKA_BROKERS`. */
+export const configFor = (brokers: string, env: Record<string, string> = {}) =>
+  ConfigProvider.layer(ConfigProvider.fromEnv({ env: { KAFKA_BROKERS: brokers, ...env } }))
+
+/** `KafkaClient.layerConfig` against `brokers`, configured by `env`. */
+export const clientLayer = (brokers: string, env: Record<string, string> = {}) =>
+  KafkaClient.layerConfig.pipe(Layer.provide(configFor(brokers, env)))
+
+export const connectionFor = (brokers: string, env: Record<string, string> = {}) =>
+  KafkaConfig.connection.pipe(Effect.provide(configFor(brokers, env)))
+
+export interface ReadRecord {
+  readonly partition: number
+  readonly offset: bigint
+  readonly key: string | null
+  readonly value: string | null
+  readonly headers: Readonly<Record<string, string>>
+}
+
+export class ReadError extends Data.TaggedError("ReadError")<{ readonly message: string }> {}
+
+const plainKafka = (brokers: string) =>
+  new Kafka({
+    clientId: "kafka-effect-test-reader",
+    brokers: brokers.split(","),
+    logLevel: logLevel.NOTHING,
+    connectionTimeout: 3_000,
+    retry: { retries: 3, initialRetryTime: 200, maxRetryTime: 2_000 }
+  })
+
+/** Creates a topic with plain kafkajs admin (independent of our admin). */
+export const createTopic = (brokers: string, topic: string, partitions: number) =>
+  Effect.tryPromise({
+    try: async () => {
+      const admin = plainKafka(brokers).admin()
+      await admin.connect()
+      try {
+        await admin.createTopics({ topics: [{ topic, numPartitions: partitions }], waitForLeaders: true })
+      } finally {
+        await admin.disconnect()
+      }
+    },
+    catch: (cause) => new ReadError({ message: `create topic ${topic} on ${brokers}: ${String(cause)}` })
+  })
+
+/**
+ * Reads every record of `topic` up to its high watermarks with a plain kafkajs consumer in a fresh group,
+ * so what the test checks does not go through the code under test.
+ */
+export const readTopic = (brokers: string, topic: string) =>
+  Effect.tryPromise({
+    try: async () => {
+      const kafka = plainKafka(brokers)
+      const admin = kafka.admin()
+      await admin.connect()
+      const offsets = await admin.fetchTopicOffsets(topic)
+      await admin.disconnect()
+      const remaining = new Map(
+        offsets.filter((p) => BigInt(p.high) > BigInt(p.low)).map((p) => [p.partition, BigInt(p.high)])
+      )
+      const records: Array<ReadRecord> = []
+      if (remaining.size === 0) return records
+      const consumer = kafka.consumer({ groupId: uniqueName("reader"), maxBytes: 50 * 1024 * 1024 })
+      await consumer.connect()
+      await consumer.subscribe({ topics: [topic], fromBeginning: true })
+      await new Promise<void>((resolve, reject) => {
+        // kafkajs restarts a consumer after a retriable crash (a coordinator still loading, say); only a crash
+        // it gives up on is the reader's failure.
+        consumer.on(consumer.events.CRASH, ({ payload }) => {
+          if (!payload.restart) reject(payload.error)
+        })
+        consumer
+          .run({
+            autoCommit: false,
+            eachBatch: async ({ batch }) => {
+              for (const message of batch.messages) {
+                const headers: Record<string, string> = {}
+                for (const [name, value] of Object.entries(message.headers ?? {})) headers[name] = String(value)
+                records.push({
+                  partition: batch.partition,
+                  offset: BigInt(message.offset),
+                  key: message.key?.toString("utf8") ?? null,
+                  value: message.value?.toString("utf8") ?? null,
+                  headers
+                })
+                const high = remaining.get(batch.partition)
+                if (high !== undefined && BigInt(message.offset) + 1n >= high) remaining.delete(batch.partition)
+              }
+              if (remaining.size === 0) resolve()
+            }
+          })
+          .catch(reject)
+      })
+      await consumer.disconnect()
+      return records
+    },
+    catch: (cause) => new ReadError({ message: `read back ${topic} from ${brokers}: ${String(cause)}` })
+  }).pipe(
+    Effect.timeoutOrElse({
+      duration: "60 seconds",
+      orElse: () => Effect.fail(new ReadError({ message: `read back ${topic}: timed out` }))
+    })
+  )
