@@ -221,7 +221,8 @@ export const variables = [
   "KAFKA_CONSUMER_FETCH_MAX_BYTES",
   "KAFKA_RETRY_TOPIC_PREFIX",
   "KAFKA_DLQ_TOPIC",
-  "LOG_LEVEL"
+  "LOG_LEVEL",
+  "LOG_FORMAT"
 ] as const
 
 const readEnv: Effect.Effect<Reader, KafkaConfigError> = Effect.gen(function* () {
@@ -430,16 +431,29 @@ export const consumer: Effect.Effect<ConsumerConfig, KafkaConfigError> = Effect.
   r.done(readConsumer(r))
 )
 
-/** `LOG_LEVEL`. */
-export const logLevel: Effect.Effect<LogLevel.LogLevel, KafkaConfigError> = Effect.flatMap(readEnv, (r) =>
-  r.done(readLogLevel(r))
+export type LogFormat = "json" | "pretty"
+
+export interface LoggingConfig {
+  readonly level: LogLevel.LogLevel
+  /** `json` or `pretty`; unset means json when stdout is not a terminal */
+  readonly format: Option.Option<LogFormat>
+}
+
+const readLogging = (r: Reader): LoggingConfig => ({
+  level: readLogLevel(r),
+  format: r.optional("LOG_FORMAT", oneOf<LogFormat>({ json: "json", pretty: "pretty" }), "json or pretty")
+})
+
+/** `LOG_LEVEL` and `LOG_FORMAT`. */
+export const logging: Effect.Effect<LoggingConfig, KafkaConfigError> = Effect.flatMap(readEnv, (r) =>
+  r.done(readLogging(r))
 )
 
 export interface KafkaConfig {
   readonly connection: ConnectionConfig
   readonly producer: ProducerConfig
   readonly consumer: ConsumerConfig
-  readonly logLevel: LogLevel.LogLevel
+  readonly logging: LoggingConfig
 }
 
 /** Every section at once, with every problem of every section in one error. */
@@ -448,6 +462,6 @@ export const all: Effect.Effect<KafkaConfig, KafkaConfigError> = Effect.flatMap(
     connection: readConnection(r),
     producer: readProducer(r),
     consumer: readConsumer(r),
-    logLevel: readLogLevel(r)
+    logging: readLogging(r)
   })
 )

@@ -28,7 +28,8 @@ describe("KafkaConfig", () => {
       assert.strictEqual(config.consumer.fetchMaxBytes, 10_485_760)
       assert.strictEqual(config.consumer.retryTopicPrefix, "events-retry")
       assert.strictEqual(config.consumer.dlqTopic, "events-dlq")
-      assert.strictEqual(config.logLevel, "Info")
+      assert.strictEqual(config.logging.level, "Info")
+      assert.isTrue(Option.isNone(config.logging.format))
       assert.isTrue(Option.isNone(config.connection.sasl))
       assert.isTrue(Option.isNone(config.connection.tls))
     })
@@ -62,7 +63,8 @@ describe("KafkaConfig", () => {
         KAFKA_CONSUMER_FETCH_MAX_BYTES: "1048576",
         KAFKA_RETRY_TOPIC_PREFIX: "orders-retry",
         KAFKA_DLQ_TOPIC: "orders-dlq",
-        LOG_LEVEL: "debug"
+        LOG_LEVEL: "debug",
+        LOG_FORMAT: "json"
       })
       const { connection, producer, consumer } = config
       assert.deepStrictEqual(connection.brokers, ["kafka-1:9092", "kafka-2:9093", "[::1]:9094"])
@@ -98,7 +100,8 @@ describe("KafkaConfig", () => {
         retryTopicPrefix: "orders-retry",
         dlqTopic: "orders-dlq"
       })
-      assert.strictEqual(config.logLevel, "Debug")
+      assert.strictEqual(config.logging.level, "Debug")
+      assert.deepStrictEqual(config.logging.format, Option.some("json"))
     })
   )
 
@@ -125,7 +128,8 @@ describe("KafkaConfig", () => {
     ["KAFKA_CONSUMER_FETCH_MAX_BYTES", "lots", "bytes from 1"],
     ["KAFKA_RETRY_TOPIC_PREFIX", "retry/topic", "prefix"],
     ["KAFKA_DLQ_TOPIC", "dlq topic", "topic name"],
-    ["LOG_LEVEL", "loud", "trace, debug, info, warn, error, fatal, none"]
+    ["LOG_LEVEL", "loud", "trace, debug, info, warn, error, fatal, none"],
+    ["LOG_FORMAT", "xml", "json or pretty"]
   ]
   it.effect.each(bad)("%s=%s fails naming the variable, the value and the accepted form", ([variable, value, form]) =>
     Effect.gen(function* () {

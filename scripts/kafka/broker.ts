@@ -6,6 +6,9 @@
  *   `$XDG_CACHE_HOME/kafka-effect` (or `~/.cache/kafka-effect`), keyed by the pom's hash.
  * - `start` formats storage in a fresh directory with `kafka.tools.StorageTool`, starts `kafka.Kafka` detached,
  *   and returns only once a client can create a topic.
+ * - With `sasl` and `tls`, it also listens for SASL (SCRAM-SHA-256, SCRAM-SHA-512, PLAIN) and for TLS on ports of
+ *   their own, so that tests can prove authentication and encryption against a real broker. PLAINTEXT stays the
+ *   listener for the readiness check and for the broker's own traffic.
  * - `stop` sends SIGTERM to the broker's own PID (checked against its command line, so a recycled PID is never
  *   signalled), waits for a controlled shutdown, and SIGKILLs only if that does not come.
  *
@@ -41,6 +44,26 @@ export interface BrokerOptions {
   readonly autoCreateTopics?: boolean | undefined
   /** How long to wait for the broker to accept a topic creation. Default 120 s. */
   readonly readyTimeout?: Duration.Input | undefined
+  /**
+   * A `SASL_PLAINTEXT` listener on a free loopback port, accepting these users with SCRAM-SHA-256, SCRAM-SHA-512
+   * and PLAIN. The SCRAM credentials are written when storage is formatted, so a reused `dir` keeps its first users.
+   *
+   * @example
+   * Broker.acquire({ sasl: { users: [{ username: "alice", password: "alice-secret" }] } })
+   */
+  readonly sasl?: { readonly users: ReadonlyArray<SaslUser> } | undefined
+  /**
+   * An `SSL` listener on a free loopback port, with a certificate for `localhost` and `127.0.0.1` signed by a CA
+   * generated at start (needs `openssl`); clients trust `Broker.caFile`. No client certificate is asked for.
+   */
+  readonly tls?: true | undefined
+}
+
+export interface SaslUser {
+  /** Letters, digits, `.`, `_` and `-`: the name is also a JAAS option name (`user_<name>`) for PLAIN. */
+  readonly username: string
+  /** Printable ASCII without `"`, `\`, `,`, `=`, `[` or `]`, which the JAAS and `--add-scram` syntaxes reserve. */
+  readonly password: string
 }
 
 export interface Broker {
@@ -52,6 +75,12 @@ export interface Broker {
   readonly logFile: string
   /** True when `dir` was created by `start` and is removed by `stop`. */
   readonly ownsDir: boolean
+  /** `host:port` of the `SASL_PLAINTEXT` listener, when started with `sasl`. */
+  readonly saslBrokers?: string
+  /** `host:port` of the `SSL` listener, when started with `tls`. */
+  readonly tlsBrokers?: string
+  /** The PEM of the CA that signed the `SSL` listener's certificate, for a client's `ssl: { ca: [pem] }`. */
+  readonly caFile?: string
 }
 
 const cacheRoot = () => Path.join(process.env.XDG_CACHE_HOME ?? Path.join(Os.homedir(), ".cache"), "kafka-effect")
@@ -121,21 +150,70 @@ const jvmOptions = (jarsDir: string) => [
   `${jarsDir}/*`
 ]
 
+/** The mechanisms of the `SASL_PLAINTEXT` listener; the SCRAM ones need credentials in the metadata log. */
+const saslMechanisms = ["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"] as const
+const scramMechanisms = saslMechanisms.filter((mechanism) => mechanism.startsWith("SCRAM-"))
+
+interface SaslListener {
+  readonly port: number
+  readonly users: ReadonlyArray<SaslUser>
+}
+
+interface TlsListener {
+  readonly port: number
+  readonly keystoreFile: string
+  readonly keystorePassword: string
+}
+
+/** The users, or a BrokerError naming the first whose name or password the configuration syntaxes cannot carry. */
+const validSaslUsers = (users: ReadonlyArray<SaslUser>) =>
+  Effect.as(
+    Effect.forEach(users, ({ username, password }) =>
+      /^[A-Za-z0-9._-]+$/.test(username) && /^[\x21-\x7e]+$/.test(password) && !/["\\,=[\]]/.test(password)
+        ? Effect.void
+        : Effect.fail(
+            new BrokerError({
+              message: `SASL user ${JSON.stringify(username)}: a name is letters, digits, ".", "_" and "-"; a password is printable ASCII without '"', '\\', ',', '=', '[' or ']'`
+            })
+          )
+    ),
+    users
+  )
+
+/** One `--add-scram` per user and SCRAM mechanism: KRaft keeps SCRAM credentials in the metadata log. */
+const addScramArguments = (sasl: SaslListener | undefined) =>
+  (sasl?.users ?? []).flatMap(({ username, password }) =>
+    scramMechanisms.flatMap((mechanism) => ["--add-scram", `${mechanism}=[name=${username},password=${password}]`])
+  )
+
 const serverProperties = (options: {
   readonly dataDir: string
   readonly port: number
   readonly controllerPort: number
   readonly autoCreateTopics: boolean
-}) =>
-  [
+  readonly sasl: SaslListener | undefined
+  readonly tls: TlsListener | undefined
+}) => {
+  const { sasl, tls } = options
+  const plaintext = `PLAINTEXT://127.0.0.1:${options.port}`
+  const secured = [
+    ...(sasl ? [`SASL_PLAINTEXT://127.0.0.1:${sasl.port}`] : []),
+    ...(tls ? [`SSL://127.0.0.1:${tls.port}`] : [])
+  ]
+  return [
     "process.roles=broker,controller",
     "node.id=1",
     `controller.quorum.voters=1@127.0.0.1:${options.controllerPort}`,
-    `listeners=PLAINTEXT://127.0.0.1:${options.port},CONTROLLER://127.0.0.1:${options.controllerPort}`,
-    `advertised.listeners=PLAINTEXT://127.0.0.1:${options.port}`,
+    `listeners=${[plaintext, `CONTROLLER://127.0.0.1:${options.controllerPort}`, ...secured].join(",")}`,
+    `advertised.listeners=${[plaintext, ...secured].join(",")}`,
     "controller.listener.names=CONTROLLER",
     "inter.broker.listener.name=PLAINTEXT",
-    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+    `listener.security.protocol.map=${[
+      "PLAINTEXT:PLAINTEXT",
+      "CONTROLLER:PLAINTEXT",
+      ...(sasl ? ["SASL_PLAINTEXT:SASL_PLAINTEXT"] : []),
+      ...(tls ? ["SSL:SSL"] : [])
+    ].join(",")}`,
     `log.dirs=${options.dataDir}`,
     "num.partitions=1",
     `auto.create.topics.enable=${options.autoCreateTopics}`,
@@ -149,8 +227,137 @@ const serverProperties = (options: {
     "offsets.topic.num.partitions=10",
     // Groups form at once instead of after the default 3 s, so tests do not wait for nothing.
     "group.initial.rebalance.delay.ms=0",
+    ...(sasl ? saslProperties(sasl) : []),
+    ...(tls ? tlsProperties(tls) : []),
     ""
   ].join("\n")
+}
+
+/**
+ * Per-listener settings (`listener.name.<lower-case listener>.…`), so the PLAINTEXT and CONTROLLER listeners are
+ * untouched. SCRAM checks passwords against the metadata log; PLAIN against the `user_<name>` JAAS options.
+ */
+const saslProperties = (sasl: SaslListener) => [
+  `listener.name.sasl_plaintext.sasl.enabled.mechanisms=${saslMechanisms.join(",")}`,
+  ...scramMechanisms.map(
+    (mechanism) =>
+      `listener.name.sasl_plaintext.${mechanism.toLowerCase()}.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;`
+  ),
+  `listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required${sasl.users
+    .map(({ username, password }) => ` user_${username}="${password}"`)
+    .join("")};`
+]
+
+const tlsProperties = (tls: TlsListener) => [
+  "listener.name.ssl.ssl.keystore.type=PKCS12",
+  `listener.name.ssl.ssl.keystore.location=${tls.keystoreFile}`,
+  `listener.name.ssl.ssl.keystore.password=${tls.keystorePassword}`,
+  `listener.name.ssl.ssl.key.password=${tls.keystorePassword}`,
+  "listener.name.ssl.ssl.client.auth=none"
+]
+
+/** `openssl req` needs a config; this one, rather than the system's, decides the certificates' extensions. */
+const opensslConfig = [
+  "[req]",
+  "distinguished_name = dn",
+  "[dn]",
+  "[ca_extensions]",
+  "basicConstraints = critical, CA:TRUE",
+  "keyUsage = critical, keyCertSign, cRLSign",
+  "subjectKeyIdentifier = hash",
+  "[server_extensions]",
+  "basicConstraints = critical, CA:FALSE",
+  "keyUsage = critical, digitalSignature",
+  "extendedKeyUsage = serverAuth",
+  "subjectAltName = DNS:localhost, IP:127.0.0.1",
+  "subjectKeyIdentifier = hash",
+  "authorityKeyIdentifier = keyid",
+  ""
+].join("\n")
+
+/**
+ * A fresh CA and a server certificate it signs (CN and SAN `localhost`, SAN IP `127.0.0.1`), P-256 keys, in
+ * `tlsDir`: `ca.pem` for clients, `server.p12` (certificate, key and CA chain) for the broker.
+ */
+const generateCertificates = (tlsDir: string) =>
+  Effect.gen(function* () {
+    Fs.mkdirSync(tlsDir, { recursive: true })
+    const file = (name: string) => Path.join(tlsDir, name)
+    Fs.writeFileSync(file("openssl.cnf"), opensslConfig)
+    const newKey = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    const days = ["-days", "365"]
+    yield* run("openssl", [
+      "req",
+      "-config",
+      file("openssl.cnf"),
+      "-x509",
+      ...newKey,
+      ...days,
+      "-subj",
+      "/CN=kafka-effect test CA",
+      "-extensions",
+      "ca_extensions",
+      "-keyout",
+      file("ca.key"),
+      "-out",
+      file("ca.pem")
+    ])
+    yield* run("openssl", [
+      "req",
+      "-config",
+      file("openssl.cnf"),
+      "-new",
+      ...newKey,
+      "-subj",
+      "/CN=localhost",
+      "-keyout",
+      file("server.key"),
+      "-out",
+      file("server.csr")
+    ])
+    yield* run("openssl", [
+      "x509",
+      "-req",
+      "-in",
+      file("server.csr"),
+      "-CA",
+      file("ca.pem"),
+      "-CAkey",
+      file("ca.key"),
+      "-set_serial",
+      `0x${randomBytes(8).toString("hex")}`,
+      ...days,
+      "-extfile",
+      file("openssl.cnf"),
+      "-extensions",
+      "server_extensions",
+      "-out",
+      file("server.pem")
+    ])
+    const keystorePassword = randomBytes(12).toString("hex")
+    yield* run("openssl", [
+      "pkcs12",
+      "-export",
+      "-in",
+      file("server.pem"),
+      "-inkey",
+      file("server.key"),
+      "-certfile",
+      file("ca.pem"),
+      "-name",
+      "localhost",
+      "-passout",
+      `pass:${keystorePassword}`,
+      "-out",
+      file("server.p12")
+    ])
+    return { caFile: file("ca.pem"), keystoreFile: file("server.p12"), keystorePassword }
+  }).pipe(
+    Effect.mapError(
+      (error) =>
+        new BrokerError({ message: `generating the TLS listener's certificates (needs openssl): ${error.message}` })
+    )
+  )
 
 const isAlive = (pid: number) => {
   try {
@@ -250,10 +457,23 @@ const launch = (dir: string, ownsDir: boolean, jarsDir: string, options: BrokerO
     const dataDir = Path.join(dir, "data")
     const port = options.port ?? (yield* freePort)
     const controllerPort = yield* freePort
+    const sasl: SaslListener | undefined = options.sasl
+      ? { users: yield* validSaslUsers(options.sasl.users), port: yield* freePort }
+      : undefined
+    const tls = options.tls
+      ? { port: yield* freePort, ...(yield* generateCertificates(Path.join(dir, "tls"))) }
+      : undefined
     const propertiesFile = Path.join(dir, "server.properties")
     Fs.writeFileSync(
       propertiesFile,
-      serverProperties({ dataDir, port, controllerPort, autoCreateTopics: options.autoCreateTopics ?? false })
+      serverProperties({
+        dataDir,
+        port,
+        controllerPort,
+        autoCreateTopics: options.autoCreateTopics ?? false,
+        sasl,
+        tls
+      })
     )
     if (!Fs.existsSync(Path.join(dataDir, "meta.properties"))) {
       yield* run(javaBin(), [
@@ -263,7 +483,8 @@ const launch = (dir: string, ownsDir: boolean, jarsDir: string, options: BrokerO
         // One argument, `=`-joined: a cluster id may start with "-", which argparse would take for an option.
         `--cluster-id=${clusterId()}`,
         "--config",
-        propertiesFile
+        propertiesFile,
+        ...addScramArguments(sasl)
       ])
     }
     const logFile = Path.join(dir, "broker.log")
@@ -282,7 +503,16 @@ const launch = (dir: string, ownsDir: boolean, jarsDir: string, options: BrokerO
     child.unref()
     Fs.writeFileSync(Path.join(dir, "broker.pid"), `${pid}\n`)
     if (ownsDir) Fs.writeFileSync(Path.join(dir, ownedMarker), "created by scripts/kafka/broker.ts; removed by stop\n")
-    const broker: Broker = { brokers: `127.0.0.1:${port}`, port, pid, dir, logFile, ownsDir }
+    const broker: Broker = {
+      brokers: `127.0.0.1:${port}`,
+      port,
+      pid,
+      dir,
+      logFile,
+      ownsDir,
+      ...(sasl ? { saslBrokers: `127.0.0.1:${sasl.port}` } : {}),
+      ...(tls ? { tlsBrokers: `127.0.0.1:${tls.port}`, caFile: tls.caFile } : {})
+    }
     yield* awaitReady(broker, options.readyTimeout ?? "120 seconds").pipe(Effect.onError(() => stop(broker)))
     return broker
   })

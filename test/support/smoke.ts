@@ -7,7 +7,7 @@
  */
 import { randomBytes } from "node:crypto"
 import { Data, Deferred, Duration, Effect, type Scope } from "effect"
-import { type Admin, type Consumer, Kafka, logLevel, type Producer } from "kafkajs"
+import { type Admin, type Consumer, Kafka, type KafkaConfig, logLevel, type Producer } from "kafkajs"
 
 export class SmokeError extends Data.TaggedError("SmokeError")<{
   readonly brokers: string
@@ -42,15 +42,19 @@ export const uniqueName = (prefix: string) => `${prefix}-${Date.now()}-${randomB
 
 const reasonOf = (cause: unknown) => (cause instanceof Error ? `${cause.name}: ${cause.message}` : String(cause))
 
-/** Short client timeouts and retries: a test wants a clear failure in seconds, not kafkajs' minute of retries. */
-export const testKafka = (brokers: string, clientId = "kafka-effect-test") =>
+/**
+ * Short client timeouts and retries: a test wants a clear failure in seconds, not kafkajs' minute of retries.
+ * `extra` adds or overrides settings, such as `sasl`, `ssl` or `retry`.
+ */
+export const testKafka = (brokers: string, clientId = "kafka-effect-test", extra: Partial<KafkaConfig> = {}) =>
   new Kafka({
     clientId,
     brokers: brokers.split(","),
     logLevel: logLevel.NOTHING,
     connectionTimeout: 3_000,
     requestTimeout: 10_000,
-    retry: { retries: 3, initialRetryTime: 200, maxRetryTime: 2_000 }
+    retry: { retries: 3, initialRetryTime: 200, maxRetryTime: 2_000 },
+    ...extra
   })
 
 export const smokeRoundTrip = (options: {

@@ -2,10 +2,10 @@ import { assert, describe, it } from "@effect/vitest"
 import { Duration, Effect, Exit, Fiber, Layer, Scope } from "effect"
 import { TestClock } from "effect/testing"
 import * as KafkaClient from "../src/KafkaClient.ts"
-import * as Producer from "../src/Producer.ts"
+import * as KafkaProducer from "../src/KafkaProducer.ts"
 import * as Scripted from "./support/scriptedClient.ts"
 
-const options: Producer.ProducerOptions = {
+const options: KafkaProducer.ProducerOptions = {
   topic: "events",
   acks: -1,
   idempotent: true,
@@ -16,11 +16,11 @@ const options: Producer.ProducerOptions = {
 }
 
 /** A producer over a scripted client, in a scope the test can close. */
-const setup = (overrides: Partial<Producer.ProducerOptions> = {}) =>
+const setup = (overrides: Partial<KafkaProducer.ProducerOptions> = {}) =>
   Effect.gen(function* () {
     const scripted = yield* Scripted.make
     const scope = yield* Scope.make()
-    const producer = yield* Producer.make({ ...options, ...overrides }).pipe(
+    const producer = yield* KafkaProducer.make({ ...options, ...overrides }).pipe(
       Effect.provideService(KafkaClient.KafkaClient, scripted.client),
       Scope.provide(scope)
     )
@@ -159,11 +159,11 @@ describe("Producer", () => {
     Effect.gen(function* () {
       const { Schema } = yield* Effect.promise(() => import("effect"))
       const Order = Schema.Struct({ id: Schema.String, total: Schema.Number })
-      const orders = Producer.typedTopic("orders", Order)
+      const orders = KafkaProducer.typedTopic("orders", Order)
       const { scripted, producer } = yield* setup({ linger: Duration.zero })
       yield* orders
         .send({ id: "o-1", total: 12.5 }, { key: "o-1" })
-        .pipe(Effect.provideService(Producer.Producer, producer))
+        .pipe(Effect.provideService(KafkaProducer.KafkaProducer, producer))
       const [request] = (yield* scripted.recorded).requests
       assert.strictEqual(request?.[0]?.topic, "orders")
       assert.strictEqual(request?.[0]?.key, "o-1")
@@ -174,10 +174,10 @@ describe("Producer", () => {
   it.effect("the layer builds from a KafkaClient", () =>
     Effect.gen(function* () {
       const scripted = yield* Scripted.make
-      const layer = Producer.layer({ ...options, linger: Duration.zero }).pipe(
+      const layer = KafkaProducer.layer({ ...options, linger: Duration.zero }).pipe(
         Layer.provide(Layer.succeed(KafkaClient.KafkaClient, scripted.client))
       )
-      const metadata = yield* Producer.send({ value: "x" }).pipe(Effect.provide(layer))
+      const metadata = yield* KafkaProducer.send({ value: "x" }).pipe(Effect.provide(layer))
       assert.strictEqual(metadata.topic, "events")
     })
   )

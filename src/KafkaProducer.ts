@@ -1,5 +1,5 @@
 /**
- * Producer: send records to Kafka one at a time and let the service batch them.
+ * KafkaProducer: send records to Kafka one at a time and let the service batch them.
  *
  * `send` puts the record in a bounded queue (waiting when it is full, so a fast caller cannot exhaust memory)
  * and completes when the broker has acked it, with its own partition and offset, or with a typed error. One fiber
@@ -12,10 +12,10 @@
  * @example
  * ```ts
  * import { Effect } from "effect"
- * import * as Producer from "kafka-effect/Producer"
+ * import * as KafkaProducer from "kafka-effect/KafkaProducer"
  *
  * const program = Effect.gen(function* () {
- *   const metadata = yield* Producer.send({ topic: "events", key: "user-1", value: JSON.stringify({ n: 1 }) })
+ *   const metadata = yield* KafkaProducer.send({ topic: "events", key: "user-1", value: JSON.stringify({ n: 1 }) })
  *   yield* Effect.log(`written at ${metadata.partition}/${metadata.offset}`)
  * })
  * ```
@@ -54,8 +54,8 @@ export interface OutgoingRecord extends Omit<KafkaClient.ProducerRecord, "topic"
   readonly key?: string | Uint8Array | null | undefined
 }
 
-export class Producer extends Context.Service<
-  Producer,
+export class KafkaProducer extends Context.Service<
+  KafkaProducer,
   {
     /** Sends one record; succeeds once the broker acked it. */
     readonly send: (record: OutgoingRecord) => Effect.Effect<KafkaClient.RecordMetadata, ProduceError>
@@ -66,7 +66,7 @@ export class Producer extends Context.Service<
     /** Waits until every record sent before this call is acked or failed. */
     readonly flush: Effect.Effect<void>
   }
->()("kafka-effect/Producer") {}
+>()("kafka-effect/KafkaProducer") {}
 
 export interface ProducerOptions {
   readonly topic: string
@@ -117,16 +117,18 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
       ),
       Effect.retry({ schedule: retry, times: options.retries, while: (error) => error.retriable }),
       Effect.exit,
-      Effect.map((exit) => {
-        batch.forEach((pending, index) => {
-          Deferred.doneUnsafe(
-            pending.done,
-            Exit.isSuccess(exit)
-              ? Effect.succeed(exit.value[index] as KafkaClient.RecordMetadata)
-              : Effect.failCause(exit.cause)
-          )
+      Effect.flatMap((exit) =>
+        Effect.sync(() => {
+          for (const [index, pending] of batch.entries()) {
+            Deferred.doneUnsafe(
+              pending.done,
+              Exit.isSuccess(exit)
+                ? Effect.succeed(exit.value[index] as KafkaClient.RecordMetadata)
+                : Effect.failCause(exit.cause)
+            )
+          }
         })
-      })
+      )
     )
 
   /** The next batch: what is waiting, plus what arrives within `linger` (without waiting once it is full). */
@@ -197,34 +199,35 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
     lastEnqueued === undefined ? Effect.void : Effect.ignore(Deferred.await(lastEnqueued))
   )
 
-  return Producer.of({ send, sendAll, flush })
+  return KafkaProducer.of({ send, sendAll, flush })
 })
 
-/** The Producer with explicit options. */
+/** The KafkaProducer with explicit options. */
 export const layer = (
   options: ProducerOptions
-): Layer.Layer<Producer, KafkaClient.KafkaError, KafkaClient.KafkaClient> => Layer.effect(Producer, make(options))
+): Layer.Layer<KafkaProducer, KafkaClient.KafkaError, KafkaClient.KafkaClient> =>
+  Layer.effect(KafkaProducer, make(options))
 
-/** The Producer configured from the environment (`KafkaConfig.producer`). */
+/** The KafkaProducer configured from the environment (`KafkaConfig.producer`). */
 export const layerConfig: Layer.Layer<
-  Producer,
+  KafkaProducer,
   KafkaClient.KafkaError | KafkaConfig.KafkaConfigError,
   KafkaClient.KafkaClient
-> = Layer.effect(Producer, Effect.flatMap(KafkaConfig.producer, make))
+> = Layer.effect(KafkaProducer, Effect.flatMap(KafkaConfig.producer, make))
 
-/** Sends one record with the Producer in context. */
-export const send = (record: OutgoingRecord): Effect.Effect<KafkaClient.RecordMetadata, ProduceError, Producer> =>
+/** Sends one record with the KafkaProducer in context. */
+export const send = (record: OutgoingRecord): Effect.Effect<KafkaClient.RecordMetadata, ProduceError, KafkaProducer> =>
   Effect.gen(function* () {
-    const producer = yield* Producer
+    const producer = yield* KafkaProducer
     return yield* producer.send(record)
   })
 
-/** Sends many records with the Producer in context. */
+/** Sends many records with the KafkaProducer in context. */
 export const sendAll = (
   records: Iterable<OutgoingRecord>
-): Effect.Effect<ReadonlyArray<KafkaClient.RecordMetadata>, ProduceError, Producer> =>
+): Effect.Effect<ReadonlyArray<KafkaClient.RecordMetadata>, ProduceError, KafkaProducer> =>
   Effect.gen(function* () {
-    const producer = yield* Producer
+    const producer = yield* KafkaProducer
     return yield* producer.sendAll(records)
   })
 
@@ -233,7 +236,7 @@ export const sendAll = (
  *
  * @example
  * ```ts
- * const Orders = Producer.typedTopic("orders", Order)
+ * const Orders = KafkaProducer.typedTopic("orders", Order)
  * yield* Orders.send(order, { key: order.id })
  * ```
  */
@@ -250,7 +253,7 @@ export const typedTopic = <
     send: (
       value: S["Type"],
       options?: { readonly key?: string | Uint8Array | null; readonly headers?: KafkaClient.Headers }
-    ): Effect.Effect<KafkaClient.RecordMetadata, ProduceError | Schema.SchemaError, Producer> =>
+    ): Effect.Effect<KafkaClient.RecordMetadata, ProduceError | Schema.SchemaError, KafkaProducer> =>
       Effect.flatMap(encode(value), (json) =>
         send({ topic, value: json as string, key: options?.key ?? null, headers: options?.headers })
       )

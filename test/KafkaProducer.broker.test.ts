@@ -6,14 +6,14 @@ import { Deferred, Effect, Exit, Fiber, Layer, Ref, Schedule } from "effect"
 import { Partitioners } from "kafkajs"
 import { inject } from "vitest"
 import * as Broker from "../scripts/kafka/broker.ts"
-import * as Producer from "../src/Producer.ts"
+import * as KafkaProducer from "../src/KafkaProducer.ts"
 import { clientLayer, configFor, createTopic, readTopic, uniqueName } from "./support/kafka.ts"
 
 const brokers = inject("kafkaBrokers")
 
-/** Producer.layerConfig over KafkaClient.layerConfig, both configured by `env`, against `at`. */
+/** KafkaProducer.layerConfig over KafkaClient.layerConfig, both configured by `env`, against `at`. */
 const producerLayer = (at: string, env: Record<string, string> = {}) =>
-  Producer.layerConfig.pipe(Layer.provideMerge(clientLayer(at, env)), Layer.provide(configFor(at, env)))
+  KafkaProducer.layerConfig.pipe(Layer.provideMerge(clientLayer(at, env)), Layer.provide(configFor(at, env)))
 
 /** kafkajs' default partitioner (murmur2, as the Java client), asked directly. */
 const kafkajsPartitionFor = (topic: string, partitions: number) => {
@@ -40,7 +40,7 @@ describe("Producer against a real broker", () => {
     Effect.gen(function* () {
       const topic = uniqueName("producer")
       yield* createTopic(brokers, topic, 6)
-      const producer = yield* Producer.Producer
+      const producer = yield* KafkaProducer.KafkaProducer
       const records = Array.from({ length: 10_000 }, (_, i) => ({
         topic,
         key: `key-${i % 1000}`,
@@ -71,7 +71,7 @@ describe("Producer against a real broker", () => {
   it.live("a send to a topic that does not exist fails with UnknownTopic, not a retry storm", () =>
     Effect.gen(function* () {
       const topic = uniqueName("missing")
-      const error = yield* Effect.flip(Producer.send({ topic, value: "x" }))
+      const error = yield* Effect.flip(KafkaProducer.send({ topic, value: "x" }))
       assert.strictEqual(error._tag, "KafkaError")
       if (error._tag === "KafkaError") {
         assert.isFalse(error.retriable)
@@ -99,7 +99,7 @@ describe("Producer against a real broker", () => {
       const topicReady = yield* Deferred.make<void>()
       const producing = yield* Effect.forkChild(
         Effect.gen(function* () {
-          const producer = yield* Producer.Producer
+          const producer = yield* KafkaProducer.KafkaProducer
           yield* Deferred.await(topicReady)
           return yield* producer.send({ topic, key: "k", value: "delivered" })
         }).pipe(
@@ -139,7 +139,7 @@ describe("Producer against a real broker", () => {
           Effect.forEach(
             Array.from({ length: total }, (_, i) => i),
             (i) =>
-              Producer.send({ topic, key: `key-${i % 50}`, value: String(i) }).pipe(
+              KafkaProducer.send({ topic, key: `key-${i % 50}`, value: String(i) }).pipe(
                 Effect.tap(() => Ref.update(acked, (n) => n + 1)),
                 Effect.exit
               ),

@@ -1,0 +1,42 @@
+/**
+ * How our programs run: `NodeRuntime.runMain` with our exit codes.
+ *
+ * - SIGINT/SIGTERM interrupt the program; its scopes close (flush, commit, disconnect) and the process exits 0,
+ *   since stopping on request is success. A second signal while that runs exits at once with 130.
+ * - A `ProgramFailed` exits with its code after printing its message, without a stack trace: it is an expected
+ *   outcome (invalid input lines, say), not a crash.
+ * - Anything else fails as Effect reports it, with exit code 1.
+ */
+import { NodeRuntime } from "@effect/platform-node"
+import { Cause, Data, type Effect, Exit, Runtime } from "effect"
+
+export class ProgramFailed extends Data.TaggedError("ProgramFailed")<{
+  readonly message: string
+  readonly exitCode: number
+}> {}
+
+export const run = <E>(program: Effect.Effect<void, E>): void => {
+  let signals = 0
+  const onSignal = () => {
+    signals++
+    if (signals >= 2) {
+      process.stderr.write("second signal: exiting now without waiting for shutdown\n")
+      process.exit(130)
+    }
+  }
+  process.on("SIGINT", onSignal)
+  process.on("SIGTERM", onSignal)
+  NodeRuntime.runMain(program, {
+    disableErrorReporting: true,
+    teardown: (exit, onExit) => {
+      if (Exit.isSuccess(exit) || Cause.hasInterruptsOnly(exit.cause)) return onExit(0)
+      const failed = Cause.squash(exit.cause)
+      if (failed instanceof ProgramFailed) {
+        process.stderr.write(`${failed.message}\n`)
+        return onExit(failed.exitCode)
+      }
+      process.stderr.write(`${Cause.pretty(exit.cause)}\n`)
+      return Runtime.defaultTeardown(exit, onExit)
+    }
+  })
+}

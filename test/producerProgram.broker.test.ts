@@ -1,0 +1,149 @@
+/**
+ * The producer program as users run it: a separate Node process, configured by environment variables.
+ * It runs from src/ with Node's type stripping, so the test needs no build.
+ */
+import { spawn } from "node:child_process"
+import * as Path from "node:path"
+import { assert, describe, it } from "@effect/vitest"
+import { Deferred, Effect } from "effect"
+import { inject } from "vitest"
+import { createTopic, readTopic, uniqueName } from "./support/kafka.ts"
+
+const brokers = inject("kafkaBrokers")
+const program = Path.join(import.meta.dirname, "..", "src", "producer.ts")
+
+interface Run {
+  readonly exitCode: number | null
+  readonly stdout: string
+  readonly stderr: string
+}
+
+/**
+ * Runs the producer program with `env` and `stdin`; `onStderr` sees stderr as it comes (to signal the process
+ * at the right moment), and the process is killed if it outlives `timeout` ms.
+ */
+const runProgram = (options: {
+  readonly args?: ReadonlyArray<string>
+  readonly env: Record<string, string>
+  readonly stdin?: string | undefined
+  readonly onStderr?: (soFar: string, pid: number) => void
+  readonly timeout?: number
+}) =>
+  Effect.callback<Run>((resume) => {
+    const child = spawn(
+      process.execPath,
+      ["--experimental-strip-types", "--no-warnings", program, ...(options.args ?? [])],
+      {
+        env: { PATH: process.env.PATH ?? "", LOG_FORMAT: "json", ...options.env },
+        stdio: [options.stdin === undefined ? "ignore" : "pipe", "pipe", "pipe"]
+      }
+    )
+    let stdout = ""
+    let stderr = ""
+    child.stdout.on("data", (chunk) => {
+      stdout += chunk
+    })
+    child.stderr.on("data", (chunk) => {
+      stderr += chunk
+      if (child.pid !== undefined) options.onStderr?.(stderr, child.pid)
+    })
+    if (options.stdin !== undefined) child.stdin?.end(options.stdin)
+    const timer = setTimeout(() => child.kill("SIGKILL"), options.timeout ?? 60_000)
+    child.on("close", (exitCode) => {
+      clearTimeout(timer)
+      resume(Effect.succeed({ exitCode, stdout, stderr }))
+    })
+    return Effect.sync(() => child.kill("SIGKILL"))
+  })
+
+const event = (id: string, subject: string) =>
+  JSON.stringify({
+    id,
+    type: "order.created",
+    source: "test",
+    timestamp: "2026-11-27T10:00:00.000Z",
+    subject,
+    payload: { id }
+  })
+
+describe("node dist/producer.js", () => {
+  it.live("NDJSON on stdin: valid lines are sent, invalid ones reported by line number, exit code 1", () =>
+    Effect.gen(function* () {
+      const topic = uniqueName("program")
+      yield* createTopic(brokers, topic, 3)
+      const lines = [
+        event("e1", "order-1"),
+        "{not json",
+        event("e2", "order-1"),
+        JSON.stringify({ id: "e3", type: "order.paid", source: "test", timestamp: "yesterday", payload: {} }),
+        "",
+        event("e4", "order-2"),
+        JSON.stringify({ id: "e5", type: "order.paid", source: "test", timestamp: "2026-11-27T10:00:00Z" })
+      ]
+      const run = yield* runProgram({
+        env: { KAFKA_BROKERS: brokers, KAFKA_PRODUCER_TOPIC: topic },
+        stdin: `${lines.join("\n")}\n`
+      })
+
+      assert.strictEqual(run.exitCode, 1, run.stderr)
+      assert.match(run.stdout, /summary: sent 3, invalid 3, failed 0/)
+      assert.include(run.stderr, "line 2: invalid event")
+      assert.match(run.stderr, /line 4: invalid event: .*timestamp/)
+      assert.match(run.stderr, /line 7: invalid event: .*payload/)
+      const stored = yield* readTopic(brokers, topic)
+      assert.sameMembers(
+        stored.map((r) => JSON.parse(r.value ?? "{}").id),
+        ["e1", "e2", "e4"]
+      )
+      const first = stored.find((r) => r.key === "order-1" && JSON.parse(r.value ?? "{}").id === "e1")
+      const second = stored.find((r) => JSON.parse(r.value ?? "{}").id === "e2")
+      assert.isTrue(first !== undefined && second !== undefined && first.offset < second.offset, "order-1 in order")
+    })
+  )
+
+  it.live("all lines valid: exit code 0", () =>
+    Effect.gen(function* () {
+      const topic = uniqueName("program-ok")
+      yield* createTopic(brokers, topic, 1)
+      const run = yield* runProgram({
+        env: { KAFKA_BROKERS: brokers, KAFKA_PRODUCER_TOPIC: topic },
+        stdin: `${event("a", "s")}\n${event("b", "s")}\n`
+      })
+      assert.strictEqual(run.exitCode, 0, run.stderr)
+      assert.match(run.stdout, /summary: sent 2, invalid 0, failed 0/)
+      assert.lengthOf(yield* readTopic(brokers, topic), 2)
+    })
+  )
+
+  it.live("a bad environment variable stops start-up naming it, with exit code 2", () =>
+    Effect.gen(function* () {
+      const run = yield* runProgram({ env: { KAFKA_BROKERS: brokers, KAFKA_PRODUCER_ACKS: "2" }, stdin: "" })
+      assert.strictEqual(run.exitCode, 2)
+      assert.include(run.stderr, 'KAFKA_PRODUCER_ACKS is "2"; expected all (or -1), 1 (or leader), 0 (or none)')
+    })
+  )
+
+  it.live(
+    "generated events until SIGTERM: flushes, prints the summary, exits 0, and every counted send is stored",
+    () =>
+      Effect.gen(function* () {
+        const topic = uniqueName("program-sigterm")
+        yield* createTopic(brokers, topic, 3)
+        const signalled = yield* Deferred.make<void>()
+        const run = yield* runProgram({
+          args: ["--count", "0", "--rate", "2000"],
+          env: { KAFKA_BROKERS: brokers, KAFKA_PRODUCER_TOPIC: topic },
+          // The first progress line means events are flowing: stop it then.
+          onStderr: (soFar, pid) => {
+            if (soFar.includes("progress: sent") && Deferred.doneUnsafe(signalled, Effect.void)) {
+              process.kill(pid, "SIGTERM")
+            }
+          }
+        })
+        assert.strictEqual(run.exitCode, 0, run.stderr)
+        const sent = Number(/summary: sent (\d+), invalid 0, failed 0/.exec(run.stdout)?.[1] ?? Number.NaN)
+        assert.isAbove(sent, 0)
+        assert.lengthOf(yield* readTopic(brokers, topic), sent, "what the summary counts is what the topic holds")
+      })
+  )
+})
