@@ -40,10 +40,10 @@ const runProgram = (options: {
     )
     let stdout = ""
     let stderr = ""
-    child.stdout.on("data", (chunk) => {
+    child.stdout?.on("data", (chunk) => {
       stdout += chunk
     })
-    child.stderr.on("data", (chunk) => {
+    child.stderr?.on("data", (chunk) => {
       stderr += chunk
       if (child.pid !== undefined) options.onStderr?.(stderr, child.pid)
     })
