@@ -223,10 +223,13 @@ export const retryConnect = <A, R>(
 ): Effect.Effect<A, KafkaError, R> =>
   Effect.retry(connect, {
     schedule: schedule.pipe(
+      // The schedule steps before `while` is asked, so a non-retriable error must not be logged as a retry.
       Schedule.tap(({ attempt, duration, input }: Schedule.Metadata<Duration.Duration, KafkaError>) =>
-        Effect.logWarning(
-          `Kafka not reachable (attempt ${attempt}): ${input.message}; retrying in ${Duration.format(duration)}`
-        )
+        input.retriable
+          ? Effect.logWarning(
+              `Kafka not reachable (attempt ${attempt}): ${input.message}; retrying in ${Duration.format(duration)}`
+            )
+          : Effect.void
       )
     ),
     while: (error: KafkaError) => error.retriable

@@ -1,13 +1,10 @@
-import { execFile } from "node:child_process"
 import * as Fs from "node:fs"
-import * as Os from "node:os"
-import * as Path from "node:path"
-import { promisify } from "node:util"
 import { afterAll, assert, beforeAll, describe, it } from "@effect/vitest"
 import { Duration, Effect, Exit, Scope } from "effect"
 import { type Kafka, KafkaJSSASLAuthenticationError, type SASLOptions } from "kafkajs"
 import * as Broker from "../../scripts/kafka/broker.ts"
 import { testKafka, uniqueName } from "../support/smoke.ts"
+import { otherCaFile } from "../support/tls.ts"
 
 const alice = { username: "alice", password: "alice-secret" }
 
@@ -60,34 +57,8 @@ const createAndListTopic = (kafka: Kafka) =>
     return { topic, listed: yield* Effect.promise(() => admin.listTopics()) }
   })
 
-/** A CA the broker's certificate was not signed by, in a directory removed with the scope. */
-const otherCa = Effect.gen(function* () {
-  const dir = yield* Effect.acquireRelease(
-    Effect.sync(() => Fs.mkdtempSync(Path.join(Os.tmpdir(), "kafka-effect-other-ca-"))),
-    (dir) => Effect.sync(() => Fs.rmSync(dir, { recursive: true, force: true }))
-  )
-  const pem = Path.join(dir, "ca.pem")
-  yield* Effect.promise(() =>
-    promisify(execFile)("openssl", [
-      "req",
-      "-x509",
-      "-newkey",
-      "ec",
-      "-pkeyopt",
-      "ec_paramgen_curve:prime256v1",
-      "-nodes",
-      "-days",
-      "1",
-      "-subj",
-      "/CN=some other CA",
-      "-keyout",
-      Path.join(dir, "ca.key"),
-      "-out",
-      pem
-    ])
-  )
-  return Fs.readFileSync(pem, "utf8")
-})
+/** A CA the broker's certificate was not signed by, as PEM. */
+const otherCa = Effect.map(otherCaFile, (file) => Fs.readFileSync(file, "utf8"))
 
 describe("scripts/kafka/broker: SASL and TLS listeners", () => {
   it.live.each(aliceWith(alice.password))("$mechanism with the right password creates and lists a topic", (sasl) =>
