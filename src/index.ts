@@ -1,1 +1,5 @@
 export * as KafkaConfig from "./Config.ts"
+export * as Event from "./Event.ts"
+export * as KafkaClient from "./KafkaClient.ts"
+export * as KafkaProducer from "./KafkaProducer.ts"
+export * as Observability from "./Observability.ts"

@@ -26,7 +26,8 @@ const usage = `usage: node dist/producer.js [--generate] [--count N] [--rate N] 
   --count N       how many to generate (default 1000; 0 = until stopped)
   --rate N        events per second to generate (default 100; 0 = as fast as possible)
   --subjects N    distinct subjects (Kafka keys) of generated events (default 100)
-  --source NAME   the source field of generated events (default kafka-effect-producer)`
+  --source NAME   the source field of generated events (default kafka-effect-producer)
+  --create-topic  create KAFKA_PRODUCER_TOPIC first if it does not exist, with --partitions N (default 6)`
 
 interface Options {
   readonly generate: boolean
@@ -34,6 +35,8 @@ interface Options {
   readonly rate: number
   readonly subjects: number
   readonly source: string
+  readonly createTopic: boolean
+  readonly partitions: number
 }
 
 const parseOptions = (argv: ReadonlyArray<string>): Effect.Effect<Options, ProgramFailed> =>
@@ -47,6 +50,8 @@ const parseOptions = (argv: ReadonlyArray<string>): Effect.Effect<Options, Progr
           rate: { type: "string", default: "100" },
           subjects: { type: "string", default: "100" },
           source: { type: "string", default: "kafka-effect-producer" },
+          "create-topic": { type: "boolean", default: false },
+          partitions: { type: "string", default: "6" },
           help: { type: "boolean", default: false }
         }
       })
@@ -61,7 +66,9 @@ const parseOptions = (argv: ReadonlyArray<string>): Effect.Effect<Options, Progr
         count: whole("count", values.count, 0),
         rate: whole("rate", values.rate, 0),
         subjects: whole("subjects", values.subjects, 1),
-        source: values.source
+        source: values.source,
+        createTopic: values["create-topic"],
+        partitions: whole("partitions", values.partitions, 1)
       }
     },
     catch: (cause) =>
@@ -188,6 +195,14 @@ export const main = (argv: ReadonlyArray<string>) =>
       return t
     })
 
+    if (options.createTopic) {
+      const client = yield* KafkaClient.KafkaClient
+      const created = yield* client.admin.createTopics([
+        { topic: producerConfig.topic, partitions: options.partitions }
+      ])
+      if (created.length > 0)
+        yield* Effect.logInfo(`created topic ${producerConfig.topic} with ${options.partitions} partitions`)
+    }
     const mode = !options.generate && stdinHasData() ? "stdin" : "generate"
     yield* Effect.logInfo(
       mode === "stdin"

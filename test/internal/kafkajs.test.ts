@@ -1,0 +1,89 @@
+import { assert, describe, it } from "@effect/vitest"
+import { Effect } from "effect"
+import {
+  KafkaJSConnectionError,
+  KafkaJSNumberOfRetriesExceeded,
+  KafkaJSProtocolError,
+  KafkaJSRequestTimeoutError,
+  KafkaJSSASLAuthenticationError
+} from "kafkajs"
+import { reasonOf } from "../../src/internal/kafkajs.ts"
+
+// kafkajs' error classes, built as kafkajs builds them, mapped to our reasons.
+const connectionError = (message: string, code?: string) =>
+  new KafkaJSConnectionError(message, { broker: "127.0.0.1:9092", ...(code && { code }) } as never)
+
+describe("kafkajs errors → KafkaError reasons", () => {
+  it.effect("a refused connection is ConnectionFailed (retriable)", () =>
+    Effect.sync(() => {
+      const reason = reasonOf(connectionError("Connection error: connect ECONNREFUSED", "ECONNREFUSED"), "b:9092")
+      assert.strictEqual(reason._tag, "ConnectionFailed")
+    })
+  )
+
+  it.effect("a certificate problem, even wrapped in 'retries exceeded', is TlsFailed", () =>
+    Effect.sync(() => {
+      const inner = connectionError(
+        "Connection error: self-signed certificate in certificate chain",
+        "SELF_SIGNED_CERT_IN_CHAIN"
+      )
+      const wrapped = new KafkaJSNumberOfRetriesExceeded(inner, { retryCount: 0, retryTime: 100 })
+      assert.strictEqual(reasonOf(wrapped, "b:9093")._tag, "TlsFailed")
+    })
+  )
+
+  it.effect("SASL authentication errors are AuthenticationFailed", () =>
+    Effect.sync(() => {
+      // kafkajs types this constructor without arguments; at run time it takes the message like the others.
+      const reason = reasonOf(
+        Reflect.construct(KafkaJSSASLAuthenticationError, ["SASL SCRAM SHA256 authentication failed"]),
+        "b"
+      )
+      assert.strictEqual(reason._tag, "AuthenticationFailed")
+    })
+  )
+
+  it.effect("request timeouts are RequestTimedOut", () =>
+    Effect.sync(() => {
+      assert.strictEqual(
+        reasonOf(new KafkaJSRequestTimeoutError("Request Produce timed out"), "b")._tag,
+        "RequestTimedOut"
+      )
+    })
+  )
+
+  it.effect("protocol errors keep Kafka's error name and retriability", () =>
+    Effect.sync(() => {
+      const retriable = reasonOf(
+        new KafkaJSProtocolError({
+          type: "NOT_LEADER_OR_FOLLOWER",
+          code: 6,
+          retriable: true,
+          message: "moved"
+        } as never),
+        "b"
+      )
+      assert.deepStrictEqual(
+        retriable._tag === "BrokerError" && { type: retriable.type, retriable: retriable.retriable },
+        { type: "NOT_LEADER_OR_FOLLOWER", retriable: true }
+      )
+      const fatal = reasonOf(
+        new KafkaJSProtocolError({
+          type: "MESSAGE_TOO_LARGE",
+          code: 10,
+          retriable: false,
+          message: "too big"
+        } as never),
+        "b"
+      )
+      assert.isTrue(fatal._tag === "BrokerError" && !fatal.retriable)
+    })
+  )
+
+  it.effect("anything else is ClientFailed with kafkajs' retriable flag", () =>
+    Effect.sync(() => {
+      const reason = reasonOf(new Error("boom"), "b")
+      assert.isTrue(reason._tag === "ClientFailed" && !reason.retriable)
+    })
+  )
+})
