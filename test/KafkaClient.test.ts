@@ -1,5 +1,5 @@
 import { assert, describe, it } from "@effect/vitest"
-import { Clock, Duration, Effect, Fiber, Ref } from "effect"
+import { Clock, Duration, Effect, Fiber, Logger, Ref } from "effect"
 import { TestClock } from "effect/testing"
 import * as KafkaClient from "../src/KafkaClient.ts"
 
@@ -25,6 +25,17 @@ const attempts = (error: KafkaClient.KafkaError, failures: number) =>
     return { connect, times: Ref.get(times) }
   })
 
+/** Runs `effect` with a logger that keeps the messages, and returns them with its result. */
+const withLogs = <A, E>(effect: Effect.Effect<A, E>) =>
+  Effect.gen(function* () {
+    const messages: Array<string> = []
+    const logger = Logger.make(({ message }) => {
+      messages.push((Array.isArray(message) ? message : [message]).map(String).join(" "))
+    })
+    const result = yield* effect.pipe(Effect.provide(Logger.layer([logger])))
+    return { result, messages }
+  })
+
 describe("KafkaClient.reconnectSchedule", () => {
   it.effect("waits for the broker: exponential delays, jittered within 80–120 %, capped", () =>
     Effect.gen(function* () {
@@ -32,11 +43,17 @@ describe("KafkaClient.reconnectSchedule", () => {
       const max = Duration.millis(1000)
       const { connect, times } = yield* attempts(unreachable, 8)
       const fiber = yield* Effect.forkChild(
-        KafkaClient.retryConnect(connect, KafkaClient.reconnectSchedule({ initial, max }))
+        withLogs(KafkaClient.retryConnect(connect, KafkaClient.reconnectSchedule({ initial, max })))
       )
       // Virtual time moves in 5 ms steps: each attempt is seen within 5 ms of its due time.
       for (let step = 0; step < 2000 && fiber.pollUnsafe() === undefined; step++) yield* TestClock.adjust("5 millis")
-      assert.strictEqual(yield* Fiber.join(fiber), "connected")
+      const { result, messages } = yield* Fiber.join(fiber)
+      assert.strictEqual(result, "connected")
+      assert.strictEqual(messages.length, 8, "each failed attempt is logged")
+      assert.match(
+        messages[0] ?? "",
+        /^Kafka not reachable \(attempt 1\): connect failed \(ConnectionFailed, retriable\): ECONNREFUSED; retrying in \d+ms/
+      )
 
       const at = yield* times
       assert.strictEqual(at.length, 9, "eight failures, then the ninth attempt connects")
@@ -58,12 +75,15 @@ describe("KafkaClient.reconnectSchedule", () => {
   it.effect("an authentication failure is not retried", () =>
     Effect.gen(function* () {
       const { connect, times } = yield* attempts(badPassword, 100)
-      const error = yield* Effect.flip(
-        KafkaClient.retryConnect(
-          connect,
-          KafkaClient.reconnectSchedule({ initial: Duration.millis(100), max: Duration.seconds(1) })
+      const { result: error, messages } = yield* withLogs(
+        Effect.flip(
+          KafkaClient.retryConnect(
+            connect,
+            KafkaClient.reconnectSchedule({ initial: Duration.millis(100), max: Duration.seconds(1) })
+          )
         )
       )
+      assert.deepStrictEqual(messages, [], "not logged as a reconnect attempt")
       assert.strictEqual(error.reason._tag, "AuthenticationFailed")
       assert.isFalse(error.retriable)
       assert.strictEqual((yield* times).length, 1)
