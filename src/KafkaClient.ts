@@ -17,7 +17,7 @@
  * }).pipe(Effect.provide(KafkaClient.layerConfig))
  * ```
  */
-import { Context, Duration, Effect, Layer, Schedule, Schema, type Scope } from "effect"
+import { Context, Duration, Effect, Layer, Schedule, Schema, type Scope, type Stream } from "effect"
 import * as KafkaConfig from "./Config.ts"
 import * as KafkaJS from "./internal/kafkajs.ts"
 
@@ -185,6 +185,98 @@ export interface ProducerConnection {
   readonly send: (records: ReadonlyArray<ProducerRecord>) => Effect.Effect<ReadonlyArray<RecordMetadata>, KafkaError>
 }
 
+export interface TopicPartition {
+  readonly topic: string
+  readonly partition: number
+}
+
+export interface TopicPartitionOffset extends TopicPartition {
+  /** for a commit: the next offset to read, one past the last record finished */
+  readonly offset: bigint
+}
+
+/** A record as a consumer reads it. */
+export interface ConsumedRecord {
+  readonly topic: string
+  readonly partition: number
+  readonly offset: bigint
+  readonly key: Uint8Array | null
+  readonly value: Uint8Array | null
+  readonly headers: Readonly<Record<string, Uint8Array>>
+  /** epoch milliseconds */
+  readonly timestamp: number
+}
+
+/** Records of one partition, in offset order, as one fetch returned them. */
+export interface ConsumerBatch {
+  readonly topic: string
+  readonly partition: number
+  /** never empty */
+  readonly records: ReadonlyArray<ConsumedRecord>
+  /** the partition's high watermark when fetched: `highWatermark - 1 - last offset` records remain (the lag) */
+  readonly highWatermark: bigint
+}
+
+/** What a batch handler can do while it runs. */
+export interface BatchSession {
+  /** tells the group this member is alive; call it during long work (it is cheap when not due) */
+  readonly heartbeat: Effect.Effect<void, KafkaError>
+  /** true once a rebalance is pending: the member should finish quickly so the group can move on */
+  readonly isStale: Effect.Effect<boolean>
+  /** false once the consumer is stopping */
+  readonly isRunning: Effect.Effect<boolean>
+}
+
+/**
+ * Handles one batch. The consumer moves its position past the batch when the handler returns; it calls the handler
+ * for a partition again only after the previous call for that partition returned. Errors are the caller's to handle:
+ * the handler cannot fail.
+ */
+export type BatchHandler = (batch: ConsumerBatch, session: BatchSession) => Effect.Effect<void>
+
+/** This member's partitions after it joined (or rejoined) its group. */
+export interface Assignment {
+  readonly generation: number
+  readonly partitions: ReadonlyArray<TopicPartition>
+}
+
+export interface ConsumerOptions {
+  readonly groupId: string
+  readonly topics: ReadonlyArray<string>
+  /** where a partition without a committed offset starts: its first record (true) or its end (false) */
+  readonly fromBeginning: boolean
+  readonly fetchMinBytes?: number | undefined
+  readonly fetchMaxBytes?: number | undefined
+  /** how long the broker may hold a fetch to gather fetchMinBytes */
+  readonly fetchMaxWait?: Duration.Duration | undefined
+  readonly sessionTimeout?: Duration.Duration | undefined
+  readonly heartbeatInterval?: Duration.Duration | undefined
+  /** how many partitions' batches may be handled at the same time. Default 1 */
+  readonly partitionsConsumedConcurrently?: number | undefined
+}
+
+/**
+ * A group member for the life of the scope. Commits are manual. A rebalance waits for running batch handlers to
+ * return (kafkajs has no revoke callback), so work for a partition kept inside its handler is never lost to one.
+ * After a rebalance each partition restarts from its committed offset: batches handled but not committed are
+ * delivered again (at-least-once).
+ */
+export interface ConsumerConnection {
+  /** Joins the group and starts handling batches in the background until the scope closes; succeeds once started. */
+  readonly run: (handle: BatchHandler) => Effect.Effect<void, KafkaError>
+  /** Commits offsets for this group. Kafka checks the member's generation, not which partitions it owns. */
+  readonly commit: (offsets: ReadonlyArray<TopicPartitionOffset>) => Effect.Effect<void, KafkaError>
+  /** Stops fetching the partitions (a running handler finishes); `resume` starts again from the position. */
+  readonly pause: (partitions: ReadonlyArray<TopicPartition>) => Effect.Effect<void>
+  readonly resume: (partitions: ReadonlyArray<TopicPartition>) => Effect.Effect<void>
+  /** the current assignment (generation 0 and no partitions before the first join) */
+  readonly assignment: Effect.Effect<Assignment>
+  /** every assignment from now on, the current one first */
+  readonly assignments: Stream.Stream<Assignment>
+  /** fails when the member stopped for good (a fatal client error); never succeeds */
+  readonly crashed: Effect.Effect<never, KafkaError>
+}
+
 export class KafkaClient extends Context.Service<
   KafkaClient,
   {
@@ -193,6 +285,8 @@ export class KafkaClient extends Context.Service<
     readonly admin: Admin
     /** A producer connection for the life of the scope; disconnected when the scope closes. */
     readonly producer: (options: ProducerOptions) => Effect.Effect<ProducerConnection, KafkaError, Scope.Scope>
+    /** A consumer group member for the life of the scope; it leaves the group when the scope closes. */
+    readonly consumer: (options: ConsumerOptions) => Effect.Effect<ConsumerConnection, KafkaError, Scope.Scope>
   }
 >()("kafka-effect/KafkaClient") {}
 

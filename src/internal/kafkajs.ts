@@ -2,11 +2,13 @@
  * The kafkajs adapter behind `KafkaClient.layerKafkaJS`. Users depend on the port, not on this file.
  */
 import * as Fs from "node:fs"
-import { Duration, Effect, Option, Redacted, type Schedule } from "effect"
+import { Deferred, Duration, Effect, Option, Redacted, type Schedule, type Scope, SubscriptionRef } from "effect"
 import type * as LogLevel from "effect/LogLevel"
 import {
+  type IHeaders,
   Kafka,
   type Admin as KafkaJSAdmin,
+  type Batch as KafkaJSBatch,
   type KafkaConfig as KafkaJSConfig,
   logLevel as KafkaJSLogLevel,
   type LogEntry,
@@ -172,7 +174,7 @@ export const make = (
     connect: Effect.Effect<A, KafkaClient.KafkaError, R>,
     schedule: Schedule.Schedule<Duration.Duration>
   ) => Effect.Effect<A, KafkaClient.KafkaError, R>
-): Effect.Effect<KafkaClient.KafkaClient["Service"], KafkaClient.KafkaError, import("effect").Scope.Scope> =>
+): Effect.Effect<KafkaClient.KafkaClient["Service"], KafkaClient.KafkaError, Scope.Scope> =>
   Effect.gen(function* () {
     const brokers = connection.brokers.join(",")
     const context = yield* Effect.context<never>()
@@ -337,7 +339,98 @@ export const make = (
         return { send } satisfies KafkaClient.ProducerConnection
       })
 
-    return KafkaClient.KafkaClient.of({ brokers: connection.brokers, admin: adminPort, producer })
+    const consumer = (options: KafkaClient.ConsumerOptions) =>
+      Effect.gen(function* () {
+        const firstTopic = options.topics.length === 1 ? options.topics[0] : undefined
+        const assignment = yield* SubscriptionRef.make<KafkaClient.Assignment>({ generation: 0, partitions: [] })
+        const crashed = yield* Deferred.make<never, KafkaClient.KafkaError>()
+        const client = kafka.consumer({
+          groupId: options.groupId,
+          allowAutoTopicCreation: false,
+          ...(options.sessionTimeout && { sessionTimeout: Duration.toMillis(options.sessionTimeout) }),
+          ...(options.heartbeatInterval && { heartbeatInterval: Duration.toMillis(options.heartbeatInterval) }),
+          ...(options.fetchMinBytes !== undefined && { minBytes: options.fetchMinBytes }),
+          ...(options.fetchMaxBytes !== undefined && {
+            maxBytes: options.fetchMaxBytes,
+            maxBytesPerPartition: options.fetchMaxBytes
+          }),
+          ...(options.fetchMaxWait && { maxWaitTimeInMs: Duration.toMillis(options.fetchMaxWait) }),
+          // kafkajs restarting itself would hide the crash from the Consumer, whose Schedule restarts it instead.
+          retry: { retries: 5, initialRetryTime: 100, maxRetryTime: 2_000, restartOnFailure: async () => false }
+        })
+        let joins = 0
+        client.on(client.events.GROUP_JOIN, ({ payload }) => {
+          joins++
+          const partitions = Object.entries(payload.memberAssignment).flatMap(([topic, list]) =>
+            list.map((partition) => ({ topic, partition }))
+          )
+          runLog(SubscriptionRef.set(assignment, { generation: joins, partitions }))
+        })
+        client.on(client.events.CRASH, ({ payload }) => {
+          if (!payload.restart) {
+            const error = new KafkaClient.KafkaError({
+              operation: "consume",
+              ...(firstTopic !== undefined && { topic: firstTopic }),
+              reason: reasonOf(payload.error, brokers)
+            })
+            runLog(Effect.asVoid(Deferred.fail(crashed, error)))
+          }
+        })
+        yield* Effect.acquireRelease(
+          retryConnect(
+            attempt(brokers, "connect consumer", () => client.connect()),
+            schedule
+          ),
+          // disconnect stops fetching, waits for running batch handlers, and leaves the group.
+          () => Effect.promise(() => client.disconnect().catch(() => undefined))
+        )
+        yield* attempt(
+          brokers,
+          "subscribe",
+          () => client.subscribe({ topics: [...options.topics], fromBeginning: options.fromBeginning }),
+          { topic: firstTopic }
+        )
+        const run = (handle: KafkaClient.BatchHandler) =>
+          attempt(brokers, "consumer run", () =>
+            client.run({
+              autoCommit: false,
+              eachBatchAutoResolve: true,
+              partitionsConsumedConcurrently: options.partitionsConsumedConcurrently ?? 1,
+              eachBatch: async ({ batch, heartbeat, isStale, isRunning }) => {
+                if (batch.isEmpty()) return
+                await Effect.runPromiseWith(context)(
+                  handle(toConsumerBatch(batch), {
+                    heartbeat: attempt(brokers, "heartbeat", heartbeat),
+                    isStale: Effect.sync(isStale),
+                    isRunning: Effect.sync(isRunning)
+                  })
+                )
+              }
+            })
+          )
+        const commit = (offsets: ReadonlyArray<KafkaClient.TopicPartitionOffset>) =>
+          attempt(brokers, "commit", () =>
+            client.commitOffsets(
+              offsets.map(({ topic, partition, offset }) => ({ topic, partition, offset: offset.toString() }))
+            )
+          )
+        const byTopic = (partitions: ReadonlyArray<KafkaClient.TopicPartition>) => {
+          const topics = new Map<string, Array<number>>()
+          for (const { topic, partition } of partitions) topics.set(topic, [...(topics.get(topic) ?? []), partition])
+          return [...topics].map(([topic, list]) => ({ topic, partitions: list }))
+        }
+        return {
+          run,
+          commit,
+          pause: (partitions) => Effect.sync(() => client.pause(byTopic(partitions))),
+          resume: (partitions) => Effect.sync(() => client.resume(byTopic(partitions))),
+          assignment: SubscriptionRef.get(assignment),
+          assignments: SubscriptionRef.changes(assignment),
+          crashed: Deferred.await(crashed)
+        } satisfies KafkaClient.ConsumerConnection
+      })
+
+    return KafkaClient.KafkaClient.of({ brokers: connection.brokers, admin: adminPort, producer, consumer })
   })
 
 const toBuffer = (value: string | Uint8Array | null): Buffer | null =>
@@ -348,3 +441,28 @@ const toKafkaJSHeaders = (headers: KafkaClient.Headers) => {
   for (const [name, value] of Object.entries(headers)) out[name] = toBuffer(value) ?? Buffer.alloc(0)
   return out
 }
+
+const lastHeaderValue = (value: IHeaders[string]): Uint8Array => {
+  // Kafka allows a header name more than once; kafkajs gives an array then. The last one wins, as lastHeader().
+  const last = Array.isArray(value) ? value.at(-1) : value
+  return last === undefined ? new Uint8Array(0) : typeof last === "string" ? Buffer.from(last, "utf8") : last
+}
+
+const toConsumerBatch = (batch: KafkaJSBatch): KafkaClient.ConsumerBatch => ({
+  topic: batch.topic,
+  partition: batch.partition,
+  highWatermark: BigInt(batch.highWatermark),
+  records: batch.messages.map((message) => {
+    const headers: Record<string, Uint8Array> = {}
+    for (const [name, value] of Object.entries(message.headers ?? {})) headers[name] = lastHeaderValue(value)
+    return {
+      topic: batch.topic,
+      partition: batch.partition,
+      offset: BigInt(message.offset),
+      key: message.key ?? null,
+      value: message.value ?? null,
+      headers,
+      timestamp: Number(message.timestamp)
+    }
+  })
+})

@@ -62,7 +62,8 @@ export const make = Effect.gen(function* () {
       fetchTopicOffsets: () => unsupported("fetch topic offsets"),
       fetchCommittedOffsets: () => unsupported("fetch committed offsets")
     },
-    producer: () => Effect.acquireRelease(Effect.as(note("connect"), { send }), () => note("disconnect"))
+    producer: () => Effect.acquireRelease(Effect.as(note("connect"), { send }), () => note("disconnect")),
+    consumer: () => unsupported("consumer")
   })
   return {
     client,
