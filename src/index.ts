@@ -1,5 +1,6 @@
 export * as KafkaConfig from "./Config.ts"
 export * as Event from "./Event.ts"
+export * as InMemoryKafka from "./InMemoryKafka.ts"
 export * as KafkaClient from "./KafkaClient.ts"
 export * as KafkaProducer from "./KafkaProducer.ts"
 export * as Observability from "./Observability.ts"

@@ -1,0 +1,301 @@
+/**
+ * The KafkaClient contract: one set of behaviours, run against `InMemoryKafka.layer` and against
+ * `KafkaClient.layerKafkaJS` on a real broker, so the fake cannot drift from Kafka where tests rely on it.
+ *
+ * Where the fake cannot match the broker exactly — when a rebalance happens, how long it takes — a test states the
+ * weaker property both must meet ("eventually the members' assignments split the partitions"), with a bound on how
+ * long the real broker may take.
+ */
+import { assert, describe, it } from "@effect/vitest"
+import { Deferred, Duration, Effect, Exit, type Layer, Option, type Scope, Stream } from "effect"
+import { partitionForKey } from "../../src/internal/murmur2.ts"
+import * as KafkaClient from "../../src/KafkaClient.ts"
+import { uniqueName } from "../support/kafka.ts"
+
+const text = (bytes: Uint8Array | null) => (bytes === null ? null : new TextDecoder().decode(bytes))
+
+/** How long the real broker may take for a group to form or rebalance; the in-memory one takes no time. */
+const groupTimeout = Duration.seconds(45)
+
+const withinGroupTimeout = <A, E, R>(what: string, effect: Effect.Effect<A, E, R>) =>
+  effect.pipe(
+    Effect.timeoutOrElse({
+      duration: groupTimeout,
+      orElse: () => Effect.die(new Error(`timed out waiting for ${what}`))
+    })
+  )
+
+/** Settings that make a real group react in well under a second; the in-memory broker ignores them. */
+const consumerOptions = (groupId: string, topics: ReadonlyArray<string>, fromBeginning = true) =>
+  ({
+    groupId,
+    topics,
+    fromBeginning,
+    sessionTimeout: Duration.seconds(10),
+    heartbeatInterval: Duration.millis(300),
+    fetchMaxWait: Duration.millis(100),
+    partitionsConsumedConcurrently: 4
+  }) satisfies KafkaClient.ConsumerOptions
+
+const createTopic = (partitions: number, prefix = "contract") =>
+  Effect.gen(function* () {
+    const client = yield* KafkaClient.KafkaClient
+    const topic = uniqueName(prefix)
+    yield* client.admin.createTopics([{ topic, partitions }])
+    return topic
+  })
+
+const send = (records: ReadonlyArray<KafkaClient.ProducerRecord>) =>
+  Effect.gen(function* () {
+    const client = yield* KafkaClient.KafkaClient
+    const producer = yield* client.producer({ idempotent: true, acks: -1 })
+    return yield* producer.send(records)
+  }).pipe(Effect.scoped)
+
+/** A group member that keeps every record it handles; `received(n)` waits until it has at least n. */
+const collector = (
+  options: KafkaClient.ConsumerOptions,
+  onBatch?: (batch: KafkaClient.ConsumerBatch) => Effect.Effect<void>
+) =>
+  Effect.gen(function* () {
+    const client = yield* KafkaClient.KafkaClient
+    const consumer = yield* client.consumer(options)
+    const seen: Array<KafkaClient.ConsumedRecord> = []
+    let waiters: Array<{ readonly count: number; readonly done: Deferred.Deferred<void> }> = []
+    yield* consumer.run((batch) =>
+      Effect.gen(function* () {
+        seen.push(...batch.records)
+        if (onBatch) yield* onBatch(batch)
+        // Update the list before waking anyone: a woken waiter may register the next one at once.
+        const ready = waiters.filter((waiter) => seen.length >= waiter.count)
+        waiters = waiters.filter((waiter) => seen.length < waiter.count)
+        for (const waiter of ready) Deferred.doneUnsafe(waiter.done, Effect.void)
+      })
+    )
+    const received = (count: number) =>
+      Effect.gen(function* () {
+        if (seen.length >= count) return seen
+        // Made and registered in one step: no batch can slip between the check above and the registration.
+        const done = Deferred.makeUnsafe<void>()
+        waiters.push({ count, done })
+        yield* withinGroupTimeout(`${count} records (have ${seen.length})`, Deferred.await(done))
+        return seen
+      })
+    return { consumer, seen, received }
+  })
+
+/** Waits until the member's assignment satisfies `predicate`. */
+const assignmentWhere = (
+  consumer: KafkaClient.ConsumerConnection,
+  what: string,
+  predicate: (assignment: KafkaClient.Assignment) => boolean
+) =>
+  withinGroupTimeout(
+    what,
+    consumer.assignments.pipe(Stream.filter(predicate), Stream.runHead, Effect.map(Option.getOrThrow))
+  )
+
+const partitionsOf = (assignment: KafkaClient.Assignment) => assignment.partitions.map((tp) => tp.partition).sort()
+
+export const contractSuite = (name: string, layer: () => Layer.Layer<KafkaClient.KafkaClient, unknown>) =>
+  describe(`KafkaClient contract: ${name}`, () => {
+    const test = (title: string, body: Effect.Effect<void, unknown, KafkaClient.KafkaClient | Scope.Scope>) =>
+      it.live(title, () => body.pipe(Effect.scoped, Effect.provide(layer())), 120_000)
+
+    test(
+      "records of a partition are delivered in offset order, each once",
+      Effect.gen(function* () {
+        const topic = yield* createTopic(1)
+        yield* send(Array.from({ length: 100 }, (_, i) => ({ topic, key: null, value: `v${i}` })))
+        const { received } = yield* collector(consumerOptions(uniqueName("order"), [topic]))
+        const records = yield* received(100)
+        assert.deepStrictEqual(
+          records.map((r) => r.offset),
+          Array.from({ length: 100 }, (_, i) => BigInt(i))
+        )
+        assert.deepStrictEqual(
+          records.map((r) => text(r.value)),
+          Array.from({ length: 100 }, (_, i) => `v${i}`)
+        )
+      })
+    )
+
+    test(
+      "a key lands on murmur2's partition for it, and send reports where each record landed",
+      Effect.gen(function* () {
+        const topic = yield* createTopic(6)
+        const records = Array.from({ length: 200 }, (_, i) => ({ topic, key: `key-${i % 37}`, value: `v${i}` }))
+        const metadata = yield* send(records)
+        metadata.forEach((m, i) => {
+          assert.strictEqual(m.partition, partitionForKey(`key-${i % 37}`, 6), `record ${i}`)
+        })
+        const { received } = yield* collector(consumerOptions(uniqueName("keys"), [topic]))
+        const consumed = yield* received(200)
+        for (const record of consumed) {
+          const index = Number(text(record.value)?.slice(1))
+          assert.strictEqual(record.partition, metadata[index]?.partition)
+          assert.strictEqual(record.offset, metadata[index]?.offset)
+          assert.strictEqual(text(record.key), `key-${index % 37}`)
+        }
+      })
+    )
+
+    test(
+      "headers, null keys and null values round-trip",
+      Effect.gen(function* () {
+        const topic = yield* createTopic(1)
+        const binary = new Uint8Array([0, 1, 2, 253, 254, 255])
+        yield* send([
+          { topic, key: "k", value: "with headers", headers: { "x-text": "é ✓", "x-binary": binary, "x-empty": "" } },
+          { topic, key: null, value: "null key" },
+          { topic, key: "tombstone", value: null }
+        ])
+        const { received } = yield* collector(consumerOptions(uniqueName("headers"), [topic]))
+        const [first, second, third] = yield* received(3)
+        assert.strictEqual(text(first?.headers["x-text"] ?? null), "é ✓")
+        assert.deepStrictEqual([...(first?.headers["x-binary"] ?? [])], [...binary])
+        assert.strictEqual(first?.headers["x-empty"]?.length, 0)
+        assert.isNull(second?.key ?? null)
+        assert.strictEqual(text(second?.value ?? null), "null key")
+        assert.strictEqual(text(third?.key ?? null), "tombstone")
+        assert.isNull(third?.value)
+        assert.isAbove(first?.timestamp ?? 0, 0)
+      })
+    )
+
+    test(
+      "a restarted member resumes from the group's committed offset",
+      Effect.gen(function* () {
+        const topic = yield* createTopic(1)
+        const groupId = uniqueName("resume")
+        yield* send(Array.from({ length: 10 }, (_, i) => ({ topic, key: null, value: `v${i}` })))
+        yield* Effect.scoped(
+          Effect.gen(function* () {
+            const { consumer, received } = yield* collector(consumerOptions(groupId, [topic]))
+            yield* received(10)
+            yield* consumer.commit([{ topic, partition: 0, offset: 6n }])
+          })
+        )
+        const client = yield* KafkaClient.KafkaClient
+        const committed = yield* client.admin.fetchCommittedOffsets(groupId, topic)
+        assert.deepStrictEqual(committed, [{ partition: 0, offset: 6n }])
+        const { received } = yield* collector(consumerOptions(groupId, [topic]))
+        const records = yield* received(4)
+        assert.deepStrictEqual(
+          records.map((r) => r.offset),
+          [6n, 7n, 8n, 9n]
+        )
+      })
+    )
+
+    test(
+      "two members split the partitions, and the one that stays takes them all when the other leaves",
+      Effect.gen(function* () {
+        const topic = yield* createTopic(4)
+        const groupId = uniqueName("split")
+        const a = yield* collector(consumerOptions(groupId, [topic]))
+        yield* assignmentWhere(a.consumer, "a to own all 4 partitions", (x) => x.partitions.length === 4)
+        yield* Effect.scoped(
+          Effect.gen(function* () {
+            const b = yield* collector(consumerOptions(groupId, [topic]))
+            // Weaker than Kafka's timing, which both meet: eventually the two assignments split the partitions.
+            const ofB = yield* assignmentWhere(b.consumer, "b to get partitions", (x) => x.partitions.length > 0)
+            const ofA = yield* assignmentWhere(
+              a.consumer,
+              "a to give up b's partitions",
+              (x) => x.generation >= ofB.generation && x.partitions.length === 4 - ofB.partitions.length
+            )
+            assert.deepStrictEqual([...partitionsOf(ofA), ...partitionsOf(ofB)].sort(), [0, 1, 2, 3])
+          })
+        )
+        yield* assignmentWhere(a.consumer, "a to take all 4 back", (x) => x.partitions.length === 4)
+        yield* send([0, 1, 2, 3].map((partition) => ({ topic, key: null, value: `after-${partition}`, partition })))
+        const records = yield* a.received(4)
+        assert.includeMembers(
+          records.map((r) => text(r.value)),
+          ["after-0", "after-1", "after-2", "after-3"]
+        )
+      })
+    )
+
+    test(
+      "a paused partition delivers nothing until it is resumed; the others go on",
+      Effect.gen(function* () {
+        const topic = yield* createTopic(2)
+        const { consumer, seen, received } = yield* collector(consumerOptions(uniqueName("pause"), [topic]))
+        yield* assignmentWhere(consumer, "both partitions", (x) => x.partitions.length === 2)
+        yield* consumer.pause([{ topic, partition: 0 }])
+        yield* send([
+          { topic, key: null, value: "p0", partition: 0 },
+          { topic, key: null, value: "p1", partition: 1 }
+        ])
+        yield* received(1)
+        // The p1 record was produced after p0's: had partition 0 not been paused, p0 could have come too.
+        assert.deepStrictEqual(
+          seen.map((r) => text(r.value)),
+          ["p1"]
+        )
+        yield* consumer.resume([{ topic, partition: 0 }])
+        const records = yield* received(2)
+        assert.deepStrictEqual(
+          records.map((r) => text(r.value)),
+          ["p1", "p0"]
+        )
+      })
+    )
+
+    test(
+      "a member starting at the end (fromBeginning false) never sees older records",
+      Effect.gen(function* () {
+        const topic = yield* createTopic(1)
+        yield* send(Array.from({ length: 5 }, (_, i) => ({ topic, key: null, value: `old-${i}` })))
+        const { consumer, seen, received } = yield* collector(consumerOptions(uniqueName("latest"), [topic], false))
+        yield* assignmentWhere(consumer, "the partition", (x) => x.partitions.length === 1)
+        // The broker resolves "the end" when the member first fetches; keep producing until a new record arrives.
+        yield* withinGroupTimeout(
+          "a new record",
+          Effect.gen(function* () {
+            while (seen.length === 0) {
+              yield* send([{ topic, key: null, value: "new" }])
+              yield* received(1).pipe(Effect.timeoutOption("200 millis"))
+            }
+          })
+        )
+        assert.isTrue(
+          seen.every((r) => text(r.value) === "new"),
+          "only records produced after the member joined"
+        )
+      })
+    )
+
+    test(
+      "unknown topics fail with UnknownTopic, and creating an existing topic creates nothing",
+      Effect.gen(function* () {
+        const client = yield* KafkaClient.KafkaClient
+        const missing = uniqueName("missing")
+        const reasonOf = (exit: Exit.Exit<unknown, KafkaClient.KafkaError>) =>
+          Exit.isFailure(exit) ? Option.map(Exit.findErrorOption(exit), (e) => e.reason._tag) : Option.none()
+        assert.deepStrictEqual(
+          reasonOf(yield* Effect.exit(send([{ topic: missing, key: null, value: "x" }]))),
+          Option.some("UnknownTopic")
+        )
+        assert.deepStrictEqual(
+          reasonOf(yield* Effect.exit(client.admin.partitionCount(missing))),
+          Option.some("UnknownTopic")
+        )
+        const topic = yield* createTopic(3)
+        assert.strictEqual(yield* client.admin.partitionCount(topic), 3)
+        assert.deepStrictEqual(yield* client.admin.createTopics([{ topic, partitions: 3 }]), [])
+        assert.include(yield* client.admin.listTopics, topic)
+        const offsets = yield* client.admin.fetchTopicOffsets(topic)
+        assert.deepStrictEqual(
+          offsets.map((o) => [o.partition, o.high]),
+          [
+            [0, 0n],
+            [1, 0n],
+            [2, 0n]
+          ]
+        )
+      })
+    )
+  })
