@@ -56,6 +56,7 @@ interface Member {
   readonly paused: Set<string>
   /** partitions whose handler is running */
   readonly handling: Set<string>
+  /** the handler given to `run`, with the services of its caller */
   handler: KafkaClient.BatchHandler | undefined
   running: boolean
 }
@@ -412,9 +413,10 @@ export const make = (options: InMemoryKafkaOptions = {}) =>
           }
         })
 
-        const run = (handle: KafkaClient.BatchHandler) =>
+        const run = <R>(handle: KafkaClient.BatchHandler<R>) =>
           Effect.gen(function* () {
-            member.handler = handle
+            const services = yield* Effect.context<R>()
+            member.handler = (batch, session) => Effect.provideContext(handle(batch, session), services)
             member.running = true
             group.members.set(member.id, member)
             yield* rebalance(group)

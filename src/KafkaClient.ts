@@ -232,7 +232,7 @@ export interface BatchSession {
  * for a partition again only after the previous call for that partition returned. Errors are the caller's to handle:
  * the handler cannot fail.
  */
-export type BatchHandler = (batch: ConsumerBatch, session: BatchSession) => Effect.Effect<void>
+export type BatchHandler<R = never> = (batch: ConsumerBatch, session: BatchSession) => Effect.Effect<void, never, R>
 
 /** This member's partitions after it joined (or rejoined) its group. */
 export interface Assignment {
@@ -262,8 +262,11 @@ export interface ConsumerOptions {
  * delivered again (at-least-once).
  */
 export interface ConsumerConnection {
-  /** Joins the group and starts handling batches in the background until the scope closes; succeeds once started. */
-  readonly run: (handle: BatchHandler) => Effect.Effect<void, KafkaError>
+  /**
+   * Joins the group and starts handling batches in the background until the scope closes; succeeds once started.
+   * The handler runs with the services of the caller of `run`.
+   */
+  readonly run: <R>(handle: BatchHandler<R>) => Effect.Effect<void, KafkaError, R>
   /** Commits offsets for this group. Kafka checks the member's generation, not which partitions it owns. */
   readonly commit: (offsets: ReadonlyArray<TopicPartitionOffset>) => Effect.Effect<void, KafkaError>
   /** Stops fetching the partitions (a running handler finishes); `resume` starts again from the position. */

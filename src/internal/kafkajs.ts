@@ -390,23 +390,25 @@ export const make = (
           () => client.subscribe({ topics: [...options.topics], fromBeginning: options.fromBeginning }),
           { topic: firstTopic }
         )
-        const run = (handle: KafkaClient.BatchHandler) =>
-          attempt(brokers, "consumer run", () =>
-            client.run({
-              autoCommit: false,
-              eachBatchAutoResolve: true,
-              partitionsConsumedConcurrently: options.partitionsConsumedConcurrently ?? 1,
-              eachBatch: async ({ batch, heartbeat, isStale, isRunning }) => {
-                if (batch.isEmpty()) return
-                await Effect.runPromiseWith(context)(
-                  handle(toConsumerBatch(batch), {
-                    heartbeat: attempt(brokers, "heartbeat", heartbeat),
-                    isStale: Effect.sync(isStale),
-                    isRunning: Effect.sync(isRunning)
-                  })
-                )
-              }
-            })
+        const run = <R>(handle: KafkaClient.BatchHandler<R>) =>
+          Effect.flatMap(Effect.context<R>(), (callerContext) =>
+            attempt(brokers, "consumer run", () =>
+              client.run({
+                autoCommit: false,
+                eachBatchAutoResolve: true,
+                partitionsConsumedConcurrently: options.partitionsConsumedConcurrently ?? 1,
+                eachBatch: async ({ batch, heartbeat, isStale, isRunning }) => {
+                  if (batch.isEmpty()) return
+                  await Effect.runPromiseWith(callerContext)(
+                    handle(toConsumerBatch(batch), {
+                      heartbeat: attempt(brokers, "heartbeat", heartbeat),
+                      isStale: Effect.sync(isStale),
+                      isRunning: Effect.sync(isRunning)
+                    })
+                  )
+                }
+              })
+            )
           )
         const commit = (offsets: ReadonlyArray<KafkaClient.TopicPartitionOffset>) =>
           attempt(brokers, "commit", () =>
