@@ -202,11 +202,22 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
   return KafkaProducer.of({ send, sendAll, flush })
 })
 
-/** The KafkaProducer with explicit options. */
+/** The defaults of `layer`: the same as the environment's defaults (`KafkaConfig.producer`). */
+export const defaults: ProducerOptions = {
+  topic: "events",
+  acks: -1,
+  idempotent: true,
+  retries: 3,
+  linger: Duration.millis(5),
+  batchSize: 500,
+  queueCapacity: 10_000
+}
+
+/** The KafkaProducer with explicit options; what is left out takes its default (`defaults`). */
 export const layer = (
-  options: ProducerOptions
+  options: Partial<ProducerOptions> = {}
 ): Layer.Layer<KafkaProducer, KafkaClient.KafkaError, KafkaClient.KafkaClient> =>
-  Layer.effect(KafkaProducer, make(options))
+  Layer.effect(KafkaProducer, make({ ...defaults, ...options }))
 
 /** The KafkaProducer configured from the environment (`KafkaConfig.producer`). */
 export const layerConfig: Layer.Layer<

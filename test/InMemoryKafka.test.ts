@@ -138,15 +138,7 @@ describe("InMemoryKafka", () => {
     }).pipe(
       Effect.scoped,
       Effect.provide(
-        KafkaProducer.layer({
-          topic: "invoices",
-          acks: -1,
-          idempotent: true,
-          retries: 3,
-          linger: Duration.zero,
-          batchSize: 100,
-          queueCapacity: 1000
-        }).pipe(
+        KafkaProducer.layer({ linger: Duration.zero }).pipe(
           Layer.provideMerge(
             InMemoryKafka.layer({
               topics: [
