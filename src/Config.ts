@@ -94,6 +94,15 @@ export interface ConsumerConfig {
   readonly fetchMaxBytes: number
   readonly retryTopicPrefix: string
   readonly dlqTopic: string
+  /** most records queued or being handled; fetching waits beyond it */
+  readonly maxInFlight: number
+  readonly commitInterval: Duration.Duration
+  /** how long shutdown waits for in-flight handlers before it commits what finished */
+  readonly shutdownTimeout: Duration.Duration
+  /** where a partition without a committed offset starts: its first record (true) or its end */
+  readonly fromBeginning: boolean
+  readonly sessionTimeout: Duration.Duration
+  readonly heartbeatInterval: Duration.Duration
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -221,6 +230,12 @@ export const variables = [
   "KAFKA_CONSUMER_FETCH_MAX_BYTES",
   "KAFKA_RETRY_TOPIC_PREFIX",
   "KAFKA_DLQ_TOPIC",
+  "KAFKA_CONSUMER_MAX_IN_FLIGHT",
+  "KAFKA_CONSUMER_COMMIT_INTERVAL_MS",
+  "KAFKA_CONSUMER_SHUTDOWN_TIMEOUT_MS",
+  "KAFKA_CONSUMER_FROM_BEGINNING",
+  "KAFKA_CONSUMER_SESSION_TIMEOUT_MS",
+  "KAFKA_CONSUMER_HEARTBEAT_INTERVAL_MS",
   "LOG_LEVEL",
   "LOG_FORMAT"
 ] as const
@@ -393,7 +408,61 @@ const readConsumer = (r: Reader): ConsumerConfig => {
   if (dlqTopic === topic) {
     r.problem("KAFKA_DLQ_TOPIC", r.raw("KAFKA_DLQ_TOPIC"), "a topic other than KAFKA_CONSUMER_TOPIC")
   }
-  return { topic, groupId, workers, retryMax, fetchMinBytes, fetchMaxBytes, retryTopicPrefix, dlqTopic }
+  const maxInFlight = r.field(
+    "KAFKA_CONSUMER_MAX_IN_FLIGHT",
+    Math.max(1000, workers * 20),
+    integer(1, 10_000_000),
+    "a whole number from 1 to 10000000"
+  )
+  const ms = (min: number, max: number) => `a whole number of milliseconds from ${min} to ${max}`
+  const commitInterval = r.field(
+    "KAFKA_CONSUMER_COMMIT_INTERVAL_MS",
+    Duration.seconds(5),
+    millis(10, 3_600_000),
+    ms(10, 3_600_000)
+  )
+  const shutdownTimeout = r.field(
+    "KAFKA_CONSUMER_SHUTDOWN_TIMEOUT_MS",
+    Duration.seconds(30),
+    millis(0, 3_600_000),
+    ms(0, 3_600_000)
+  )
+  const fromBeginning = r.field("KAFKA_CONSUMER_FROM_BEGINNING", true, boolean, booleanForm)
+  const sessionTimeout = r.field(
+    "KAFKA_CONSUMER_SESSION_TIMEOUT_MS",
+    Duration.seconds(30),
+    millis(1_000, 3_600_000),
+    ms(1_000, 3_600_000)
+  )
+  const heartbeatInterval = r.field(
+    "KAFKA_CONSUMER_HEARTBEAT_INTERVAL_MS",
+    Duration.seconds(3),
+    millis(10, 3_600_000),
+    ms(10, 3_600_000)
+  )
+  if (Duration.isGreaterThanOrEqualTo(heartbeatInterval, sessionTimeout)) {
+    r.problem(
+      "KAFKA_CONSUMER_HEARTBEAT_INTERVAL_MS",
+      r.raw("KAFKA_CONSUMER_HEARTBEAT_INTERVAL_MS"),
+      `less than KAFKA_CONSUMER_SESSION_TIMEOUT_MS (${Duration.toMillis(sessionTimeout)}), a third of it is usual`
+    )
+  }
+  return {
+    topic,
+    groupId,
+    workers,
+    retryMax,
+    fetchMinBytes,
+    fetchMaxBytes,
+    retryTopicPrefix,
+    dlqTopic,
+    maxInFlight,
+    commitInterval,
+    shutdownTimeout,
+    fromBeginning,
+    sessionTimeout,
+    heartbeatInterval
+  }
 }
 
 const readLogLevel = (r: Reader): LogLevel.LogLevel =>

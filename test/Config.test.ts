@@ -63,6 +63,12 @@ describe("KafkaConfig", () => {
         KAFKA_CONSUMER_FETCH_MAX_BYTES: "1048576",
         KAFKA_RETRY_TOPIC_PREFIX: "orders-retry",
         KAFKA_DLQ_TOPIC: "orders-dlq",
+        KAFKA_CONSUMER_MAX_IN_FLIGHT: "2000",
+        KAFKA_CONSUMER_COMMIT_INTERVAL_MS: "1000",
+        KAFKA_CONSUMER_SHUTDOWN_TIMEOUT_MS: "10000",
+        KAFKA_CONSUMER_FROM_BEGINNING: "false",
+        KAFKA_CONSUMER_SESSION_TIMEOUT_MS: "20000",
+        KAFKA_CONSUMER_HEARTBEAT_INTERVAL_MS: "2000",
         LOG_LEVEL: "debug",
         LOG_FORMAT: "json"
       })
@@ -90,16 +96,31 @@ describe("KafkaConfig", () => {
           queueCapacity: 50000
         }
       )
-      assert.deepStrictEqual(consumer, {
-        topic: "orders",
-        groupId: "billing-group",
-        workers: 64,
-        retryMax: 5,
-        fetchMinBytes: 1,
-        fetchMaxBytes: 1_048_576,
-        retryTopicPrefix: "orders-retry",
-        dlqTopic: "orders-dlq"
-      })
+      assert.deepStrictEqual(
+        {
+          ...consumer,
+          commitInterval: Duration.toMillis(consumer.commitInterval),
+          shutdownTimeout: Duration.toMillis(consumer.shutdownTimeout),
+          sessionTimeout: Duration.toMillis(consumer.sessionTimeout),
+          heartbeatInterval: Duration.toMillis(consumer.heartbeatInterval)
+        },
+        {
+          topic: "orders",
+          groupId: "billing-group",
+          workers: 64,
+          retryMax: 5,
+          fetchMinBytes: 1,
+          fetchMaxBytes: 1_048_576,
+          retryTopicPrefix: "orders-retry",
+          dlqTopic: "orders-dlq",
+          maxInFlight: 2000,
+          commitInterval: 1000,
+          shutdownTimeout: 10000,
+          fromBeginning: false,
+          sessionTimeout: 20000,
+          heartbeatInterval: 2000
+        }
+      )
       assert.strictEqual(config.logging.level, "Debug")
       assert.deepStrictEqual(config.logging.format, Option.some("json"))
     })
@@ -128,6 +149,12 @@ describe("KafkaConfig", () => {
     ["KAFKA_CONSUMER_FETCH_MAX_BYTES", "lots", "bytes from 1"],
     ["KAFKA_RETRY_TOPIC_PREFIX", "retry/topic", "prefix"],
     ["KAFKA_DLQ_TOPIC", "dlq topic", "topic name"],
+    ["KAFKA_CONSUMER_MAX_IN_FLIGHT", "0", "1 to 10000000"],
+    ["KAFKA_CONSUMER_COMMIT_INTERVAL_MS", "5", "10 to 3600000"],
+    ["KAFKA_CONSUMER_SHUTDOWN_TIMEOUT_MS", "-1", "0 to 3600000"],
+    ["KAFKA_CONSUMER_FROM_BEGINNING", "earliest", "true or false"],
+    ["KAFKA_CONSUMER_SESSION_TIMEOUT_MS", "500", "1000 to 3600000"],
+    ["KAFKA_CONSUMER_HEARTBEAT_INTERVAL_MS", "1", "10 to 3600000"],
     ["LOG_LEVEL", "loud", "trace, debug, info, warn, error, fatal, none"],
     ["LOG_FORMAT", "xml", "json or pretty"]
   ]

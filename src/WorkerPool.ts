@@ -1,0 +1,87 @@
+/**
+ * WorkerPool: a fixed number of worker fibers, each owning a bounded queue, with jobs sharded by key.
+ *
+ * A job goes to worker `fnv1a(key) mod workers`, and each worker runs its jobs one at a time in the order they
+ * were submitted: jobs of one key never overlap and keep their order, while different keys run in parallel. Jobs
+ * without a key are spread round-robin (they may run in parallel). Workers take their queue in chunks
+ * (`Queue.takeBetween`), not one job per loop. At most `maxInFlight` jobs are queued or running: `submit` waits
+ * beyond that, which is how a consumer stops fetching when the pool is full (backpressure), so memory stays flat
+ * whatever the backlog.
+ *
+ * @example
+ * ```ts
+ * const pool = yield* WorkerPool.make({ workers: 8, maxInFlight: 1000 })
+ * yield* pool.submit("user-1", Effect.log("handled in order for user-1"))
+ * ```
+ */
+import { Effect, Fiber, Queue, type Scope, Semaphore } from "effect"
+
+export interface WorkerPoolOptions {
+  readonly workers: number
+  /** most jobs queued or running at once */
+  readonly maxInFlight: number
+  /** most jobs a worker takes from its queue at once. Default 64 */
+  readonly chunk?: number | undefined
+}
+
+export interface WorkerPool {
+  /**
+   * Queues a job on its key's worker; waits while `maxInFlight` jobs are queued or running. The job must not
+   * fail (handle errors inside it); it runs after every job submitted before it for the same key.
+   */
+  readonly submit: (key: string | Uint8Array | null, job: Effect.Effect<void>) => Effect.Effect<void>
+  /** jobs queued or running */
+  readonly inFlight: Effect.Effect<number>
+}
+
+const encoder = new TextEncoder()
+
+/**
+ * The worker of a key: the same for a key as long as the number of workers does not change. FNV-1a, not the
+ * partitioner's murmur2: with murmur2, `hash mod workers` and `hash mod partitions` share their low bits, so the
+ * keys of one partition would reach only `workers / partitions` of the workers.
+ */
+export const shardOf = (key: string | Uint8Array, workers: number): number => {
+  const bytes = typeof key === "string" ? encoder.encode(key) : key
+  let hash = 0x811c9dc5
+  for (const byte of bytes) hash = Math.imul(hash ^ byte, 0x01000193)
+  return (hash >>> 0) % workers
+}
+
+/** A pool for the life of the scope; closing the scope interrupts the workers (jobs not run are dropped). */
+export const make = (options: WorkerPoolOptions): Effect.Effect<WorkerPool, never, Scope.Scope> =>
+  Effect.gen(function* () {
+    const chunk = options.chunk ?? 64
+    const permits = yield* Semaphore.make(options.maxInFlight)
+    let running = 0
+    // Each queue can hold every job in flight, so an offer never waits once a permit is held.
+    const queues = yield* Effect.forEach(Array.from({ length: options.workers }), () =>
+      Queue.bounded<Effect.Effect<void>>(options.maxInFlight)
+    )
+    const worker = (queue: Queue.Queue<Effect.Effect<void>>) =>
+      Effect.forever(
+        Effect.flatMap(Queue.takeBetween(queue, 1, chunk), (jobs) =>
+          Effect.forEach(jobs, (job) => job.pipe(Effect.ensuring(permits.release(1))), { discard: true })
+        )
+      )
+    const fibers = yield* Effect.forEach(queues, (queue) => Effect.forkScoped(worker(queue)))
+    yield* Effect.addFinalizer(() => Fiber.interruptAll(fibers))
+
+    let roundRobin = 0
+    const submit = Effect.fnUntraced(function* (key: string | Uint8Array | null, job: Effect.Effect<void>) {
+      yield* permits.take(1)
+      running++
+      const shard = key === null ? roundRobin++ % options.workers : shardOf(key, options.workers)
+      yield* Queue.offer(
+        queues[shard] as Queue.Queue<Effect.Effect<void>>,
+        Effect.ensuring(
+          job,
+          Effect.sync(() => {
+            running--
+          })
+        )
+      )
+    })
+
+    return { submit, inFlight: Effect.sync(() => running) }
+  })

@@ -1,0 +1,195 @@
+import { assert, describe, it } from "@effect/vitest"
+import { Deferred, Duration, Effect, Fiber, Layer } from "effect"
+import { TestClock } from "effect/testing"
+import * as Consumer from "../src/Consumer.ts"
+import * as InMemoryKafka from "../src/InMemoryKafka.ts"
+
+const text = (bytes: Uint8Array | null) => (bytes === null ? "" : new TextDecoder().decode(bytes))
+
+/** mulberry32: deterministic random latencies, so a failure can be replayed. */
+const random = (seed: number) => () => {
+  seed = (seed + 0x6d2b79f5) | 0
+  let t = Math.imul(seed ^ (seed >>> 15), 1 | seed)
+  t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t
+  return ((t ^ (t >>> 14)) >>> 0) / 4294967296
+}
+
+const options = (overrides: Partial<Consumer.ConsumerOptions> = {}): Consumer.ConsumerOptions => ({
+  groupId: "g",
+  topics: ["events"],
+  workers: 8,
+  maxInFlight: 200,
+  fromBeginning: true,
+  commitInterval: Duration.seconds(1),
+  shutdownTimeout: Duration.seconds(5),
+  ...overrides
+})
+
+const setup = (partitions: number, overrides: Partial<Consumer.ConsumerOptions> = {}) =>
+  Consumer.layer(options(overrides)).pipe(
+    Layer.provideMerge(InMemoryKafka.layer({ topics: [{ topic: "events", partitions }] }))
+  )
+
+/** Moves virtual time in steps until `done` holds (or `maxSteps` steps passed). */
+const advanceUntil = (done: () => boolean, step: Duration.Input = "10 millis", maxSteps = 100_000) =>
+  Effect.gen(function* () {
+    for (let i = 0; i < maxSteps && !done(); i++) yield* TestClock.adjust(step)
+  })
+
+describe("Consumer", () => {
+  it.effect("per-key order holds under random handler latencies: 10,000 records, 1,000 keys", () =>
+    Effect.gen(function* () {
+      const records = Array.from({ length: 10_000 }, (_, i) => ({ key: `key-${i % 1000}`, value: String(i) }))
+      yield* InMemoryKafka.produce("events", records)
+      const next = random(42)
+      const lastByKey = new Map<string, number>()
+      const running = new Set<string>()
+      let handled = 0
+      let violations = 0
+      let overlaps = 0
+      const fiber = yield* Effect.forkChild(
+        Consumer.run((record) =>
+          Effect.gen(function* () {
+            const key = text(record.key)
+            if (running.has(key)) overlaps++
+            running.add(key)
+            const index = Number(text(record.value))
+            if ((lastByKey.get(key) ?? -1) > index) violations++
+            lastByKey.set(key, index)
+            yield* Effect.sleep(Duration.millis(Math.floor(next() * 50)))
+            running.delete(key)
+            handled++
+          })
+        )
+      )
+      yield* advanceUntil(() => handled >= 10_000)
+      assert.strictEqual(handled, 10_000)
+      assert.strictEqual(violations, 0, "no key handled out of offset order")
+      assert.strictEqual(overlaps, 0, "no key handled twice at once")
+      yield* Fiber.interrupt(fiber)
+    }).pipe(Effect.provide(setup(4, { workers: 16, maxInFlight: 500 })))
+  )
+
+  it.effect("in-flight records never exceed the bound; fetching waits instead", () =>
+    Effect.gen(function* () {
+      yield* InMemoryKafka.produce(
+        "events",
+        Array.from({ length: 1000 }, (_, i) => ({ key: `k${i}`, value: String(i) }))
+      )
+      const consumer = yield* Consumer.Consumer
+      const release = yield* Deferred.make<void>()
+      let started = 0
+      let maxInFlight = 0
+      const fiber = yield* Effect.forkChild(
+        consumer.run(() =>
+          Effect.gen(function* () {
+            started++
+            maxInFlight = Math.max(maxInFlight, yield* consumer.inFlight)
+            yield* Deferred.await(release)
+          })
+        )
+      )
+      yield* advanceUntil(() => started >= 8, "1 millis", 1000)
+      assert.strictEqual(yield* consumer.inFlight, 50, "the pool is exactly full")
+      assert.strictEqual(started, 8, "one running handler per worker; the rest queued")
+      yield* Deferred.succeed(release, undefined)
+      yield* advanceUntil(() => started >= 1000, "1 millis", 10_000)
+      assert.strictEqual(started, 1000)
+      assert.isAtMost(maxInFlight, 50)
+      yield* Fiber.interrupt(fiber)
+    }).pipe(Effect.provide(setup(4, { workers: 8, maxInFlight: 50 })))
+  )
+
+  it.effect("shutdown waits for in-flight handlers up to the timeout and commits exactly what finished", () =>
+    Effect.gen(function* () {
+      // Ten records of ten keys on one partition; record i takes i + 1 seconds.
+      yield* InMemoryKafka.produce(
+        "events",
+        Array.from({ length: 10 }, (_, i) => ({ key: `k${i}`, value: String(i) }))
+      )
+      let started = 0
+      const fiber = yield* Effect.forkChild(
+        Consumer.run((record) =>
+          Effect.sync(() => started++).pipe(
+            Effect.andThen(Effect.sleep(Duration.seconds(Number(text(record.value)) + 1)))
+          )
+        )
+      )
+      yield* advanceUntil(() => started >= 10, "1 millis", 100)
+      const stopping = yield* Effect.forkChild(Fiber.interrupt(fiber))
+      // The shutdown timeout is 5.5 s: records 0–4 (1–5 s) finish, 5–9 do not.
+      yield* TestClock.adjust("5 seconds")
+      assert.isUndefined(stopping.pollUnsafe(), "still waiting for in-flight handlers")
+      yield* TestClock.adjust("600 millis")
+      yield* Fiber.join(stopping)
+      const broker = yield* InMemoryKafka.InMemoryBroker
+      assert.strictEqual(yield* broker.committed("g", "events", 0), 5n, "committed up to the first unfinished record")
+    }).pipe(Effect.provide(setup(1, { workers: 16, shutdownTimeout: Duration.millis(5500) })))
+  )
+
+  it.effect("progress is committed on the interval while a batch is still running", () =>
+    Effect.gen(function* () {
+      yield* InMemoryKafka.produce("events", [
+        { key: "fast", value: "0" },
+        { key: "slow", value: "1" }
+      ])
+      const slowStarted = yield* Deferred.make<void>()
+      const fiber = yield* Effect.forkChild(
+        Consumer.run((record) =>
+          text(record.key) === "slow"
+            ? Deferred.succeed(slowStarted, undefined).pipe(Effect.andThen(Effect.sleep("1 hour")))
+            : Effect.void
+        )
+      )
+      yield* Deferred.await(slowStarted)
+      yield* TestClock.adjust("1 second")
+      const broker = yield* InMemoryKafka.InMemoryBroker
+      assert.strictEqual(yield* broker.committed("g", "events", 0), 1n, "record 0 done, record 1 running")
+      yield* TestClock.adjust("1 hour")
+      assert.strictEqual(yield* InMemoryKafka.awaitCommitted("g", "events", 0, 2n), 2n)
+      yield* Fiber.interrupt(fiber)
+    }).pipe(Effect.provide(setup(1)))
+  )
+
+  it.effect("a failing record is tried again until it succeeds; nothing after it is committed before", () =>
+    Effect.gen(function* () {
+      yield* InMemoryKafka.produce("events", [
+        { key: "a", value: "flaky" },
+        { key: "b", value: "fine" }
+      ])
+      let attempts = 0
+      const firstAttempt = yield* Deferred.make<void>()
+      const fiber = yield* Effect.forkChild(
+        Consumer.run((record) =>
+          text(record.value) === "flaky"
+            ? Effect.suspend(() => {
+                const attempt = ++attempts
+                Deferred.doneUnsafe(firstAttempt, Effect.void)
+                return attempt < 3 ? Effect.fail("transient" as const) : Effect.void
+              })
+            : Effect.void
+        )
+      )
+      yield* Deferred.await(firstAttempt)
+      const broker = yield* InMemoryKafka.InMemoryBroker
+      assert.strictEqual(attempts, 1)
+      assert.strictEqual(yield* broker.committed("g", "events", 0), undefined, "the flaky record blocks the commit")
+      yield* advanceUntil(() => attempts >= 3, "50 millis", 1000)
+      assert.strictEqual(yield* InMemoryKafka.awaitCommitted("g", "events", 0, 2n), 2n)
+      yield* Fiber.interrupt(fiber)
+    }).pipe(Effect.provide(setup(1)))
+  )
+
+  it.effect("a defect in a handler is treated as a failure, not a crash of the pool", () =>
+    Effect.gen(function* () {
+      yield* InMemoryKafka.produce("events", [{ key: "a", value: "boom" }])
+      let attempts = 0
+      const fiber = yield* Effect.forkChild(
+        Consumer.run(() => Effect.suspend(() => (++attempts < 2 ? Effect.die(new Error("bug")) : Effect.void)))
+      )
+      yield* advanceUntil(() => attempts >= 2, "50 millis", 1000)
+      assert.strictEqual(yield* InMemoryKafka.awaitCommitted("g", "events", 0, 1n), 1n)
+      yield* Fiber.interrupt(fiber)
+    }).pipe(Effect.provide(setup(1)))
+  )
+})
