@@ -24,7 +24,7 @@
  * NodeRuntime.runMain(program.pipe(Effect.provide(Consumer.layerConfig), Effect.provide(KafkaClient.layerConfig)))
  * ```
  */
-import { Cause, Context, Deferred, Duration, Effect, Layer, Option, Schedule } from "effect"
+import { Cause, Context, Deferred, Duration, Effect, Layer, Option, Schedule, Stream } from "effect"
 import * as KafkaConfig from "./Config.ts"
 import * as KafkaClient from "./KafkaClient.ts"
 import * as OffsetTracker from "./OffsetTracker.ts"
@@ -57,7 +57,7 @@ export class Consumer extends Context.Service<
   Consumer,
   {
     readonly options: ConsumerOptions
-    /** records queued in or running on the worker pool now (0 when not running) */
+    /** records delivered to the worker pool and not yet committed (0 when not running); at most maxInFlight */
     readonly inFlight: Effect.Effect<number>
     /** Consumes until interrupted (then shuts down gracefully); fails only if the member cannot start. */
     readonly run: <E, R>(handler: Handler<E, R>) => Effect.Effect<never, KafkaClient.KafkaError, R>
@@ -88,9 +88,35 @@ export const make = (options: ConsumerOptions): Effect.Effect<Consumer["Service"
     const run = <E, R>(handler: Handler<E, R>) =>
       Effect.gen(function* () {
         const pool = yield* WorkerPool.make({ workers: options.workers, maxInFlight: options.maxInFlight })
-        inFlight = pool.inFlight
+        inFlight = Effect.sync(() => uncommitted)
         yield* Effect.addFinalizer(() => Effect.sync(() => (inFlight = Effect.succeed(0))))
         const tracker = OffsetTracker.make()
+        // The commit window: records delivered to the pool and not yet committed. A record takes a place before
+        // it is submitted and gives it back when a commit covers it, so at most maxInFlight records are ever
+        // uncommitted — which bounds what a crash can make the group handle twice.
+        let uncommitted = 0
+        let waitingForWindow = 0
+        let windowReleased = Deferred.makeUnsafe<void>()
+        const release = (records: number) => {
+          if (records === 0) return
+          uncommitted -= records
+          const released = windowReleased
+          windowReleased = Deferred.makeUnsafe<void>()
+          Deferred.doneUnsafe(released, Effect.void)
+        }
+        const takeWindowPlace = Effect.gen(function* () {
+          while (uncommitted >= options.maxInFlight) {
+            waitingForWindow++
+            yield* Deferred.await(windowReleased).pipe(
+              Effect.ensuring(
+                Effect.sync(() => {
+                  waitingForWindow--
+                })
+              )
+            )
+          }
+          uncommitted++
+        })
         // Set when shutdown starts: batch calls take no new records and wait at most shutdownTimeout.
         const stopping = yield* Deferred.make<void>()
 
@@ -116,16 +142,39 @@ export const make = (options: ConsumerOptions): Effect.Effect<Consumer["Service"
           Effect.suspend(() => {
             const commits = tracker.takeCommits([partition])
             if (commits.length === 0) return Effect.void
-            return connection
-              .commit(commits)
-              .pipe(
-                Effect.catch((error) =>
-                  Effect.sync(() => tracker.rollback(commits)).pipe(
-                    Effect.andThen(Effect.logWarning(`commit failed, will try again: ${error.message}`))
-                  )
+            return connection.commit(commits).pipe(
+              Effect.tap(() => Effect.sync(() => release(commits.reduce((n, c) => n + c.records, 0)))),
+              Effect.tap(() =>
+                Effect.logDebug("committed").pipe(
+                  Effect.annotateLogs({
+                    commits: commits.map((c) => `${c.topic}[${c.partition}]@${c.offset}`).join(" ")
+                  })
+                )
+              ),
+              Effect.catch((error) =>
+                Effect.sync(() => tracker.rollback(commits)).pipe(
+                  Effect.andThen(Effect.logWarning(`commit failed, will try again: ${error.message}`))
                 )
               )
+            )
           })
+
+        // Batch calls running now; shutdown waits for them (and their last commit) before the member leaves.
+        let activeBatches = 0
+        let batchesIdle = Deferred.makeUnsafe<void>()
+        Deferred.doneUnsafe(batchesIdle, Effect.void)
+
+        const trackBatch = <A, E, R2>(batchCall: Effect.Effect<A, E, R2>) =>
+          Effect.acquireUseRelease(
+            Effect.sync(() => {
+              if (activeBatches++ === 0) batchesIdle = Deferred.makeUnsafe<void>()
+            }),
+            () => batchCall,
+            () =>
+              Effect.sync(() => {
+                if (--activeBatches === 0) Deferred.doneUnsafe(batchesIdle, Effect.void)
+              })
+          )
 
         const handleBatch =
           (connection: KafkaClient.ConsumerConnection): KafkaClient.BatchHandler<R> =>
@@ -134,12 +183,34 @@ export const make = (options: ConsumerOptions): Effect.Effect<Consumer["Service"
               if (yield* Deferred.isDone(stopping)) return
               const partition = { topic: batch.topic, partition: batch.partition }
               // Nothing of this partition is in flight between batch calls: start it afresh (it may have moved).
-              tracker.forget(batch.topic, batch.partition)
+              release(tracker.forget(batch.topic, batch.partition))
               let remaining = 0
               let submitted = false
               const allDone = Deferred.makeUnsafe<void>()
+              // Heartbeat and commit progress every tick for as long as the batch call runs, submitting included:
+              // with the pool full, submitting is most of a large batch's time.
+              // While records wait for a place in the commit window, commit every 10 ms instead: finished
+              // records are what frees places.
+              yield* Effect.gen(function* () {
+                let sinceHeartbeat = Duration.zero
+                while (true) {
+                  const pause = waitingForWindow > 0 ? Duration.millis(10) : tick
+                  yield* Effect.sleep(pause)
+                  sinceHeartbeat = Duration.sum(sinceHeartbeat, pause)
+                  if (Duration.isGreaterThanOrEqualTo(sinceHeartbeat, tick)) {
+                    sinceHeartbeat = Duration.zero
+                    yield* session.heartbeat.pipe(
+                      Effect.catch((error) => Effect.logWarning(`heartbeat failed: ${error.message}`))
+                    )
+                  }
+                  yield* commit(connection, partition)
+                }
+              }).pipe(Effect.forkScoped)
               for (const record of batch.records) {
-                if (yield* Deferred.isDone(stopping)) break
+                // A pending rebalance or shutdown: take no more of this batch. What is not finished is not
+                // committed, so the partition's next owner (maybe this member) fetches it again.
+                if ((yield* Deferred.isDone(stopping)) || (yield* session.isStale)) break
+                yield* takeWindowPlace
                 tracker.delivered(record.topic, record.partition, record.offset)
                 remaining++
                 yield* pool.submit(
@@ -156,26 +227,14 @@ export const make = (options: ConsumerOptions): Effect.Effect<Consumer["Service"
               }
               submitted = true
               if (remaining === 0) Deferred.doneUnsafe(allDone, Effect.void)
-              // Wait for the batch, heartbeating and committing progress meanwhile, until it is done or shutdown
-              // starts. Then wait at most shutdownTimeout: what did not finish by then is not committed and will
-              // be redelivered.
-              const waited = yield* Effect.raceFirst(
-                Deferred.await(allDone).pipe(Effect.as("done" as const)),
-                Deferred.await(stopping).pipe(Effect.as("stopping" as const))
-              ).pipe(
-                Effect.timeoutOption(tick),
-                Effect.tap((outcome) =>
-                  Option.isNone(outcome)
-                    ? session.heartbeat.pipe(
-                        Effect.catch((error) => Effect.logWarning(`heartbeat failed: ${error.message}`)),
-                        Effect.andThen(commit(connection, partition))
-                      )
-                    : Effect.void
-                ),
-                Effect.repeat({ until: Option.isSome })
+              // Wait for the batch until it is done or shutdown starts; then wait at most shutdownTimeout: what did
+              // not finish by then is not committed and will be redelivered.
+              const stopped = yield* Effect.raceFirst(
+                Deferred.await(allDone).pipe(Effect.as(false)),
+                Deferred.await(stopping).pipe(Effect.as(true))
               )
               const finished =
-                Option.getOrThrow(waited) === "done" ||
+                !stopped ||
                 Option.isSome(yield* Deferred.await(allDone).pipe(Effect.timeoutOption(options.shutdownTimeout)))
               if (!finished) {
                 yield* Effect.logWarning(
@@ -183,7 +242,7 @@ export const make = (options: ConsumerOptions): Effect.Effect<Consumer["Service"
                 )
               }
               yield* commit(connection, partition)
-            })
+            }).pipe(Effect.scoped, trackBatch)
 
         const member = Effect.gen(function* () {
           const connection = yield* client.consumer({
@@ -196,9 +255,26 @@ export const make = (options: ConsumerOptions): Effect.Effect<Consumer["Service"
             heartbeatInterval: options.heartbeatInterval,
             partitionsConsumedConcurrently: options.partitionsConsumedConcurrently ?? 64
           })
-          // Released before the connection (finalizers run in reverse): shutdown starts, then the member leaves
-          // its group once its batch calls returned.
-          yield* Effect.addFinalizer(() => Deferred.succeed(stopping, undefined))
+          // Released before the connection (finalizers run in reverse): shutdown starts, the batch calls finish
+          // (within shutdownTimeout) and commit, and only then does the member leave its group — kafkajs drops
+          // commits made once it has begun to stop.
+          yield* Effect.addFinalizer(() =>
+            Deferred.succeed(stopping, undefined).pipe(
+              Effect.andThen(Effect.suspend(() => Deferred.await(batchesIdle))),
+              Effect.timeoutOption(Duration.sum(options.shutdownTimeout, Duration.seconds(5)))
+            )
+          )
+          yield* connection.assignments.pipe(
+            Stream.runForEach((assignment) =>
+              Effect.logInfo("assigned").pipe(
+                Effect.annotateLogs({
+                  generation: assignment.generation,
+                  partitions: assignment.partitions.map((tp) => `${tp.topic}[${tp.partition}]`).join(" ")
+                })
+              )
+            ),
+            Effect.forkScoped
+          )
           yield* connection.run(handleBatch(connection))
           yield* Effect.logInfo(`consuming ${options.topics.join(", ")} as ${options.groupId}`)
           return yield* connection.crashed

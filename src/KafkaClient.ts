@@ -324,7 +324,7 @@ export const retryConnect = <A, R>(
       Schedule.tap(({ attempt, duration, input }: Schedule.Metadata<Duration.Duration, KafkaError>) =>
         input.retriable
           ? Effect.logWarning(
-              `Kafka not reachable (attempt ${attempt}): ${input.message}; retrying in ${Duration.format(duration)}`
+              `Kafka not reachable (attempt ${attempt}): ${input.message}; retrying in ${Duration.format(Duration.millis(Math.round(Duration.toMillis(duration))))}`
             )
           : Effect.void
       )

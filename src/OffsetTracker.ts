@@ -30,6 +30,8 @@ interface PartitionState {
   committable: bigint | undefined
   /** the committable offset last handed out by `takeCommit` */
   committed: bigint | undefined
+  /** records the committable offset moved past since the last `takeCommits` */
+  settled: number
 }
 
 export interface OffsetTracker {
@@ -47,13 +49,22 @@ export interface OffsetTracker {
    */
   readonly takeCommits: (
     partitions?: ReadonlyArray<{ readonly topic: string; readonly partition: number }>
-  ) => Array<{ readonly topic: string; readonly partition: number; readonly offset: bigint }>
+  ) => Array<Commit>
   /** forgets that these offsets were committed, so the next `takeCommits` offers them again */
-  readonly rollback: (
-    commits: ReadonlyArray<{ readonly topic: string; readonly partition: number; readonly offset: bigint }>
-  ) => void
-  /** forgets a partition (it was revoked): its unfinished records will be delivered again to its next owner */
-  readonly forget: (topic: string, partition: number) => void
+  readonly rollback: (commits: ReadonlyArray<Commit>) => void
+  /**
+   * Forgets a partition (it was revoked, or starts afresh): its unfinished records will be delivered again.
+   * Returns how many of its delivered records had not been handed out by `takeCommits`.
+   */
+  readonly forget: (topic: string, partition: number) => number
+}
+
+/** An offset to commit, and how many delivered records it commits that no earlier commit did. */
+export interface Commit {
+  readonly topic: string
+  readonly partition: number
+  readonly offset: bigint
+  readonly records: number
 }
 
 const keyOf = (topic: string, partition: number) => `${topic}\u0000${partition}`
@@ -72,7 +83,14 @@ export const make = (): OffsetTracker => {
       entry = {
         topic,
         partition,
-        state: { pending: [], head: 0, finishedEarly: new Set(), committable: undefined, committed: undefined }
+        state: {
+          pending: [],
+          head: 0,
+          finishedEarly: new Set(),
+          committable: undefined,
+          committed: undefined,
+          settled: 0
+        }
       }
       partitions.set(key, entry)
     }
@@ -99,6 +117,7 @@ export const make = (): OffsetTracker => {
       state.finishedEarly.add(offset)
     } else {
       state.head++
+      state.settled++
       state.committable = offset + 1n
       while (state.head < state.pending.length) {
         const next = state.pending[state.head] as bigint
@@ -107,6 +126,7 @@ export const make = (): OffsetTracker => {
           break
         }
         state.head++
+        state.settled++
         state.committable = next + 1n
       }
     }
@@ -119,7 +139,7 @@ export const make = (): OffsetTracker => {
   }
 
   const takeCommits: OffsetTracker["takeCommits"] = (only) => {
-    const out: Array<{ topic: string; partition: number; offset: bigint }> = []
+    const out: Array<Commit> = []
     const entries =
       only === undefined ? [...partitions.values()] : only.map((tp) => partitions.get(keyOf(tp.topic, tp.partition)))
     for (const entry of entries) {
@@ -127,7 +147,8 @@ export const make = (): OffsetTracker => {
       const { committable, committed } = entry.state
       if (committable !== undefined && committable !== committed) {
         entry.state.committed = committable
-        out.push({ topic: entry.topic, partition: entry.partition, offset: committable })
+        out.push({ topic: entry.topic, partition: entry.partition, offset: committable, records: entry.state.settled })
+        entry.state.settled = 0
       }
     }
     return out
@@ -140,16 +161,20 @@ export const make = (): OffsetTracker => {
     inFlight: () => inFlight,
     takeCommits,
     rollback: (commits) => {
-      for (const { topic, partition } of commits) {
+      for (const { topic, partition, records } of commits) {
         const entry = partitions.get(keyOf(topic, partition))
-        if (entry !== undefined) entry.state.committed = undefined
+        if (entry === undefined) continue
+        entry.state.committed = undefined
+        entry.state.settled += records
       }
     },
     forget: (topic, partition) => {
       const entry = partitions.get(keyOf(topic, partition))
-      if (entry === undefined) return
-      inFlight -= entry.state.pending.length - entry.state.head - entry.state.finishedEarly.size
+      if (entry === undefined) return 0
+      const { pending, head, finishedEarly, settled } = entry.state
+      inFlight -= pending.length - head - finishedEarly.size
       partitions.delete(keyOf(topic, partition))
+      return pending.length - head + settled
     }
   }
 }

@@ -45,8 +45,8 @@ describe("OffsetTracker", () => {
       tracker.finished("t", 0, 0n)
       const first = tracker.takeCommits()
       assert.deepStrictEqual(first, [
-        { topic: "t", partition: 0, offset: 1n },
-        { topic: "t", partition: 1, offset: 0n }
+        { topic: "t", partition: 0, offset: 1n, records: 1 },
+        { topic: "t", partition: 1, offset: 0n, records: 0 }
       ])
       assert.deepStrictEqual(tracker.takeCommits(), [], "nothing moved")
       tracker.rollback(first)
@@ -62,7 +62,7 @@ describe("OffsetTracker", () => {
       tracker.finished("t", 0, 1n)
       tracker.delivered("t", 1, 0n)
       assert.strictEqual(tracker.inFlight(), 2)
-      tracker.forget("t", 0)
+      assert.strictEqual(tracker.forget("t", 0), 2, "two delivered, none committed")
       assert.strictEqual(tracker.inFlight(), 1)
       assert.isUndefined(tracker.committable("t", 0))
     })
@@ -97,6 +97,7 @@ describe("OffsetTracker", () => {
           tracker.finished("t", 0, done)
           unfinished.delete(done)
           const committable = tracker.committable("t", 0) ?? 0n
+          // biome-ignore lint/complexity/useMathMinMax: bigints, which Math.min does not take
           const lowestUnfinished = [...unfinished].reduce((a, b) => (a < b ? a : b), offset)
           assert.isTrue(
             committable <= lowestUnfinished,

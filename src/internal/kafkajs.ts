@@ -359,6 +359,7 @@ export const make = (
           retry: { retries: 5, initialRetryTime: 100, maxRetryTime: 2_000, restartOnFailure: async () => false }
         })
         let joins = 0
+        let disconnecting = false
         client.on(client.events.GROUP_JOIN, ({ payload }) => {
           joins++
           const partitions = Object.entries(payload.memberAssignment).flatMap(([topic, list]) =>
@@ -382,7 +383,11 @@ export const make = (
             schedule
           ),
           // disconnect stops fetching, waits for running batch handlers, and leaves the group.
-          () => Effect.promise(() => client.disconnect().catch(() => undefined))
+          () =>
+            Effect.promise(() => {
+              disconnecting = true
+              return client.disconnect().catch(() => undefined)
+            })
         )
         yield* attempt(
           brokers,
@@ -411,11 +416,19 @@ export const make = (
             )
           )
         const commit = (offsets: ReadonlyArray<KafkaClient.TopicPartitionOffset>) =>
-          attempt(brokers, "commit", () =>
-            client.commitOffsets(
-              offsets.map(({ topic, partition, offset }) => ({ topic, partition, offset: offset.toString() }))
-            )
-          )
+          disconnecting
+            ? // kafkajs silently drops a commit once it has begun to stop; say so instead of pretending it worked.
+              Effect.fail(
+                new KafkaClient.KafkaError({
+                  operation: "commit",
+                  reason: new KafkaClient.ClientFailed({ retriable: false, detail: "the consumer is stopping" })
+                })
+              )
+            : attempt(brokers, "commit", () =>
+                client.commitOffsets(
+                  offsets.map(({ topic, partition, offset }) => ({ topic, partition, offset: offset.toString() }))
+                )
+              )
         const byTopic = (partitions: ReadonlyArray<KafkaClient.TopicPartition>) => {
           const topics = new Map<string, Array<number>>()
           for (const { topic, partition } of partitions) topics.set(topic, [...(topics.get(topic) ?? []), partition])
