@@ -180,12 +180,14 @@ export const make = (options: ConsumerOptions): Effect.Effect<Consumer["Service"
           (connection: KafkaClient.ConsumerConnection): KafkaClient.BatchHandler<R> =>
           (batch, session) =>
             Effect.gen(function* () {
-              if (yield* Deferred.isDone(stopping)) return
               const partition = { topic: batch.topic, partition: batch.partition }
+              const first = batch.records[0]
+              if ((yield* Deferred.isDone(stopping)) || first === undefined) return { resumeAt: first?.offset ?? 0n }
               // Nothing of this partition is in flight between batch calls: start it afresh (it may have moved).
               release(tracker.forget(batch.topic, batch.partition))
               let remaining = 0
               let submitted = false
+              let resumeAt: bigint | undefined
               const allDone = Deferred.makeUnsafe<void>()
               // Heartbeat and commit progress every tick for as long as the batch call runs, submitting included:
               // with the pool full, submitting is most of a large batch's time.
@@ -209,7 +211,10 @@ export const make = (options: ConsumerOptions): Effect.Effect<Consumer["Service"
               for (const record of batch.records) {
                 // A pending rebalance or shutdown: take no more of this batch. What is not finished is not
                 // committed, so the partition's next owner (maybe this member) fetches it again.
-                if ((yield* Deferred.isDone(stopping)) || (yield* session.isStale)) break
+                if ((yield* Deferred.isDone(stopping)) || (yield* session.isStale)) {
+                  resumeAt = record.offset
+                  break
+                }
                 yield* takeWindowPlace
                 tracker.delivered(record.topic, record.partition, record.offset)
                 remaining++
@@ -242,6 +247,11 @@ export const make = (options: ConsumerOptions): Effect.Effect<Consumer["Service"
                 )
               }
               yield* commit(connection, partition)
+              if (resumeAt === first.offset) {
+                // Nothing taken: the member waits to rejoin. Pause a moment, or kafkajs refetches in a hot loop.
+                yield* Effect.sleep(Duration.min(tick, Duration.millis(100)))
+              }
+              return resumeAt === undefined ? undefined : { resumeAt }
             }).pipe(Effect.scoped, trackBatch)
 
         const member = Effect.gen(function* () {

@@ -353,11 +353,16 @@ export const make = (options: InMemoryKafkaOptions = {}) =>
             isRunning: Effect.sync(() => member.running)
           }
           yield* handler(batch, session).pipe(
-            Effect.ensuring(
+            Effect.tap((result) =>
               Effect.sync(() => {
                 const last = batch.records.at(-1)
+                const next = result === undefined ? (last?.offset ?? -1n) + 1n : result.resumeAt
                 // A rebalance waits for this handler, so the generation it was given is still the current one.
-                if (last !== undefined && member.positions.has(key)) member.positions.set(key, last.offset + 1n)
+                if (member.positions.has(key)) member.positions.set(key, next)
+              })
+            ),
+            Effect.ensuring(
+              Effect.sync(() => {
                 member.handling.delete(key)
                 notify()
               })

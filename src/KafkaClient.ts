@@ -227,12 +227,21 @@ export interface BatchSession {
   readonly isRunning: Effect.Effect<boolean>
 }
 
+/** What a batch handler tells the consumer when it did not take the whole batch. */
+export interface BatchResult {
+  /** the first offset not taken: the consumer fetches again from here (the rest of the batch is not skipped) */
+  readonly resumeAt: bigint
+}
+
 /**
- * Handles one batch. The consumer moves its position past the batch when the handler returns; it calls the handler
- * for a partition again only after the previous call for that partition returned. Errors are the caller's to handle:
- * the handler cannot fail.
+ * Handles one batch. When the handler returns, the consumer moves its position past the batch, or to `resumeAt`
+ * if it returns a `BatchResult`; it calls the handler for a partition again only after the previous call for that
+ * partition returned. Errors are the caller's to handle: the handler cannot fail.
  */
-export type BatchHandler<R = never> = (batch: ConsumerBatch, session: BatchSession) => Effect.Effect<void, never, R>
+export type BatchHandler<R = never> = (
+  batch: ConsumerBatch,
+  session: BatchSession
+) => Effect.Effect<BatchResult | void, never, R>
 
 /** This member's partitions after it joined (or rejoined) its group. */
 export interface Assignment {

@@ -360,7 +360,11 @@ export const make = (
         })
         let joins = 0
         let disconnecting = false
+        // kafkajs' own isStale() only covers seeks. A heartbeat refused because the group is rebalancing is how a
+        // member learns of a rebalance; from then until it rejoins, its batch calls are stale.
+        let rebalancing = false
         client.on(client.events.GROUP_JOIN, ({ payload }) => {
+          rebalancing = false
           joins++
           const partitions = Object.entries(payload.memberAssignment).flatMap(([topic, list]) =>
             list.map((partition) => ({ topic, partition }))
@@ -400,17 +404,29 @@ export const make = (
             attempt(brokers, "consumer run", () =>
               client.run({
                 autoCommit: false,
-                eachBatchAutoResolve: true,
+                // Offsets are resolved here, after the handler: a handler that stops early (a rebalance is pending)
+                // gets the rest of its batch fetched again instead of skipped.
+                eachBatchAutoResolve: false,
                 partitionsConsumedConcurrently: options.partitionsConsumedConcurrently ?? 1,
-                eachBatch: async ({ batch, heartbeat, isStale, isRunning }) => {
+                eachBatch: async ({ batch, heartbeat, isStale, isRunning, resolveOffset }) => {
                   if (batch.isEmpty()) return
-                  await Effect.runPromiseWith(callerContext)(
+                  const result = await Effect.runPromiseWith(callerContext)(
                     handle(toConsumerBatch(batch), {
-                      heartbeat: attempt(brokers, "heartbeat", heartbeat),
-                      isStale: Effect.sync(isStale),
+                      heartbeat: attempt(brokers, "heartbeat", heartbeat).pipe(
+                        Effect.tapError((error) =>
+                          Effect.sync(() => {
+                            if (error.reason._tag === "BrokerError" && rebalancingErrors.has(error.reason.type)) {
+                              rebalancing = true
+                            }
+                          })
+                        )
+                      ),
+                      isStale: Effect.sync(() => rebalancing || isStale()),
                       isRunning: Effect.sync(isRunning)
                     })
                   )
+                  const lastTaken = result === undefined ? BigInt(batch.lastOffset()) : result.resumeAt - 1n
+                  if (lastTaken >= BigInt(batch.firstOffset() ?? "0")) resolveOffset(lastTaken.toString())
                 }
               })
             )
@@ -456,6 +472,9 @@ const toKafkaJSHeaders = (headers: KafkaClient.Headers) => {
   for (const [name, value] of Object.entries(headers)) out[name] = toBuffer(value) ?? Buffer.alloc(0)
   return out
 }
+
+/** The errors kafkajs treats as "the group is rebalancing: rejoin". */
+const rebalancingErrors = new Set(["REBALANCE_IN_PROGRESS", "ILLEGAL_GENERATION", "NOT_COORDINATOR_FOR_GROUP"])
 
 const lastHeaderValue = (value: IHeaders[string]): Uint8Array => {
   // Kafka allows a header name more than once; kafkajs gives an array then. The last one wins, as lastHeader().

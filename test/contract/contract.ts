@@ -121,6 +121,37 @@ export const contractSuite = (name: string, layer: () => Layer.Layer<KafkaClient
     )
 
     test(
+      "a handler that stops early gets the rest of its batch again, not skipped",
+      Effect.gen(function* () {
+        const topic = yield* createTopic(1)
+        yield* send(Array.from({ length: 10 }, (_, i) => ({ topic, key: null, value: `v${i}` })))
+        const client = yield* KafkaClient.KafkaClient
+        const consumer = yield* client.consumer(consumerOptions(uniqueName("resume-at"), [topic]))
+        const seen: Array<bigint> = []
+        const done = yield* Deferred.make<void>()
+        let stopped = false
+        yield* consumer.run((batch) =>
+          Effect.sync(() => {
+            const first = batch.records[0]?.offset ?? 0n
+            if (!stopped && batch.records.length > 1) {
+              // Take one record, leave the rest.
+              stopped = true
+              seen.push(first)
+              return { resumeAt: first + 1n }
+            }
+            seen.push(...batch.records.map((r) => r.offset))
+            if (seen.length >= 10) Deferred.doneUnsafe(done, Effect.void)
+          })
+        )
+        yield* withinGroupTimeout("the rest of the batch", Deferred.await(done))
+        assert.deepStrictEqual(
+          seen.slice(0, 10),
+          Array.from({ length: 10 }, (_, i) => BigInt(i))
+        )
+      })
+    )
+
+    test(
       "a key lands on murmur2's partition for it, and send reports where each record landed",
       Effect.gen(function* () {
         const topic = yield* createTopic(6)
