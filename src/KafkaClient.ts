@@ -241,6 +241,7 @@ export interface BatchResult {
 export type BatchHandler<R = never> = (
   batch: ConsumerBatch,
   session: BatchSession
+  // biome-ignore lint/suspicious/noConfusingVoidType: handlers that took the whole batch return nothing
 ) => Effect.Effect<BatchResult | void, never, R>
 
 /** This member's partitions after it joined (or rejoined) its group. */

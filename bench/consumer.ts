@@ -1,0 +1,349 @@
+/**
+ * `npm run bench:consumer`: the Consumer against raw kafkajs and Kafka's own ConsumerPerformance, on one broker in
+ * one run (the test broker, started here unless KAFKA_BROKERS names one). Prints the figures and writes them to
+ * bench/results/consumer.json.
+ *
+ * (a) throughput: 200,000 1 KiB JSON events on 6 partitions, a no-op handler; ours decodes each with the Event
+ *     Schema, raw kafkajs `eachBatch` JSON.parses each, ConsumerPerformance is the ceiling.
+ * (b) I/O-bound: 20,000 records, 10,000 keys, 6 partitions, a handler that waits 5 ms: ours with 64 workers vs
+ *     kafkajs `eachMessage` with partitionsConsumedConcurrently 6; per-key order violations counted.
+ * (c) memory: peak RSS of a consumer process draining a 1,000,000-record backlog with a 1 ms handler, sampled
+ *     every 500 ms.
+ */
+import { execFile, spawn } from "node:child_process"
+import * as Fs from "node:fs"
+import * as Os from "node:os"
+import * as Path from "node:path"
+import { promisify } from "node:util"
+import { Deferred, Duration, Effect, Fiber, Layer, Option, Schema } from "effect"
+import { Kafka, logLevel } from "kafkajs"
+import * as Broker from "../scripts/kafka/broker.ts"
+import type * as KafkaConfig from "../src/Config.ts"
+import * as Consumer from "../src/Consumer.ts"
+import * as Event from "../src/Event.ts"
+import * as KafkaClient from "../src/KafkaClient.ts"
+import * as KafkaProducer from "../src/KafkaProducer.ts"
+
+const here = import.meta.dirname
+const exec = promisify(execFile)
+const stamp = () => `${Date.now()}-${Math.random().toString(16).slice(2, 8)}`
+
+const java = async (jars: string, main: string, args: ReadonlyArray<string>) => {
+  const { stdout } = await exec("java", ["-Xmx1g", "-cp", `${jars}/*`, main, ...args], { maxBuffer: 64 * 1024 * 1024 })
+  return stdout
+}
+
+const raw = (brokers: string) =>
+  new Kafka({ brokers: brokers.split(","), logLevel: logLevel.NOTHING, clientId: "bench" })
+
+const createTopic = async (brokers: string, topic: string, partitions: number) => {
+  const admin = raw(brokers).admin()
+  await admin.connect()
+  await admin.createTopics({ topics: [{ topic, numPartitions: partitions }], waitForLeaders: true })
+  await admin.disconnect()
+}
+
+/** One JSON event of about `size` bytes, valid for the Event schema. */
+const eventJson = (i: number, size: number) => {
+  const base = {
+    id: `evt-${i}`,
+    type: "order.created",
+    source: "bench",
+    timestamp: "2026-11-27T10:00:00.000Z",
+    subject: `entity-${i % 1000}`,
+    payload: { sequence: i, padding: "" }
+  }
+  const padding = Math.max(0, size - JSON.stringify(base).length)
+  return JSON.stringify({ ...base, payload: { sequence: i, padding: "x".repeat(padding) } })
+}
+
+/** Fills a topic with ProducerPerformance from a payload file of JSON events (null keys). */
+const fillWithPerfProducer = async (jars: string, brokers: string, topic: string, count: number, size: number) => {
+  const file = Path.join(Os.tmpdir(), `bench-payload-${stamp()}.ndjson`)
+  Fs.writeFileSync(file, `${Array.from({ length: 200 }, (_, i) => eventJson(i, size)).join("\n")}\n`)
+  await java(jars, "org.apache.kafka.tools.ProducerPerformance", [
+    "--topic",
+    topic,
+    "--num-records",
+    String(count),
+    "--throughput",
+    "-1",
+    "--payload-file",
+    file,
+    "--producer-props",
+    `bootstrap.servers=${brokers}`,
+    "acks=1",
+    "linger.ms=20",
+    "batch.size=262144"
+  ])
+  Fs.rmSync(file)
+}
+
+const clientLayer = (brokers: string) =>
+  KafkaClient.layerKafkaJS({
+    brokers: brokers.split(","),
+    clientId: "bench",
+    sasl: Option.none(),
+    tls: Option.none(),
+    connectionTimeout: Duration.seconds(10),
+    requestTimeout: Duration.seconds(30),
+    reconnectBackoff: Duration.millis(200),
+    reconnectBackoffMax: Duration.seconds(5)
+  } satisfies KafkaConfig.ConnectionConfig)
+
+/** Ours: the Consumer until `count` records were handled; seconds from start to the last one. */
+const ours = (
+  brokers: string,
+  topic: string,
+  count: number,
+  options: Partial<Consumer.ConsumerOptions>,
+  handle: (record: KafkaClient.ConsumedRecord) => Effect.Effect<void>
+) =>
+  Effect.gen(function* () {
+    const consumer = yield* Consumer.make({
+      groupId: `bench-ours-${stamp()}`,
+      topics: [topic],
+      workers: 8,
+      maxInFlight: 10_000,
+      fromBeginning: true,
+      commitInterval: Duration.seconds(1),
+      shutdownTimeout: Duration.seconds(5),
+      fetchMaxBytes: 10 * 1024 * 1024,
+      ...options
+    })
+    let handled = 0
+    const done = yield* Deferred.make<void>()
+    const started = performance.now()
+    const fiber = yield* Effect.forkChild(
+      consumer.run((record) =>
+        handle(record).pipe(
+          Effect.andThen(
+            Effect.sync(() => {
+              if (++handled === count) Deferred.doneUnsafe(done, Effect.void)
+            })
+          )
+        )
+      )
+    )
+    yield* Deferred.await(done)
+    const seconds = (performance.now() - started) / 1000
+    yield* Fiber.interrupt(fiber)
+    return seconds
+  }).pipe(Effect.provide(clientLayer(brokers)))
+
+/** Raw kafkajs eachBatch (or eachMessage) until `count` records; seconds from start to the last one. */
+const rawKafkajs = async (
+  brokers: string,
+  topic: string,
+  count: number,
+  mode: { readonly eachMessage?: (value: Buffer | null) => Promise<void>; readonly concurrency?: number }
+) => {
+  const consumer = raw(brokers).consumer({ groupId: `bench-raw-${stamp()}`, maxBytes: 10 * 1024 * 1024 })
+  await consumer.connect()
+  await consumer.subscribe({ topics: [topic], fromBeginning: true })
+  let handled = 0
+  const started = performance.now()
+  await new Promise<void>((resolve) => {
+    void consumer.run(
+      mode.eachMessage
+        ? {
+            partitionsConsumedConcurrently: mode.concurrency ?? 1,
+            eachMessage: async ({ message }) => {
+              await mode.eachMessage?.(message.value)
+              if (++handled === count) resolve()
+            }
+          }
+        : {
+            eachBatch: async ({ batch }) => {
+              for (const message of batch.messages) JSON.parse(message.value?.toString("utf8") ?? "null")
+              handled += batch.messages.length
+              if (handled >= count) resolve()
+            }
+          }
+    )
+  })
+  const seconds = (performance.now() - started) / 1000
+  await consumer.disconnect()
+  return seconds
+}
+
+const decode = Schema.decodeUnknownEffect(Event.EventFromJson)
+
+const main = Effect.gen(function* () {
+  const jars = yield* Broker.resolveJars
+  const external = process.env.KAFKA_BROKERS
+  const broker = external ? undefined : yield* Effect.acquireRelease(Broker.start(), Broker.stop)
+  const brokers = external ?? broker?.brokers ?? ""
+  const results: Record<string, unknown> = {
+    date: new Date().toISOString(),
+    kafka: Broker.kafkaVersion,
+    cpus: Os.cpus().length
+  }
+  const log = (line: string) => Effect.sync(() => console.log(line))
+
+  // (a) Throughput
+  const throughputTopic = `bench-throughput-${stamp()}`
+  const n = 200_000
+  yield* Effect.promise(() => createTopic(brokers, throughputTopic, 6))
+  yield* Effect.promise(() => fillWithPerfProducer(jars, brokers, throughputTopic, n, 1024))
+  const perf = yield* Effect.promise(() =>
+    java(jars, "org.apache.kafka.tools.ConsumerPerformance", [
+      "--bootstrap-server",
+      brokers,
+      "--topic",
+      throughputTopic,
+      "--num-records",
+      String(n),
+      "--group",
+      `bench-perf-${stamp()}`,
+      "--timeout",
+      "60000"
+    ])
+  )
+  // ConsumerPerformance prints a header and one CSV line: ..., nMsg.sec is the 6th column.
+  const perfLine =
+    perf
+      .trim()
+      .split("\n")
+      .at(-1)
+      ?.split(",")
+      .map((c) => c.trim()) ?? []
+  const perfRate = Number(perfLine[5])
+  const rawSeconds = yield* Effect.promise(() => rawKafkajs(brokers, throughputTopic, n, {}))
+  const oursSeconds = yield* ours(brokers, throughputTopic, n, { workers: 8 }, (record) =>
+    Effect.orDie(decode(new TextDecoder().decode(record.value ?? new Uint8Array())))
+  )
+  const throughput = {
+    records: n,
+    recordBytes: 1024,
+    oursPerSecond: Math.round(n / oursSeconds),
+    kafkajsEachBatchPerSecond: Math.round(n / rawSeconds),
+    consumerPerformancePerSecond: Math.round(perfRate),
+    oursOverKafkajs: Number((rawSeconds / oursSeconds).toFixed(2))
+  }
+  results.throughput = throughput
+  yield* log(`(a) throughput, ${n} x 1 KiB, 6 partitions, no-op handler:
+    ours (Schema-decoded)        ${throughput.oursPerSecond} records/s
+    raw kafkajs eachBatch        ${throughput.kafkajsEachBatchPerSecond} records/s
+    ConsumerPerformance (Java)   ${throughput.consumerPerformancePerSecond} records/s
+    ours / kafkajs               ${throughput.oursOverKafkajs}  (target ≥ 0.8)`)
+
+  // (b) I/O-bound
+  const ioTopic = `bench-io-${stamp()}`
+  const m = 20_000
+  yield* Effect.promise(() => createTopic(brokers, ioTopic, 6))
+  yield* KafkaProducer.sendAll(
+    Array.from({ length: m }, (_, i) => ({ topic: ioTopic, key: `key-${i % 10_000}`, value: String(i) }))
+  ).pipe(
+    Effect.provide(
+      KafkaProducer.layer({ batchSize: 2000, queueCapacity: 50_000 }).pipe(Layer.provide(clientLayer(brokers)))
+    )
+  )
+  const lastByKey = new Map<string, number>()
+  let violations = 0
+  const oursIo = yield* ours(brokers, ioTopic, m, { workers: 64, maxInFlight: 5000 }, (record) =>
+    Effect.sync(() => {
+      const key = new TextDecoder().decode(record.key ?? new Uint8Array())
+      const index = Number(new TextDecoder().decode(record.value ?? new Uint8Array()))
+      if ((lastByKey.get(key) ?? -1) > index) violations++
+      lastByKey.set(key, index)
+    }).pipe(Effect.andThen(Effect.sleep("5 millis")))
+  )
+  const rawIo = yield* Effect.promise(() =>
+    rawKafkajs(brokers, ioTopic, m, {
+      concurrency: 6,
+      eachMessage: () => new Promise((resolve) => setTimeout(resolve, 5))
+    })
+  )
+  const io = {
+    records: m,
+    keys: 10_000,
+    handlerMs: 5,
+    oursSeconds: Number(oursIo.toFixed(2)),
+    kafkajsEachMessageSeconds: Number(rawIo.toFixed(2)),
+    speedup: Number((rawIo / oursIo).toFixed(1)),
+    orderViolations: violations
+  }
+  results.ioBound = io
+  yield* log(`(b) I/O-bound, ${m} records, 10,000 keys, 5 ms handler:
+    ours, 64 workers             ${io.oursSeconds} s
+    kafkajs eachMessage, 6 conc. ${io.kafkajsEachMessageSeconds} s
+    speed-up                     ${io.speedup}x  (target ≥ 8x)
+    per-key order violations     ${io.orderViolations}`)
+
+  // (c) Memory
+  const memTopic = `bench-memory-${stamp()}`
+  const big = 1_000_000
+  yield* Effect.promise(() => createTopic(brokers, memTopic, 6))
+  yield* Effect.promise(() => fillWithPerfProducer(jars, brokers, memTopic, big, 200))
+  const memory = yield* Effect.promise(
+    () =>
+      new Promise<{ peakMb: number; samples: Array<number>; seconds: number }>((resolve, reject) => {
+        const groupId = `bench-memory-${stamp()}`
+        const child = spawn(
+          process.execPath,
+          [
+            "--experimental-strip-types",
+            "--no-warnings",
+            Path.join(here, "..", "test", "support", "consumerProcess.ts")
+          ],
+          {
+            env: {
+              PATH: process.env.PATH ?? "",
+              KAFKA_BROKERS: brokers,
+              KAFKA_CONSUMER_TOPIC: memTopic,
+              KAFKA_CONSUMER_GROUP_ID: groupId,
+              KAFKA_CONSUMER_WORKERS: "64",
+              HANDLER_DELAY_MS: "1",
+              LOG_LEVEL: "warn"
+            },
+            stdio: ["ignore", "pipe", "inherit"]
+          }
+        )
+        let handled = 0
+        child.stdout.on("data", (chunk: Buffer) => {
+          for (const byte of chunk) if (byte === 10) handled++
+          if (handled >= big) child.kill("SIGTERM")
+        })
+        const samples: Array<number> = []
+        const started = performance.now()
+        const timer = setInterval(() => {
+          try {
+            const status = Fs.readFileSync(`/proc/${child.pid}/status`, "utf8")
+            const rss = Number(/VmRSS:\s+(\d+)/.exec(status)?.[1] ?? 0) / 1024
+            samples.push(Math.round(rss))
+          } catch {
+            // the process is gone
+          }
+        }, 500)
+        child.on("exit", () => {
+          clearInterval(timer)
+          if (handled < big) reject(new Error(`the memory consumer exited after ${handled} records`))
+          else resolve({ peakMb: Math.max(...samples), samples, seconds: (performance.now() - started) / 1000 })
+        })
+      })
+  )
+  const half = Math.floor(memory.samples.length / 2)
+  const memoryResult = {
+    records: big,
+    handlerMs: 1,
+    peakRssMb: memory.peakMb,
+    firstHalfPeakMb: Math.max(...memory.samples.slice(0, half)),
+    secondHalfPeakMb: Math.max(...memory.samples.slice(half)),
+    seconds: Number(memory.seconds.toFixed(1))
+  }
+  results.memory = memoryResult
+  yield* log(`(c) memory, draining ${big} records with a 1 ms handler (64 workers):
+    peak RSS                     ${memoryResult.peakRssMb} MB (target ≤ 250 MB)
+    first / second half peak     ${memoryResult.firstHalfPeakMb} / ${memoryResult.secondHalfPeakMb} MB
+    drained in                   ${memoryResult.seconds} s`)
+
+  Fs.mkdirSync(Path.join(here, "results"), { recursive: true })
+  Fs.writeFileSync(Path.join(here, "results", "consumer.json"), `${JSON.stringify(results, null, 2)}\n`)
+  yield* log("written to bench/results/consumer.json")
+}).pipe(Effect.scoped)
+
+Effect.runPromise(main).catch((error) => {
+  console.error(error)
+  process.exit(1)
+})
