@@ -96,51 +96,77 @@ export const make = (options: ConsumerOptions): Effect.Effect<Consumer["Service"
         // uncommitted — which bounds what a crash can make the group handle twice.
         let uncommitted = 0
         let waitingForWindow = 0
-        let windowReleased = Deferred.makeUnsafe<void>()
+        // Completed when places are given back, or when a record finishes while a submitter waits (a commit can
+        // then give places back).
+        let windowChanged = Deferred.makeUnsafe<void>()
+        const signalWindow = () => {
+          const changed = windowChanged
+          windowChanged = Deferred.makeUnsafe<void>()
+          Deferred.doneUnsafe(changed, Effect.void)
+        }
         const release = (records: number) => {
           if (records === 0) return
           uncommitted -= records
-          const released = windowReleased
-          windowReleased = Deferred.makeUnsafe<void>()
-          Deferred.doneUnsafe(released, Effect.void)
+          signalWindow()
         }
-        const takeWindowPlace = Effect.gen(function* () {
-          while (uncommitted >= options.maxInFlight) {
-            waitingForWindow++
-            yield* Deferred.await(windowReleased).pipe(
-              Effect.ensuring(
-                Effect.sync(() => {
-                  waitingForWindow--
-                })
+        /** Takes up to `wanted` places (at least one), committing what finished while the window is full. */
+        const takeWindowPlaces = (connection: KafkaClient.ConsumerConnection, wanted: number) =>
+          Effect.gen(function* () {
+            while (uncommitted >= options.maxInFlight) {
+              const changed = windowChanged
+              // Finished records of any active batch free places once committed: commit them all now.
+              yield* commitAll(connection)
+              if (uncommitted < options.maxInFlight) break
+              waitingForWindow++
+              yield* Deferred.await(changed).pipe(
+                Effect.ensuring(
+                  Effect.sync(() => {
+                    waitingForWindow--
+                  })
+                )
               )
-            )
-          }
-          uncommitted++
-        })
-        // Set when shutdown starts: batch calls take no new records and wait at most shutdownTimeout.
-        const stopping = yield* Deferred.make<void>()
+            }
+            const taken = Math.min(wanted, options.maxInFlight - uncommitted)
+            uncommitted += taken
+            return taken
+          })
 
         /** A record's handler, tried until it succeeds; failures and defects are logged with its coordinates. */
         const services = yield* Effect.context<R>()
+        const retryFailed = (record: KafkaClient.ConsumedRecord, first: Cause.Cause<E>) =>
+          Effect.logError("handler failed; the record will be tried again", Cause.pretty(first)).pipe(
+            Effect.annotateLogs(coordinates(record)),
+            Effect.andThen(
+              handler(record).pipe(
+                // Defects count as failures too: the record is tried again, the pool never crashes.
+                Effect.sandbox,
+                Effect.tapError((cause) =>
+                  Cause.hasInterruptsOnly(cause)
+                    ? Effect.void
+                    : Effect.logError("handler failed again", Cause.pretty(cause)).pipe(
+                        Effect.annotateLogs(coordinates(record))
+                      )
+                ),
+                Effect.retry({ schedule: retrySchedule, while: (cause) => !Cause.hasInterruptsOnly(cause) }),
+                Effect.delay(Duration.millis(100))
+              )
+            ),
+            Effect.ignore
+          )
+        // The fast path is the handler alone; only a failure pays for logging and the retry schedule.
         const handle = (record: KafkaClient.ConsumedRecord) =>
           handler(record).pipe(
-            // Defects count as failures too: the record is tried again, the pool never crashes.
-            Effect.sandbox,
-            Effect.tapError((cause) =>
-              Cause.hasInterruptsOnly(cause)
-                ? Effect.void
-                : Effect.logError("handler failed; the record will be tried again", Cause.pretty(cause)).pipe(
-                    Effect.annotateLogs(coordinates(record))
-                  )
+            Effect.catchCause((cause) =>
+              Cause.hasInterruptsOnly(cause) ? Effect.failCause(cause) : retryFailed(record, cause)
             ),
-            Effect.retry({ schedule: retrySchedule, while: (cause) => !Cause.hasInterruptsOnly(cause) }),
             Effect.ignore,
             Effect.provideContext(services)
           )
 
-        const commit = (connection: KafkaClient.ConsumerConnection, partition: KafkaClient.TopicPartition) =>
+        const commitAll = (connection: KafkaClient.ConsumerConnection) => commit(connection)
+        const commit = (connection: KafkaClient.ConsumerConnection, partition?: KafkaClient.TopicPartition) =>
           Effect.suspend(() => {
-            const commits = tracker.takeCommits([partition])
+            const commits = tracker.takeCommits(partition === undefined ? undefined : [partition])
             if (commits.length === 0) return Effect.void
             return connection.commit(commits).pipe(
               Effect.tap(() => Effect.sync(() => release(commits.reduce((n, c) => n + c.records, 0)))),
@@ -176,8 +202,13 @@ export const make = (options: ConsumerOptions): Effect.Effect<Consumer["Service"
               })
           )
 
+        // `stopping` is set when this member incarnation stops (shutdown, or a crash before a restart): its batch
+        // calls take no new records and wait at most shutdownTimeout.
         const handleBatch =
-          (connection: KafkaClient.ConsumerConnection): KafkaClient.BatchHandler<R> =>
+          (
+            connection: KafkaClient.ConsumerConnection,
+            stopping: Deferred.Deferred<void>
+          ): KafkaClient.BatchHandler<R> =>
           (batch, session) =>
             Effect.gen(function* () {
               const partition = { topic: batch.topic, partition: batch.partition }
@@ -189,46 +220,38 @@ export const make = (options: ConsumerOptions): Effect.Effect<Consumer["Service"
               let submitted = false
               let resumeAt: bigint | undefined
               const allDone = Deferred.makeUnsafe<void>()
-              // Heartbeat and commit progress every tick for as long as the batch call runs, submitting included:
-              // with the pool full, submitting is most of a large batch's time.
-              // While records wait for a place in the commit window, commit every 10 ms instead: finished
-              // records are what frees places.
-              yield* Effect.gen(function* () {
-                let sinceHeartbeat = Duration.zero
-                while (true) {
-                  const pause = waitingForWindow > 0 ? Duration.millis(10) : tick
-                  yield* Effect.sleep(pause)
-                  sinceHeartbeat = Duration.sum(sinceHeartbeat, pause)
-                  if (Duration.isGreaterThanOrEqualTo(sinceHeartbeat, tick)) {
-                    sinceHeartbeat = Duration.zero
-                    yield* session.heartbeat.pipe(
-                      Effect.catch((error) => Effect.logWarning(`heartbeat failed: ${error.message}`))
-                    )
-                  }
-                  yield* commit(connection, partition)
-                }
-              }).pipe(Effect.forkScoped)
-              for (const record of batch.records) {
+              // Heartbeat and commit progress every tick for as long as the batch call runs, submitting included.
+              yield* session.heartbeat.pipe(
+                Effect.catch((error) => Effect.logWarning(`heartbeat failed: ${error.message}`)),
+                Effect.andThen(commit(connection, partition)),
+                Effect.delay(tick),
+                Effect.forever,
+                Effect.forkScoped
+              )
+              const records = batch.records
+              const finish = (record: KafkaClient.ConsumedRecord) =>
+                Effect.sync(() => {
+                  tracker.finished(record.topic, record.partition, record.offset)
+                  remaining--
+                  if (submitted && remaining === 0) Deferred.doneUnsafe(allDone, Effect.void)
+                  if (waitingForWindow > 0) signalWindow()
+                })
+              let index = 0
+              while (index < records.length) {
                 // A pending rebalance or shutdown: take no more of this batch. What is not finished is not
                 // committed, so the partition's next owner (maybe this member) fetches it again.
                 if ((yield* Deferred.isDone(stopping)) || (yield* session.isStale)) {
-                  resumeAt = record.offset
+                  resumeAt = records[index]?.offset
                   break
                 }
-                yield* takeWindowPlace
-                tracker.delivered(record.topic, record.partition, record.offset)
-                remaining++
-                yield* pool.submit(
-                  record.key,
-                  Effect.ensuring(
-                    handle(record),
-                    Effect.sync(() => {
-                      tracker.finished(record.topic, record.partition, record.offset)
-                      remaining--
-                      if (submitted && remaining === 0) Deferred.doneUnsafe(allDone, Effect.void)
-                    })
-                  )
-                )
+                // Places in the window for a chunk of records at once, then the chunk to the pool.
+                const taken = yield* takeWindowPlaces(connection, Math.min(records.length - index, 512))
+                for (const record of records.slice(index, index + taken)) {
+                  tracker.delivered(record.topic, record.partition, record.offset)
+                  remaining++
+                  yield* pool.submit(record.key, Effect.ensuring(handle(record), finish(record)))
+                }
+                index += taken
               }
               submitted = true
               if (remaining === 0) Deferred.doneUnsafe(allDone, Effect.void)
@@ -255,6 +278,7 @@ export const make = (options: ConsumerOptions): Effect.Effect<Consumer["Service"
             }).pipe(Effect.scoped, trackBatch)
 
         const member = Effect.gen(function* () {
+          const stopping = yield* Deferred.make<void>()
           const connection = yield* client.consumer({
             groupId: options.groupId,
             topics: options.topics,
@@ -285,7 +309,7 @@ export const make = (options: ConsumerOptions): Effect.Effect<Consumer["Service"
             ),
             Effect.forkScoped
           )
-          yield* connection.run(handleBatch(connection))
+          yield* connection.run(handleBatch(connection, stopping))
           yield* Effect.logInfo(`consuming ${options.topics.join(", ")} as ${options.groupId}`)
           return yield* connection.crashed
         }).pipe(Effect.scoped)

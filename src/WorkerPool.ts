@@ -61,7 +61,15 @@ export const make = (options: WorkerPoolOptions): Effect.Effect<WorkerPool, neve
     const worker = (queue: Queue.Queue<Effect.Effect<void>>) =>
       Effect.forever(
         Effect.flatMap(Queue.takeBetween(queue, 1, chunk), (jobs) =>
-          Effect.forEach(jobs, (job) => job.pipe(Effect.ensuring(permits.release(1))), { discard: true })
+          // Places are given back per chunk, not per job: one release for the lot.
+          Effect.forEach(jobs, (job) => job, { discard: true }).pipe(
+            Effect.ensuring(
+              Effect.suspend(() => {
+                running -= jobs.length
+                return permits.release(jobs.length)
+              })
+            )
+          )
         )
       )
     const fibers = yield* Effect.forEach(queues, (queue) => Effect.forkScoped(worker(queue)))
@@ -72,15 +80,7 @@ export const make = (options: WorkerPoolOptions): Effect.Effect<WorkerPool, neve
       yield* permits.take(1)
       running++
       const shard = key === null ? roundRobin++ % options.workers : shardOf(key, options.workers)
-      yield* Queue.offer(
-        queues[shard] as Queue.Queue<Effect.Effect<void>>,
-        Effect.ensuring(
-          job,
-          Effect.sync(() => {
-            running--
-          })
-        )
-      )
+      yield* Queue.offer(queues[shard] as Queue.Queue<Effect.Effect<void>>, job)
     })
 
     return { submit, inFlight: Effect.sync(() => running) }

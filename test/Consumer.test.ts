@@ -3,6 +3,7 @@ import { Deferred, Duration, Effect, Fiber, Layer } from "effect"
 import { TestClock } from "effect/testing"
 import * as Consumer from "../src/Consumer.ts"
 import * as InMemoryKafka from "../src/InMemoryKafka.ts"
+import * as KafkaClient from "../src/KafkaClient.ts"
 
 const text = (bytes: Uint8Array | null) => (bytes === null ? "" : new TextDecoder().decode(bytes))
 
@@ -191,5 +192,37 @@ describe("Consumer", () => {
       assert.strictEqual(yield* InMemoryKafka.awaitCommitted("g", "events", 0, 1n), 1n)
       yield* Fiber.interrupt(fiber)
     }).pipe(Effect.provide(setup(1)))
+  )
+
+  it.effect("a member whose client crashed is restarted on the restart schedule, and goes on consuming", () =>
+    Effect.gen(function* () {
+      const inner = yield* KafkaClient.KafkaClient
+      let connections = 0
+      // The first connection reports a crash at once, as kafkajs does when it gives up.
+      const crashing = KafkaClient.KafkaClient.of({
+        ...inner,
+        consumer: (consumerOptions) =>
+          Effect.map(inner.consumer(consumerOptions), (connection) =>
+            ++connections === 1
+              ? {
+                  ...connection,
+                  crashed: Effect.fail(
+                    new KafkaClient.KafkaError({
+                      operation: "consume",
+                      reason: new KafkaClient.ConnectionFailed({ brokers: "b", detail: "gone" })
+                    })
+                  )
+                }
+              : connection
+          )
+      })
+      const consumer = yield* Consumer.make(options()).pipe(Effect.provideService(KafkaClient.KafkaClient, crashing))
+      yield* InMemoryKafka.produce("events", [{ key: "a", value: "x" }])
+      const fiber = yield* Effect.forkChild(consumer.run(() => Effect.void))
+      yield* advanceUntil(() => connections >= 2, "100 millis", 200)
+      assert.strictEqual(connections, 2, "restarted once")
+      assert.strictEqual(yield* InMemoryKafka.awaitCommitted("g", "events", 0, 1n), 1n)
+      yield* Fiber.interrupt(fiber)
+    }).pipe(Effect.provide(InMemoryKafka.layer({ topics: [{ topic: "events", partitions: 1 }] })))
   )
 })
