@@ -352,7 +352,9 @@ export const make = (
           ...(options.fetchMinBytes !== undefined && { minBytes: options.fetchMinBytes }),
           ...(options.fetchMaxBytes !== undefined && {
             maxBytes: options.fetchMaxBytes,
-            maxBytesPerPartition: options.fetchMaxBytes
+            // kafkajs' default per partition (1 MiB) unless the total is smaller: a batch is held in memory until
+            // its batch call returns, and smaller batches also let a rebalance through sooner.
+            maxBytesPerPartition: Math.min(options.fetchMaxBytes, 1_048_576)
           }),
           ...(options.fetchMaxWait && { maxWaitTimeInMs: Duration.toMillis(options.fetchMaxWait) }),
           // kafkajs restarting itself would hide the crash from the Consumer, whose Schedule restarts it instead.
