@@ -295,6 +295,7 @@ const main = Effect.gen(function* () {
               KAFKA_CONSUMER_GROUP_ID: groupId,
               KAFKA_CONSUMER_WORKERS: "64",
               HANDLER_DELAY_MS: "1",
+              PROGRESS_EVERY: "10000",
               LOG_LEVEL: "warn"
             },
             stdio: ["ignore", "pipe", "inherit"]
@@ -302,7 +303,7 @@ const main = Effect.gen(function* () {
         )
         let handled = 0
         child.stdout.on("data", (chunk: Buffer) => {
-          for (const byte of chunk) if (byte === 10) handled++
+          for (const match of chunk.toString("utf8").matchAll(/count (\d+)/g)) handled = Number(match[1])
           if (handled >= big) child.kill("SIGTERM")
         })
         const samples: Array<number> = []
