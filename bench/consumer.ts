@@ -302,8 +302,12 @@ const main = Effect.gen(function* () {
           }
         )
         let handled = 0
+        let pending = ""
         child.stdout.on("data", (chunk: Buffer) => {
-          for (const match of chunk.toString("utf8").matchAll(/count (\d+)/g)) handled = Number(match[1])
+          // Whole lines only: a chunk may end in the middle of one.
+          const lines = (pending + chunk.toString("utf8")).split("\n")
+          pending = lines.pop() ?? ""
+          for (const line of lines) handled = Number(/^count (\d+)$/.exec(line)?.[1] ?? handled)
           if (handled >= big) child.kill("SIGTERM")
         })
         const samples: Array<number> = []
