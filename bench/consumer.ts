@@ -301,15 +301,23 @@ const main = Effect.gen(function* () {
             stdio: ["ignore", "pipe", "inherit"]
           }
         )
+        // Drained when the group's committed offsets add up to the backlog (the process prints only a count).
         let handled = 0
-        let pending = ""
-        child.stdout.on("data", (chunk: Buffer) => {
-          // Whole lines only: a chunk may end in the middle of one.
-          const lines = (pending + chunk.toString("utf8")).split("\n")
-          pending = lines.pop() ?? ""
-          for (const line of lines) handled = Number(/^count (\d+)$/.exec(line)?.[1] ?? handled)
-          if (handled >= big) child.kill("SIGTERM")
-        })
+        const admin = raw(brokers).admin()
+        const drained = setInterval(() => {
+          void admin
+            .connect()
+            .then(() => admin.fetchOffsets({ groupId, topics: [memTopic] }))
+            .then((topics) => {
+              handled = (topics[0]?.partitions ?? []).reduce((n, p) => n + Math.max(0, Number(p.offset)), 0)
+              if (handled >= big) {
+                clearInterval(drained)
+                void admin.disconnect()
+                child.kill("SIGTERM")
+              }
+            })
+            .catch(() => undefined)
+        }, 1000)
         const samples: Array<number> = []
         const started = performance.now()
         const timer = setInterval(() => {
@@ -323,6 +331,7 @@ const main = Effect.gen(function* () {
         }, 500)
         child.on("exit", () => {
           clearInterval(timer)
+          clearInterval(drained)
           if (handled < big) reject(new Error(`the memory consumer exited after ${handled} records`))
           else resolve({ peakMb: Math.max(...samples), samples, seconds: (performance.now() - started) / 1000 })
         })
