@@ -4,16 +4,9 @@ import { TestClock } from "effect/testing"
 import * as Consumer from "../src/Consumer.ts"
 import * as InMemoryKafka from "../src/InMemoryKafka.ts"
 import * as KafkaClient from "../src/KafkaClient.ts"
+import { random } from "./support/random.ts"
 
 const text = (bytes: Uint8Array | null) => (bytes === null ? "" : new TextDecoder().decode(bytes))
-
-/** mulberry32: deterministic random latencies, so a failure can be replayed. */
-const random = (seed: number) => () => {
-  seed = (seed + 0x6d2b79f5) | 0
-  let t = Math.imul(seed ^ (seed >>> 15), 1 | seed)
-  t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t
-  return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-}
 
 const options = (overrides: Partial<Consumer.ConsumerOptions> = {}): Consumer.ConsumerOptions => ({
   groupId: "g",

@@ -3,31 +3,17 @@ import * as Os from "node:os"
 import * as Path from "node:path"
 import { assert, describe, it } from "@effect/vitest"
 import { Deferred, Effect, Exit, Fiber, Layer, Ref, Schedule } from "effect"
-import { Partitioners } from "kafkajs"
 import { inject } from "vitest"
 import * as Broker from "../scripts/kafka/broker.ts"
 import * as KafkaProducer from "../src/KafkaProducer.ts"
 import { clientLayer, configFor, createTopic, readTopic, uniqueName } from "./support/kafka.ts"
+import { kafkajsPartitionFor } from "./support/partitioner.ts"
 
 const brokers = inject("kafkaBrokers")
 
 /** KafkaProducer.layerConfig over KafkaClient.layerConfig, both configured by `env`, against `at`. */
 const producerLayer = (at: string, env: Record<string, string> = {}) =>
   KafkaProducer.layerConfig.pipe(Layer.provideMerge(clientLayer(at, env)), Layer.provide(configFor(at, env)))
-
-/** kafkajs' default partitioner (murmur2, as the Java client), asked directly. */
-const kafkajsPartitionFor = (topic: string, partitions: number) => {
-  const partitioner = Partitioners.DefaultPartitioner()
-  const partitionMetadata = Array.from({ length: partitions }, (_, partitionId) => ({
-    partitionId,
-    leader: 1,
-    replicas: [1],
-    isr: [1],
-    offlineReplicas: [],
-    partitionErrorCode: 0
-  }))
-  return (key: string) => partitioner({ topic, partitionMetadata, message: { key, value: null } })
-}
 
 /** A temporary directory for a broker that must survive its own restart. */
 const brokerDir = Effect.acquireRelease(

@@ -1,14 +1,7 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Effect } from "effect"
 import * as OffsetTracker from "../src/OffsetTracker.ts"
-
-/** A small deterministic PRNG (mulberry32), so a failing case can be replayed from its seed. */
-const random = (seed: number) => () => {
-  seed = (seed + 0x6d2b79f5) | 0
-  let t = Math.imul(seed ^ (seed >>> 15), 1 | seed)
-  t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t
-  return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-}
+import { random } from "./support/random.ts"
 
 describe("OffsetTracker", () => {
   it.effect("commits up to the first unfinished record, then past it once it finishes", () =>

@@ -1,26 +1,17 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Effect } from "effect"
-import { Partitioners } from "kafkajs"
 import { murmur2, partitionForKey } from "../../src/internal/murmur2.ts"
+import { kafkajsPartitionFor } from "../support/partitioner.ts"
 
 describe("murmur2 partitioner", () => {
   it.effect("matches kafkajs' DefaultPartitioner (Java-compatible) for 10,000 keys and several partition counts", () =>
     Effect.sync(() => {
       for (const partitions of [1, 3, 6, 12, 100]) {
-        const partitioner = Partitioners.DefaultPartitioner()
-        const partitionMetadata = Array.from({ length: partitions }, (_, partitionId) => ({
-          partitionId,
-          leader: 1,
-          replicas: [1],
-          isr: [1],
-          offlineReplicas: [],
-          partitionErrorCode: 0
-        }))
+        const expected = kafkajsPartitionFor("t", partitions)
         for (let i = 0; i < 10_000; i++) {
           // Keys of every length mod 4, and non-ASCII ones.
           const key = `k${i}${"é".repeat(i % 5)}`
-          const expected = partitioner({ topic: "t", partitionMetadata, message: { key, value: null } })
-          assert.strictEqual(partitionForKey(key, partitions), expected, `key ${key} among ${partitions}`)
+          assert.strictEqual(partitionForKey(key, partitions), expected(key), `key ${key} among ${partitions}`)
         }
       }
     })
