@@ -3,6 +3,9 @@
  * environment like the programs, it handles each record by waiting `HANDLER_DELAY_MS` and printing one line on
  * stdout, `processed <partition> <offset> <key> <value>`. Logs (assignments, commits at debug) go to stderr as
  * JSON. SIGTERM shuts it down gracefully.
+ *
+ * With PROGRESS_EVERY=n it prints only `count <total>` every n records: a line per record would pile up in this
+ * process's stdout buffer when the reader is slower, which is not what a memory benchmark should measure.
  */
 import { Duration, Effect, Layer } from "effect"
 import * as Consumer from "../../src/Consumer.ts"
@@ -11,18 +14,26 @@ import * as KafkaClient from "../../src/KafkaClient.ts"
 import * as Observability from "../../src/Observability.ts"
 
 const delay = Duration.millis(Number(process.env.HANDLER_DELAY_MS ?? "0"))
+const progressEvery = Number(process.env.PROGRESS_EVERY ?? "0")
 const text = (bytes: Uint8Array | null) => (bytes === null ? "" : new TextDecoder().decode(bytes))
+let handled = 0
+
+const report = (record: {
+  readonly partition: number
+  readonly offset: bigint
+  readonly key: Uint8Array | null
+  readonly value: Uint8Array | null
+}) => {
+  handled++
+  if (progressEvery > 0) {
+    if (handled % progressEvery === 0) process.stdout.write(`count ${handled}\n`)
+  } else {
+    process.stdout.write(`processed ${record.partition} ${record.offset} ${text(record.key)} ${text(record.value)}\n`)
+  }
+}
 
 const program = Consumer.run((record) =>
-  Effect.sleep(delay).pipe(
-    Effect.andThen(
-      Effect.sync(() => {
-        process.stdout.write(
-          `processed ${record.partition} ${record.offset} ${text(record.key)} ${text(record.value)}\n`
-        )
-      })
-    )
-  )
+  Effect.sleep(delay).pipe(Effect.andThen(Effect.sync(() => report(record))))
 ).pipe(
   Effect.provide(Consumer.layerConfig.pipe(Layer.provideMerge(KafkaClient.layerConfig))),
   Effect.provide(Observability.layerLoggerConfig)
