@@ -274,22 +274,46 @@ export const make = (
             return chosen
           }
         }
-        const client = kafka.producer({
-          idempotent: options.idempotent,
-          // One request at a time per broker: kafkajs keeps per-partition order only with 1.
-          maxInFlightRequests: 1,
-          allowAutoTopicCreation: false,
-          createPartitioner,
-          // The least kafkajs accepts for an idempotent producer; the Producer's Schedule does the rest.
-          retry: { retries: 1, initialRetryTime: 100, maxRetryTime: 1_000 }
-        })
-        yield* Effect.acquireRelease(
+        const newClient = () =>
+          kafka.producer({
+            idempotent: options.idempotent,
+            // One request at a time per broker: kafkajs keeps per-partition order only with 1.
+            maxInFlightRequests: 1,
+            allowAutoTopicCreation: false,
+            createPartitioner,
+            // The least kafkajs accepts for an idempotent producer; the Producer's Schedule does the rest.
+            retry: { retries: 1, initialRetryTime: 100, maxRetryTime: 1_000 }
+          })
+        // After a failed send an idempotent kafkajs producer is not reused: across a broker restart its sequence
+        // numbers were seen to go back to ones the broker had already stored, so the broker dropped a later batch
+        // as a "duplicate" and acked it (acked records lost). A fresh producer gets a fresh producer id, whose
+        // sequences cannot collide; a retried batch that had in fact been stored is then stored twice
+        // (at-least-once), never lost.
+        let client = newClient()
+        let tainted = false
+        const connect = (c: ReturnType<typeof newClient>) =>
           retryConnect(
-            attempt(brokers, "connect producer", () => client.connect()),
+            attempt(brokers, "connect producer", () => c.connect()),
             schedule
-          ),
-          () => Effect.promise(() => client.disconnect().catch(() => undefined))
+          )
+        yield* Effect.acquireRelease(connect(client), () =>
+          Effect.promise(() => client.disconnect().catch(() => undefined))
         )
+        const healthyClient = Effect.suspend(() => {
+          if (!tainted) return Effect.succeed(client)
+          const old = client
+          const fresh = newClient()
+          return connect(fresh).pipe(
+            Effect.tap(() =>
+              Effect.sync(() => {
+                client = fresh
+                tainted = false
+                void old.disconnect().catch(() => undefined)
+              })
+            ),
+            Effect.as(fresh)
+          )
+        })
         const timeout = options.ackTimeout === undefined ? undefined : Duration.toMillis(options.ackTimeout)
         const send = (records: ReadonlyArray<KafkaClient.ProducerRecord>) =>
           Effect.suspend(() => {
@@ -309,12 +333,20 @@ export const make = (
             })
             const topicMessages = [...byTopic].map(([topic, messages]) => ({ topic, messages }))
             const firstTopic = records[0]?.topic
-            return attempt(
-              brokers,
-              "produce",
-              () => client.sendBatch({ topicMessages, acks: options.acks, ...(timeout !== undefined && { timeout }) }),
-              byTopic.size === 1 ? { topic: firstTopic } : undefined
+            return Effect.flatMap(healthyClient, (current) =>
+              attempt(
+                brokers,
+                "produce",
+                () =>
+                  current.sendBatch({ topicMessages, acks: options.acks, ...(timeout !== undefined && { timeout }) }),
+                byTopic.size === 1 ? { topic: firstTopic } : undefined
+              )
             ).pipe(
+              Effect.tapError((error) =>
+                Effect.sync(() => {
+                  if (options.idempotent && error.retriable) tainted = true
+                })
+              ),
               Effect.map((responses) => {
                 const base = new Map<string, bigint>()
                 for (const response of responses) {
