@@ -26,6 +26,7 @@
  */
 import { Cause, Context, Deferred, Duration, Effect, Layer, Option, Schedule, Stream } from "effect"
 import * as KafkaConfig from "./Config.ts"
+import * as ChangeSignal from "./internal/changeSignal.ts"
 import * as KafkaClient from "./KafkaClient.ts"
 import * as OffsetTracker from "./OffsetTracker.ts"
 import * as WorkerPool from "./WorkerPool.ts"
@@ -98,27 +99,22 @@ export const make = (options: ConsumerOptions): Effect.Effect<Consumer["Service"
         let waitingForWindow = 0
         // Completed when places are given back, or when a record finishes while a submitter waits (a commit can
         // then give places back).
-        let windowChanged = Deferred.makeUnsafe<void>()
-        const signalWindow = () => {
-          const changed = windowChanged
-          windowChanged = Deferred.makeUnsafe<void>()
-          Deferred.doneUnsafe(changed, Effect.void)
-        }
+        const windowChanged = ChangeSignal.make()
         const release = (records: number) => {
           if (records === 0) return
           uncommitted -= records
-          signalWindow()
+          windowChanged.notify()
         }
         /** Takes up to `wanted` places (at least one), committing what finished while the window is full. */
         const takeWindowPlaces = (connection: KafkaClient.ConsumerConnection, wanted: number) =>
           Effect.gen(function* () {
             while (uncommitted >= options.maxInFlight) {
-              const changed = windowChanged
+              const changed = windowChanged.ticket()
               // Finished records of any active batch free places once committed: commit them all now.
               yield* commitAll(connection)
               if (uncommitted < options.maxInFlight) break
               waitingForWindow++
-              yield* Deferred.await(changed).pipe(
+              yield* changed.pipe(
                 Effect.ensuring(
                   Effect.sync(() => {
                     waitingForWindow--
@@ -234,7 +230,7 @@ export const make = (options: ConsumerOptions): Effect.Effect<Consumer["Service"
                   tracker.finished(record.topic, record.partition, record.offset)
                   remaining--
                   if (submitted && remaining === 0) Deferred.doneUnsafe(allDone, Effect.void)
-                  if (waitingForWindow > 0) signalWindow()
+                  if (waitingForWindow > 0) windowChanged.notify()
                 })
               let index = 0
               while (index < records.length) {

@@ -24,6 +24,7 @@
  * ```
  */
 import { Clock, Context, Deferred, Effect, Layer, Scope, Semaphore, SubscriptionRef } from "effect"
+import * as ChangeSignal from "./internal/changeSignal.ts"
 import { partitionForKey } from "./internal/murmur2.ts"
 import * as KafkaClient from "./KafkaClient.ts"
 
@@ -114,18 +115,10 @@ export const make = (options: InMemoryKafkaOptions = {}) =>
     const topics = new Map<string, Topic>()
     const groups = new Map<string, Group>()
     let memberSeq = 0
-    // Waiters of `changed` hold the current signal; any change completes it and installs a fresh one.
-    let signal = Deferred.makeUnsafe<void>()
-    const notify = () => {
-      const done = signal
-      signal = Deferred.makeUnsafe<void>()
-      Deferred.doneUnsafe(done, Effect.void)
-    }
-    /** Takes a ticket for the next change: call it before checking a condition, then wait on it. */
-    const nextChange = (): Effect.Effect<void> => {
-      const current = signal
-      return Deferred.await(current)
-    }
+    // Any change (a record, a commit, an assignment) notifies; waiters take a ticket before checking.
+    const changes = ChangeSignal.make()
+    const notify = changes.notify
+    const nextChange = changes.ticket
 
     const createTopic = (spec: KafkaClient.TopicSpec) => {
       topics.set(spec.topic, {
