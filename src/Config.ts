@@ -93,7 +93,13 @@ export interface ConsumerConfig {
   readonly fetchMinBytes: number
   readonly fetchMaxBytes: number
   readonly retryTopicPrefix: string
+  /** the delay of each retry topic, the first for `-1`; the last stands for any further ones */
+  readonly retryDelays: ReadonlyArray<Duration.Duration>
   readonly dlqTopic: string
+  /** whether missing main, retry and DLQ topics are created at start-up (else start-up fails naming them) */
+  readonly createTopics: boolean
+  /** partitions of a main topic created at start-up (retry and DLQ topics get the main topic's count) */
+  readonly topicPartitions: number
   /** most records queued or being handled; fetching waits beyond it */
   readonly maxInFlight: number
   readonly commitInterval: Duration.Duration
@@ -195,6 +201,14 @@ const brokerList: Parse<ReadonlyArray<string>> = (raw) => {
   return valid ? Option.some(brokers) : Option.none()
 }
 
+const delayList: Parse<ReadonlyArray<Duration.Duration>> = (raw) => {
+  const parts = raw.split(",").map((part) => part.trim())
+  const delays = parts.map((part) =>
+    /^\d{1,9}$/.test(part) && Number(part) <= 604_800_000 ? Number(part) : Number.NaN
+  )
+  return parts.length > 0 && delays.every(Number.isFinite) ? Option.some(delays.map(Duration.millis)) : Option.none()
+}
+
 /** Kafka's legal topic names: 1–249 of [a-zA-Z0-9._-], and not "." or "..". */
 const topicName: Parse<string> = (raw) =>
   /^[a-zA-Z0-9._-]{1,249}$/.test(raw) && raw !== "." && raw !== ".." ? Option.some(raw) : Option.none()
@@ -230,6 +244,9 @@ export const variables = [
   "KAFKA_CONSUMER_FETCH_MAX_BYTES",
   "KAFKA_RETRY_TOPIC_PREFIX",
   "KAFKA_DLQ_TOPIC",
+  "KAFKA_RETRY_DELAYS_MS",
+  "KAFKA_CREATE_TOPICS",
+  "KAFKA_TOPIC_PARTITIONS",
   "KAFKA_CONSUMER_MAX_IN_FLIGHT",
   "KAFKA_CONSUMER_COMMIT_INTERVAL_MS",
   "KAFKA_CONSUMER_SHUTDOWN_TIMEOUT_MS",
@@ -408,6 +425,22 @@ const readConsumer = (r: Reader): ConsumerConfig => {
   if (dlqTopic === topic) {
     r.problem("KAFKA_DLQ_TOPIC", r.raw("KAFKA_DLQ_TOPIC"), "a topic other than KAFKA_CONSUMER_TOPIC")
   }
+  const retryTopics = Array.from({ length: retryMax }, (_, i) => `${retryTopicPrefix}-${i + 1}`)
+  if (retryTopics.includes(topic) || retryTopics.includes(dlqTopic)) {
+    r.problem(
+      "KAFKA_RETRY_TOPIC_PREFIX",
+      r.raw("KAFKA_RETRY_TOPIC_PREFIX"),
+      "a prefix whose retry topics (prefix-1 … prefix-N) are neither KAFKA_CONSUMER_TOPIC nor KAFKA_DLQ_TOPIC"
+    )
+  }
+  const retryDelays = r.field(
+    "KAFKA_RETRY_DELAYS_MS",
+    [Duration.seconds(5), Duration.seconds(30), Duration.minutes(3)],
+    delayList,
+    "comma-separated whole numbers of milliseconds from 0 to 604800000, one per retry topic (the last repeats), e.g. 5000,30000,180000"
+  )
+  const createTopics = r.field("KAFKA_CREATE_TOPICS", false, boolean, booleanForm)
+  const topicPartitions = r.field("KAFKA_TOPIC_PARTITIONS", 6, integer(1, 10_000), "a whole number from 1 to 10000")
   const maxInFlight = r.field(
     "KAFKA_CONSUMER_MAX_IN_FLIGHT",
     Math.max(1000, workers * 20),
@@ -455,7 +488,10 @@ const readConsumer = (r: Reader): ConsumerConfig => {
     fetchMinBytes,
     fetchMaxBytes,
     retryTopicPrefix,
+    retryDelays,
     dlqTopic,
+    createTopics,
+    topicPartitions,
     maxInFlight,
     commitInterval,
     shutdownTimeout,

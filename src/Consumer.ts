@@ -24,7 +24,7 @@
  * NodeRuntime.runMain(program.pipe(Effect.provide(Consumer.layerConfig), Effect.provide(KafkaClient.layerConfig)))
  * ```
  */
-import { Cause, Context, Deferred, Duration, Effect, Layer, Option, Schedule, Stream } from "effect"
+import { Cause, Clock, Context, Deferred, Duration, Effect, Layer, Option, Schedule, type Scope, Stream } from "effect"
 import * as KafkaConfig from "./Config.ts"
 import * as ChangeSignal from "./internal/changeSignal.ts"
 import * as KafkaClient from "./KafkaClient.ts"
@@ -49,6 +49,12 @@ export interface ConsumerOptions {
   readonly retrySchedule?: Schedule.Schedule<unknown, unknown> | undefined
   /** how a crashed member is restarted. Default: exponential from 1 s, jittered, capped at 30 s */
   readonly restartSchedule?: Schedule.Schedule<unknown, KafkaClient.KafkaError> | undefined
+  /**
+   * When a record may be handled (epoch milliseconds; `undefined`: now). A partition whose next record is not due
+   * is paused until it is, without holding up other partitions. Records of a partition must be due in offset order
+   * (a retry topic with one fixed delay), so waiting for the head of a partition is enough.
+   */
+  readonly dueAt?: ((record: KafkaClient.ConsumedRecord) => number | undefined) | undefined
 }
 
 /** A record handler: it may fail; the Consumer tries the record again until it succeeds. */
@@ -181,6 +187,31 @@ export const make = (options: ConsumerOptions): Effect.Effect<Consumer["Service"
             )
           })
 
+        /** How many records from `index` on (at most `limit`) are due now. */
+        const dueRecords = (records: ReadonlyArray<KafkaClient.ConsumedRecord>, index: number, limit: number) =>
+          Effect.map(Clock.currentTimeMillis, (now) => {
+            let due = 0
+            while (due < limit) {
+              const record = records[index + due]
+              if (record === undefined || (options.dueAt?.(record) ?? now) > now) break
+              due++
+            }
+            return due
+          })
+        const pauseUntilDue = (
+          connection: KafkaClient.ConsumerConnection,
+          partition: KafkaClient.TopicPartition,
+          head: KafkaClient.ConsumedRecord | undefined,
+          memberScope: Scope.Scope
+        ) =>
+          Effect.gen(function* () {
+            const now = yield* Clock.currentTimeMillis
+            const wait = Math.max(0, (head === undefined ? now : (options.dueAt?.(head) ?? now)) - now)
+            yield* connection.pause([partition])
+            // Resumed by a fiber of the member: if the member stops first, its successor starts unpaused.
+            yield* connection.resume([partition]).pipe(Effect.delay(Duration.millis(wait)), Effect.forkIn(memberScope))
+          })
+
         // Batch calls running now; shutdown waits for them (and their last commit) before the member leaves.
         let activeBatches = 0
         let batchesIdle = Deferred.makeUnsafe<void>()
@@ -203,7 +234,8 @@ export const make = (options: ConsumerOptions): Effect.Effect<Consumer["Service"
         const handleBatch =
           (
             connection: KafkaClient.ConsumerConnection,
-            stopping: Deferred.Deferred<void>
+            stopping: Deferred.Deferred<void>,
+            memberScope: Scope.Scope
           ): KafkaClient.BatchHandler<R> =>
           (batch, session) =>
             Effect.gen(function* () {
@@ -215,6 +247,7 @@ export const make = (options: ConsumerOptions): Effect.Effect<Consumer["Service"
               let remaining = 0
               let submitted = false
               let resumeAt: bigint | undefined
+              let paused = false
               const allDone = Deferred.makeUnsafe<void>()
               // Heartbeat and commit progress every tick for as long as the batch call runs, submitting included.
               yield* session.heartbeat.pipe(
@@ -240,8 +273,21 @@ export const make = (options: ConsumerOptions): Effect.Effect<Consumer["Service"
                   resumeAt = records[index]?.offset
                   break
                 }
+                let chunk = Math.min(records.length - index, 512)
+                if (options.dueAt !== undefined) {
+                  const due = yield* dueRecords(records, index, chunk)
+                  if (due === 0) {
+                    // The head is not due: pause the partition until it is and give the batch call back, so the
+                    // wait holds up neither other partitions nor a rebalance. It is fetched again from here.
+                    resumeAt = records[index]?.offset
+                    paused = true
+                    yield* pauseUntilDue(connection, partition, records[index], memberScope)
+                    break
+                  }
+                  chunk = due
+                }
                 // Places in the window for a chunk of records at once, then the chunk to the pool.
-                const taken = yield* takeWindowPlaces(connection, Math.min(records.length - index, 512))
+                const taken = yield* takeWindowPlaces(connection, chunk)
                 for (const record of records.slice(index, index + taken)) {
                   tracker.delivered(record.topic, record.partition, record.offset)
                   remaining++
@@ -266,7 +312,7 @@ export const make = (options: ConsumerOptions): Effect.Effect<Consumer["Service"
                 )
               }
               yield* commit(connection, partition)
-              if (resumeAt === first.offset) {
+              if (resumeAt === first.offset && !paused) {
                 // Nothing taken: the member waits to rejoin. Pause a moment, or kafkajs refetches in a hot loop.
                 yield* Effect.sleep(Duration.min(tick, Duration.millis(100)))
               }
@@ -305,7 +351,7 @@ export const make = (options: ConsumerOptions): Effect.Effect<Consumer["Service"
             ),
             Effect.forkScoped
           )
-          yield* connection.run(handleBatch(connection, stopping))
+          yield* connection.run(handleBatch(connection, stopping, yield* Effect.scope))
           yield* Effect.logInfo(`consuming ${options.topics.join(", ")} as ${options.groupId}`)
           return yield* connection.crashed
         }).pipe(Effect.scoped)

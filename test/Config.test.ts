@@ -63,6 +63,9 @@ describe("KafkaConfig", () => {
         KAFKA_CONSUMER_FETCH_MAX_BYTES: "1048576",
         KAFKA_RETRY_TOPIC_PREFIX: "orders-retry",
         KAFKA_DLQ_TOPIC: "orders-dlq",
+        KAFKA_RETRY_DELAYS_MS: "1000, 60000",
+        KAFKA_CREATE_TOPICS: "true",
+        KAFKA_TOPIC_PARTITIONS: "12",
         KAFKA_CONSUMER_MAX_IN_FLIGHT: "2000",
         KAFKA_CONSUMER_COMMIT_INTERVAL_MS: "1000",
         KAFKA_CONSUMER_SHUTDOWN_TIMEOUT_MS: "10000",
@@ -102,7 +105,8 @@ describe("KafkaConfig", () => {
           commitInterval: Duration.toMillis(consumer.commitInterval),
           shutdownTimeout: Duration.toMillis(consumer.shutdownTimeout),
           sessionTimeout: Duration.toMillis(consumer.sessionTimeout),
-          heartbeatInterval: Duration.toMillis(consumer.heartbeatInterval)
+          heartbeatInterval: Duration.toMillis(consumer.heartbeatInterval),
+          retryDelays: consumer.retryDelays.map(Duration.toMillis)
         },
         {
           topic: "orders",
@@ -112,7 +116,10 @@ describe("KafkaConfig", () => {
           fetchMinBytes: 1,
           fetchMaxBytes: 1_048_576,
           retryTopicPrefix: "orders-retry",
+          retryDelays: [1000, 60000],
           dlqTopic: "orders-dlq",
+          createTopics: true,
+          topicPartitions: 12,
           maxInFlight: 2000,
           commitInterval: 1000,
           shutdownTimeout: 10000,
@@ -149,6 +156,10 @@ describe("KafkaConfig", () => {
     ["KAFKA_CONSUMER_FETCH_MAX_BYTES", "lots", "bytes from 1"],
     ["KAFKA_RETRY_TOPIC_PREFIX", "retry/topic", "prefix"],
     ["KAFKA_DLQ_TOPIC", "dlq topic", "topic name"],
+    ["KAFKA_RETRY_DELAYS_MS", "5s,30s", "comma-separated whole numbers of milliseconds"],
+    ["KAFKA_RETRY_DELAYS_MS", "1000,,2000", "one per retry topic"],
+    ["KAFKA_CREATE_TOPICS", "sometimes", "true or false"],
+    ["KAFKA_TOPIC_PARTITIONS", "0", "1 to 10000"],
     ["KAFKA_CONSUMER_MAX_IN_FLIGHT", "0", "1 to 10000000"],
     ["KAFKA_CONSUMER_COMMIT_INTERVAL_MS", "5", "10 to 3600000"],
     ["KAFKA_CONSUMER_SHUTDOWN_TIMEOUT_MS", "-1", "0 to 3600000"],
@@ -236,6 +247,17 @@ describe("KafkaConfig", () => {
       Effect.gen(function* () {
         const problems = yield* problemsOf({ KAFKA_DLQ_TOPIC: "events" })
         assert.strictEqual(problems[0]?.variable, "KAFKA_DLQ_TOPIC")
+      })
+    )
+
+    it.effect("a retry topic that is the consumer or DLQ topic", () =>
+      Effect.gen(function* () {
+        const problems = yield* problemsOf({ KAFKA_RETRY_TOPIC_PREFIX: "events", KAFKA_DLQ_TOPIC: "events-2" })
+        assert.deepStrictEqual(
+          problems.map((problem) => problem.variable),
+          ["KAFKA_RETRY_TOPIC_PREFIX"]
+        )
+        assert.include(problems[0]?.expected, "neither KAFKA_CONSUMER_TOPIC nor KAFKA_DLQ_TOPIC")
       })
     )
 

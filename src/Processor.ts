@@ -1,0 +1,417 @@
+/**
+ * Processor: typed handlers per topic over the Consumer, with in-place retries, the retry-topic ladder and the
+ * dead-letter topic (design.md: Failures, Bad input).
+ *
+ * For each record the processor decodes the value (UTF-8 JSON, then the handler's `Schema`) and the headers (an
+ * optional `Schema`), then runs the handler. The outcome is one of:
+ * - **done**: the handler succeeded, maybe after short in-place retries (`inPlaceRetry`);
+ * - **retried**: a retryable failure (the default for handler errors, and for defects) that in-place retries did
+ *   not cure goes to the next retry topic (`RetryPolicy`), where a consumer of its own group handles it again once
+ *   the topic's delay has passed, without holding up other partitions or topics;
+ * - **dead-lettered**: a fatal failure — undecodable bytes, a `Schema` violation, a `Processor.Fatal` error or one
+ *   the handler's `fatal` predicate marks — or a retryable one after the last retry topic goes to the DLQ.
+ * Retry and dead-letter records keep the key, value and headers and add the history headers of `RetryPolicy`. A
+ * record counts as finished — and its offset may be committed — only once the retry or dead-letter produce is
+ * acked; that produce is tried until it succeeds (or shutdown), so the partition never skips a record.
+ *
+ * @example
+ * ```ts
+ * const orders = Processor.handler({
+ *   topic: "orders",
+ *   value: Order,
+ *   handle: ({ value }) => chargeCustomer(value),
+ *   fatal: (error) => error._tag === "CardRejected"
+ * })
+ * const program = Processor.run([orders]).pipe(
+ *   Effect.provide(Processor.layerConfig),
+ *   Effect.provide(KafkaProducer.layerConfig),
+ *   Effect.provide(KafkaClient.layerConfig)
+ * )
+ * ```
+ */
+import { Cause, Clock, Context, Duration, Effect, Exit, Layer, Option, Schedule, Schema } from "effect"
+import * as KafkaConfig from "./Config.ts"
+import * as Consumer from "./Consumer.ts"
+import * as KafkaClient from "./KafkaClient.ts"
+import * as KafkaProducer from "./KafkaProducer.ts"
+import * as RetryPolicy from "./RetryPolicy.ts"
+
+// ---------------------------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------------------------
+
+/** A handler's way to say "trying again cannot help": the record goes straight to the dead-letter topic. */
+export class Fatal extends Schema.TaggedError<Fatal>()("Fatal", {
+  reason: Schema.String
+}) {
+  override get message() {
+    return this.reason
+  }
+}
+
+/** Main, retry or dead-letter topics that do not exist, and the processor may not create them. */
+export class TopicsMissing extends Schema.TaggedError<TopicsMissing>()("TopicsMissing", {
+  topics: Schema.Array(Schema.String)
+}) {
+  override get message() {
+    return `topics missing: ${this.topics.join(", ")}; create them, or set KAFKA_CREATE_TOPICS=true to let the processor create them`
+  }
+}
+
+/** Why a record could not be handled: the tag and message go to the retry and dead-letter headers. */
+export interface Failure extends RetryPolicy.Failure {
+  readonly fatal: boolean
+}
+
+/** The tags of the decoding failures, all fatal. */
+export type DecodeFailureTag = "NullValue" | "InvalidUtf8" | "InvalidJson" | "SchemaViolation" | "InvalidHeaders"
+
+const decodeFailure = (tag: DecodeFailureTag, message: string): Failure => ({ tag, message, fatal: true })
+
+// ---------------------------------------------------------------------------------------------------------------
+// Handlers
+// ---------------------------------------------------------------------------------------------------------------
+
+/** A decoded record, as a handler sees it. */
+export interface Message<A, H = Readonly<Record<string, string>>> {
+  readonly value: A
+  /** the key as UTF-8 text */
+  readonly key: string | null
+  /** the headers as UTF-8 text (decoded by the handler's headers `Schema` when it has one) */
+  readonly headers: H
+  /** how many times the record failed before (0 on the main topic, n on retry topic n) */
+  readonly attempt: number
+  /** the record as read: topic, partition, offset, bytes */
+  readonly record: KafkaClient.ConsumedRecord
+}
+
+/** A handler registered for a topic, its failures classified; made by `handler`. */
+export interface TopicHandler<R> {
+  readonly topic: string
+  /** decodes and handles the record; fails with the classified failure, defects included */
+  readonly process: (record: KafkaClient.ConsumedRecord, attempt: number) => Effect.Effect<void, Failure, R>
+}
+
+type Decodable = Schema.Top & { readonly DecodingServices: never }
+const HeaderText = Schema.Record(Schema.String, Schema.String)
+
+const utf8 = new TextDecoder("utf-8", { fatal: true })
+const lenient = new TextDecoder()
+
+/** The tag and message of any error a handler fails with. */
+export const describe = (error: unknown): RetryPolicy.Failure => {
+  if (typeof error === "object" && error !== null) {
+    const tag =
+      "_tag" in error && typeof error._tag === "string" ? error._tag : error instanceof Error ? error.name : "Error"
+    const message =
+      "message" in error && typeof error.message === "string" && error.message !== "" ? error.message : String(error)
+    return { tag, message }
+  }
+  return { tag: "Error", message: String(error) }
+}
+
+/**
+ * Registers a handler for a topic: values are JSON decoded by `value`, headers optionally by `headers`.
+ * Handler errors are retryable unless they are `Processor.Fatal` or `fatal(error)` holds.
+ *
+ * @example
+ * ```ts
+ * Processor.handler({ topic: "events", value: Event.Event, handle: ({ value }) => Effect.log(value.type) })
+ * ```
+ */
+export const handler = <S extends Decodable, E = never, R = never, HS extends Decodable = typeof HeaderText>(options: {
+  readonly topic: string
+  readonly value: S
+  readonly headers?: HS | undefined
+  readonly handle: (message: Message<S["Type"], HS["Type"]>) => Effect.Effect<void, E, R>
+  /** whether a handler error is fatal (dead-lettered at once); `Processor.Fatal` always is */
+  readonly fatal?: ((error: E) => boolean) | undefined
+}): TopicHandler<R> => {
+  const decodeValue = Schema.decodeUnknownEffect(options.value)
+  const decodeHeaders = Schema.decodeUnknownEffect(options.headers ?? HeaderText)
+  const isFatal = (error: E) => error instanceof Fatal || (options.fatal?.(error) ?? false)
+
+  const decode = (record: KafkaClient.ConsumedRecord) =>
+    Effect.gen(function* () {
+      if (record.value === null) return yield* Effect.fail(decodeFailure("NullValue", "the record has no value"))
+      let text: string
+      try {
+        text = utf8.decode(record.value)
+      } catch {
+        return yield* Effect.fail(decodeFailure("InvalidUtf8", "the value is not valid UTF-8"))
+      }
+      let json: unknown
+      try {
+        json = JSON.parse(text)
+      } catch (error) {
+        return yield* Effect.fail(decodeFailure("InvalidJson", describe(error).message))
+      }
+      const value = yield* decodeValue(json).pipe(
+        Effect.mapError((error) => decodeFailure("SchemaViolation", error.message))
+      )
+      const texts: Record<string, string> = {}
+      for (const [name, bytes] of Object.entries(RetryPolicy.originalHeaders(record))) {
+        texts[name] = lenient.decode(bytes)
+      }
+      const headers = yield* decodeHeaders(texts).pipe(
+        Effect.mapError((error) => decodeFailure("InvalidHeaders", error.message))
+      )
+      return { value, headers }
+    })
+
+  return {
+    topic: options.topic,
+    process: (record, attempt) =>
+      Effect.flatMap(decode(record), ({ value, headers }) =>
+        options
+          .handle({
+            value,
+            headers,
+            attempt,
+            key: record.key === null ? null : lenient.decode(record.key),
+            record
+          })
+          .pipe(
+            Effect.mapError((error): Failure => ({ ...describe(error), fatal: isFatal(error) })),
+            // A defect is a bug or an unexpected throw: logged, and treated as a retryable failure.
+            Effect.catchDefect((defect) =>
+              Effect.fail<Failure>({ tag: "Defect", message: Cause.pretty(Cause.die(defect)), fatal: false })
+            )
+          )
+      )
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The service
+// ---------------------------------------------------------------------------------------------------------------
+
+export interface ProcessorOptions {
+  /** the main topics' consumer; retry topics are consumed by groups `${groupId}-retry-N` with the same settings */
+  readonly consumer: Omit<Consumer.ConsumerOptions, "topics" | "dueAt">
+  readonly retryTopicPrefix: string
+  readonly retryMax: number
+  /** the delay of each retry topic; default `RetryPolicy.defaultDelays` */
+  readonly retryDelays?: ReadonlyArray<Duration.Duration> | undefined
+  readonly dlqTopic: string
+  /** how a retryable failure is tried again in place before it climbs the ladder. Default: twice, from 100 ms */
+  readonly inPlaceRetry?: Schedule.Schedule<unknown, Failure> | undefined
+  /** create missing topics at start-up (else fail naming them). Default false */
+  readonly createTopics?: boolean | undefined
+  /** partitions of a main topic created at start-up. Default 6 */
+  readonly topicPartitions?: number | undefined
+}
+
+/** What the processor did since it started. */
+export interface Stats {
+  /** records handled successfully (after in-place retries or retry topics too) */
+  readonly done: number
+  /** in-place retries made */
+  readonly retriedInPlace: number
+  /** records sent to a retry topic, by topic */
+  readonly retried: Readonly<Record<string, number>>
+  /** records sent to the dead-letter topic, by error tag */
+  readonly deadLettered: Readonly<Record<string, number>>
+  /** retry records of another consumer group (the retry topics are shared), left alone */
+  readonly skipped: number
+}
+
+export class Processor extends Context.Service<
+  Processor,
+  {
+    readonly policy: RetryPolicy.RetryPolicy
+    /** Processes the handlers' topics and the retry topics until interrupted (then shuts down gracefully). */
+    readonly run: <R>(
+      handlers: ReadonlyArray<TopicHandler<R>>
+    ) => Effect.Effect<never, KafkaClient.KafkaError | TopicsMissing, R>
+    readonly stats: Effect.Effect<Stats>
+  }
+>()("kafka-effect/Processor") {}
+
+const coordinates = (record: KafkaClient.ConsumedRecord) => ({
+  topic: record.topic,
+  partition: record.partition,
+  offset: record.offset.toString(),
+  key: record.key === null ? null : lenient.decode(record.key)
+})
+
+const increment = (counts: Record<string, number>, key: string) => {
+  counts[key] = (counts[key] ?? 0) + 1
+}
+
+export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
+  const client = yield* KafkaClient.KafkaClient
+  const producer = yield* KafkaProducer.KafkaProducer
+  const policy = RetryPolicy.make({
+    retryTopicPrefix: options.retryTopicPrefix,
+    retryMax: options.retryMax,
+    dlqTopic: options.dlqTopic,
+    delays: options.retryDelays
+  })
+  const groupId = options.consumer.groupId
+  const inPlaceRetry =
+    options.inPlaceRetry ??
+    Schedule.max([Schedule.exponential(Duration.millis(100), 2).pipe(Schedule.jittered), Schedule.recurs(2)])
+  // A retry or dead-letter produce that fails even after the producer's own retries is tried again, slower,
+  // until it succeeds: the record is not finished (nor committed) before, so waiting is what keeps it.
+  const routeRetry = Schedule.exponential(Duration.seconds(1), 2).pipe(
+    Schedule.modifyDelay(({ duration }) => Effect.succeed(Duration.min(duration, Duration.seconds(30))))
+  )
+
+  const counts = {
+    done: 0,
+    retriedInPlace: 0,
+    retried: {} as Record<string, number>,
+    deadLettered: {} as Record<string, number>,
+    skipped: 0
+  }
+  const stats = Effect.sync(
+    (): Stats => ({ ...counts, retried: { ...counts.retried }, deadLettered: { ...counts.deadLettered } })
+  )
+
+  /** Checks that every topic exists; creates the missing ones when allowed, else fails naming them. */
+  const ensureTopics = (mainTopics: ReadonlyArray<string>) =>
+    Effect.gen(function* () {
+      const existing = new Set(yield* client.admin.listTopics)
+      const missingMain = mainTopics.filter((topic) => !existing.has(topic))
+      const missingOther = [...RetryPolicy.retryTopics(policy), policy.dlqTopic].filter((topic) => !existing.has(topic))
+      if (missingMain.length + missingOther.length === 0) return
+      if (options.createTopics !== true) return yield* new TopicsMissing({ topics: [...missingMain, ...missingOther] })
+      const created = [
+        ...(yield* client.admin.createTopics(
+          missingMain.map((topic) => ({ topic, partitions: options.topicPartitions ?? 6 }))
+        ))
+      ]
+      if (missingOther.length > 0) {
+        // Retry and dead-letter topics get as many partitions as the largest main topic, so they keep its spread.
+        const counts = yield* Effect.forEach(mainTopics, client.admin.partitionCount)
+        const partitions = Math.max(1, ...counts)
+        created.push(...(yield* client.admin.createTopics(missingOther.map((topic) => ({ topic, partitions })))))
+      }
+      if (created.length > 0) yield* Effect.logInfo(`created topics ${created.join(", ")}`)
+    })
+
+  /** Sends the record to its next hop and waits for the ack. */
+  const route = (record: KafkaClient.ConsumedRecord, failure: Failure) =>
+    Effect.gen(function* () {
+      const now = yield* Clock.currentTimeMillis
+      const next = RetryPolicy.nextHop(policy, record, failure, { now, consumerGroup: groupId })
+      yield* producer.send(next).pipe(
+        Effect.tapError((error) =>
+          Effect.logError(`could not send the record to ${next.topic}, will try again: ${error.message}`)
+        ),
+        Effect.retry({ schedule: routeRetry, while: (error) => error._tag !== "ProducerClosed" }),
+        // Only a closed producer gets here (shutdown): the record is not finished and will be delivered again.
+        Effect.orDie
+      )
+      const deadLettered = next.topic === policy.dlqTopic
+      if (deadLettered) increment(counts.deadLettered, failure.tag)
+      else increment(counts.retried, next.topic)
+      const log = deadLettered
+        ? Effect.logError(`dead-lettered: ${failure.tag}: ${failure.message}`)
+        : Effect.logWarning(`sent to ${next.topic}: ${failure.tag}: ${failure.message}`)
+      yield* log.pipe(
+        Effect.annotateLogs({ ...coordinates(record), attempt: next.headers?.[RetryPolicy.headers.attempt] })
+      )
+    })
+
+  const run = <R>(handlers: ReadonlyArray<TopicHandler<R>>) =>
+    Effect.gen(function* () {
+      const byTopic = new Map(handlers.map((topicHandler) => [topicHandler.topic, topicHandler]))
+      const mainTopics = [...byTopic.keys()]
+      yield* ensureTopics(mainTopics)
+
+      const handle = (record: KafkaClient.ConsumedRecord): Effect.Effect<void, never, R> =>
+        Effect.gen(function* () {
+          const fromRetryTopic = Option.isSome(RetryPolicy.attemptOfTopic(policy, record.topic))
+          const history = RetryPolicy.historyOf(record)
+          if (fromRetryTopic && Option.isSome(history) && history.value.consumerGroup !== groupId) {
+            counts.skipped++
+            return
+          }
+          const attempt = Option.match(history, { onNone: () => 0, onSome: (h) => h.attempt })
+          const topic = fromRetryTopic && Option.isSome(history) ? history.value.originalTopic : record.topic
+          const topicHandler = byTopic.get(topic)
+          const processed: Effect.Effect<void, Failure, R> =
+            topicHandler === undefined
+              ? Effect.fail({ tag: "NoHandler", message: `no handler for topic ${topic}`, fatal: true })
+              : topicHandler.process(record, attempt).pipe(
+                  Effect.tapError((failure) =>
+                    failure.fatal
+                      ? Effect.void
+                      : Effect.sync(() => {
+                          counts.retriedInPlace++
+                        })
+                  ),
+                  Effect.retry({ schedule: inPlaceRetry, while: (failure) => !failure.fatal })
+                )
+          const exit = yield* Effect.exit(processed)
+          if (Exit.isSuccess(exit)) {
+            counts.done++
+            return
+          }
+          // The last failure was counted as if a retry would follow: it does not.
+          const failure = Cause.findErrorOption(exit.cause)
+          if (Option.isNone(failure)) return yield* Effect.failCause(exit.cause as Cause.Cause<never>)
+          if (!failure.value.fatal) counts.retriedInPlace--
+          yield* route(record, failure.value)
+        }).pipe(Effect.annotateLogs(coordinates(record)))
+
+      const consumerOf = (topics: ReadonlyArray<string>, overrides: Partial<Consumer.ConsumerOptions>) =>
+        Consumer.make({ ...options.consumer, topics, ...overrides })
+      const consumers = [
+        yield* consumerOf(mainTopics, {}),
+        ...(yield* Effect.forEach(RetryPolicy.retryTopics(policy), (topic, index) =>
+          consumerOf([topic], {
+            groupId: `${groupId}-retry-${index + 1}`,
+            // A new retry group must not skip what waits in its topic.
+            fromBeginning: true,
+            dueAt: RetryPolicy.dueAt
+          })
+        ))
+      ]
+      yield* Effect.logInfo(
+        `processing ${mainTopics.join(", ")} as ${groupId}; retry topics ${RetryPolicy.retryTopics(policy).join(", ") || "none"}; dead letters to ${policy.dlqTopic}`
+      )
+      return yield* Effect.forEach(consumers, (consumer) => consumer.run(handle), {
+        concurrency: "unbounded",
+        discard: true
+      }).pipe(Effect.andThen(Effect.never))
+    }).pipe(Effect.provide(Layer.succeed(KafkaClient.KafkaClient, client)))
+
+  return Processor.of({ policy, run, stats })
+})
+
+/** Processes with the Processor in context until interrupted. */
+export const run = <R>(
+  handlers: ReadonlyArray<TopicHandler<R>>
+): Effect.Effect<never, KafkaClient.KafkaError | TopicsMissing, R | Processor> =>
+  Effect.gen(function* () {
+    const processor = yield* Processor
+    return yield* processor.run(handlers)
+  })
+
+/** Options from the environment's consumer settings (`KafkaConfig.consumer`). */
+export const optionsFrom = (config: KafkaConfig.ConsumerConfig): ProcessorOptions => ({
+  consumer: Consumer.optionsFrom(config),
+  retryTopicPrefix: config.retryTopicPrefix,
+  retryMax: config.retryMax,
+  retryDelays: config.retryDelays,
+  dlqTopic: config.dlqTopic,
+  createTopics: config.createTopics,
+  topicPartitions: config.topicPartitions
+})
+
+export const layer = (
+  options: ProcessorOptions
+): Layer.Layer<Processor, never, KafkaClient.KafkaClient | KafkaProducer.KafkaProducer> =>
+  Layer.effect(Processor, make(options))
+
+export const layerConfig: Layer.Layer<
+  Processor,
+  KafkaConfig.KafkaConfigError,
+  KafkaClient.KafkaClient | KafkaProducer.KafkaProducer
+> = Layer.effect(
+  Processor,
+  Effect.flatMap(KafkaConfig.consumer, (config) => make(optionsFrom(config)))
+)

@@ -1,0 +1,201 @@
+/**
+ * RetryPolicy: the retry-topic ladder and the headers that carry a failed record's history.
+ *
+ * A record whose handler fails with a retryable error is sent to `${prefix}-1`, then `${prefix}-2`, … up to
+ * `${prefix}-${retryMax}`, each topic with its own delay (one fixed delay per topic, so records of a retry
+ * partition fall due in offset order), and after the last to the dead-letter topic. A fatal failure goes to the
+ * dead-letter topic at once. Retry and dead-letter records keep the original key, value and headers and add the
+ * headers below (values are UTF-8 text; times are epoch milliseconds):
+ *
+ * | header                             | meaning                                                          |
+ * | ---------------------------------- | ---------------------------------------------------------------- |
+ * | `kafka-effect-original-topic`      | the topic the record was first produced to                      |
+ * | `kafka-effect-original-partition`  | its partition there                                              |
+ * | `kafka-effect-original-offset`     | its offset there                                                 |
+ * | `kafka-effect-original-timestamp`  | its timestamp there                                              |
+ * | `kafka-effect-attempt`             | how many times it has failed (1 on the first retry topic)        |
+ * | `kafka-effect-first-failure-at`    | when it failed first                                             |
+ * | `kafka-effect-due-at`              | when it may be handled again (retry topics only)                 |
+ * | `kafka-effect-error-tag`           | the last failure's tag, e.g. `SchemaViolation`, `Timeout`        |
+ * | `kafka-effect-error-message`       | the last failure's message (at most 1,000 characters)            |
+ * | `kafka-effect-consumer-group`      | the consumer group whose handler failed                          |
+ *
+ * @example
+ * ```ts
+ * const policy = RetryPolicy.make({ retryTopicPrefix: "events-retry", retryMax: 3, dlqTopic: "events-dlq" })
+ * RetryPolicy.retryTopic(policy, 2) // "events-retry-2"
+ * RetryPolicy.delay(policy, 2) // 30 seconds with the default delays
+ * ```
+ */
+import { Duration, Option } from "effect"
+import type * as KafkaClient from "./KafkaClient.ts"
+
+export const headers = {
+  originalTopic: "kafka-effect-original-topic",
+  originalPartition: "kafka-effect-original-partition",
+  originalOffset: "kafka-effect-original-offset",
+  originalTimestamp: "kafka-effect-original-timestamp",
+  attempt: "kafka-effect-attempt",
+  firstFailureAt: "kafka-effect-first-failure-at",
+  dueAt: "kafka-effect-due-at",
+  errorTag: "kafka-effect-error-tag",
+  errorMessage: "kafka-effect-error-message",
+  consumerGroup: "kafka-effect-consumer-group"
+} as const
+
+const ours = new Set<string>(Object.values(headers))
+
+export interface RetryPolicy {
+  readonly retryTopicPrefix: string
+  /** how many retry topics a retryable failure climbs before the dead-letter topic */
+  readonly retryMax: number
+  /** the delay of each retry topic, the first for `-1`; the last stands for any further ones */
+  readonly delays: ReadonlyArray<Duration.Duration>
+  readonly dlqTopic: string
+}
+
+/** The default delays: 5 s, 30 s, 3 min, then 3 min for any further retry topic. */
+export const defaultDelays: ReadonlyArray<Duration.Duration> = [
+  Duration.seconds(5),
+  Duration.seconds(30),
+  Duration.minutes(3)
+]
+
+export const make = (options: {
+  readonly retryTopicPrefix: string
+  readonly retryMax: number
+  readonly dlqTopic: string
+  readonly delays?: ReadonlyArray<Duration.Duration> | undefined
+}): RetryPolicy => ({
+  retryTopicPrefix: options.retryTopicPrefix,
+  retryMax: options.retryMax,
+  delays: options.delays !== undefined && options.delays.length > 0 ? options.delays : defaultDelays,
+  dlqTopic: options.dlqTopic
+})
+
+/** The retry topic for the given attempt (1 … retryMax). */
+export const retryTopic = (policy: RetryPolicy, attempt: number): string => `${policy.retryTopicPrefix}-${attempt}`
+
+/** Every retry topic of the ladder, in order. */
+export const retryTopics = (policy: RetryPolicy): ReadonlyArray<string> =>
+  Array.from({ length: policy.retryMax }, (_, i) => retryTopic(policy, i + 1))
+
+/** The delay of retry topic `attempt`. */
+export const delay = (policy: RetryPolicy, attempt: number): Duration.Duration =>
+  policy.delays[Math.min(attempt, policy.delays.length) - 1] ?? Duration.zero
+
+/** Which rung of the ladder a topic is (1 … retryMax), if it is a retry topic of this policy. */
+export const attemptOfTopic = (policy: RetryPolicy, topic: string): Option.Option<number> => {
+  const prefix = `${policy.retryTopicPrefix}-`
+  if (!topic.startsWith(prefix)) return Option.none()
+  const attempt = Number(topic.slice(prefix.length))
+  return Number.isInteger(attempt) && attempt >= 1 && attempt <= policy.retryMax ? Option.some(attempt) : Option.none()
+}
+
+/** What a retry or dead-letter record says about the record it came from. */
+export interface History {
+  readonly originalTopic: string
+  readonly originalPartition: number
+  readonly originalOffset: bigint
+  readonly originalTimestamp: number
+  /** how many times it has failed */
+  readonly attempt: number
+  readonly firstFailureAt: number
+  readonly dueAt: number | undefined
+  readonly errorTag: string
+  readonly errorMessage: string
+  readonly consumerGroup: string
+}
+
+const decoder = new TextDecoder()
+const text = (record: KafkaClient.ConsumedRecord, name: string): string | undefined => {
+  const value = record.headers[name]
+  return value === undefined ? undefined : decoder.decode(value)
+}
+const integer = (value: string | undefined): number | undefined =>
+  value !== undefined && /^-?\d+$/.test(value) ? Number(value) : undefined
+
+/** When a retry record may be handled: its due-at header (undefined when absent or unreadable: now). */
+export const dueAt = (record: KafkaClient.ConsumedRecord): number | undefined => integer(text(record, headers.dueAt))
+
+/** The history a retry or dead-letter record carries; none for a record that never failed. */
+export const historyOf = (record: KafkaClient.ConsumedRecord): Option.Option<History> => {
+  const originalTopic = text(record, headers.originalTopic)
+  const originalPartition = integer(text(record, headers.originalPartition))
+  const originalOffset = text(record, headers.originalOffset)
+  const attempt = integer(text(record, headers.attempt))
+  if (
+    originalTopic === undefined ||
+    originalPartition === undefined ||
+    originalOffset === undefined ||
+    !/^\d+$/.test(originalOffset) ||
+    attempt === undefined
+  ) {
+    return Option.none()
+  }
+  return Option.some({
+    originalTopic,
+    originalPartition,
+    originalOffset: BigInt(originalOffset),
+    originalTimestamp: integer(text(record, headers.originalTimestamp)) ?? record.timestamp,
+    attempt,
+    firstFailureAt: integer(text(record, headers.firstFailureAt)) ?? record.timestamp,
+    dueAt: dueAt(record),
+    errorTag: text(record, headers.errorTag) ?? "Unknown",
+    errorMessage: text(record, headers.errorMessage) ?? "",
+    consumerGroup: text(record, headers.consumerGroup) ?? ""
+  })
+}
+
+/** The record's own headers, without the ones this module adds. */
+export const originalHeaders = (record: KafkaClient.ConsumedRecord): Record<string, Uint8Array> => {
+  const kept: Record<string, Uint8Array> = {}
+  for (const [name, value] of Object.entries(record.headers)) if (!ours.has(name)) kept[name] = value
+  return kept
+}
+
+/** A failure to record on the next hop. */
+export interface Failure {
+  readonly tag: string
+  readonly message: string
+}
+
+/**
+ * The record to produce for `record`'s next hop (a retry topic, or the dead-letter topic when `attempt` passed the
+ * last retry topic or the failure is fatal): same key, value and original headers, plus the history headers.
+ */
+export const nextHop = (
+  policy: RetryPolicy,
+  record: KafkaClient.ConsumedRecord,
+  failure: Failure & { readonly fatal: boolean },
+  context: { readonly now: number; readonly consumerGroup: string }
+): KafkaClient.ProducerRecord => {
+  const previous = historyOf(record)
+  const attempt = Option.match(previous, { onNone: () => 1, onSome: (history) => history.attempt + 1 })
+  const deadLetter = failure.fatal || attempt > policy.retryMax
+  const original = Option.getOrElse(previous, () => ({
+    originalTopic: record.topic,
+    originalPartition: record.partition,
+    originalOffset: record.offset,
+    originalTimestamp: record.timestamp,
+    firstFailureAt: context.now
+  }))
+  const added: Record<string, string> = {
+    [headers.originalTopic]: original.originalTopic,
+    [headers.originalPartition]: String(original.originalPartition),
+    [headers.originalOffset]: original.originalOffset.toString(),
+    [headers.originalTimestamp]: String(original.originalTimestamp),
+    [headers.attempt]: String(attempt),
+    [headers.firstFailureAt]: String(original.firstFailureAt),
+    [headers.errorTag]: failure.tag,
+    [headers.errorMessage]: failure.message.length > 1000 ? `${failure.message.slice(0, 999)}…` : failure.message,
+    [headers.consumerGroup]: context.consumerGroup
+  }
+  if (!deadLetter) added[headers.dueAt] = String(context.now + Duration.toMillis(delay(policy, attempt)))
+  return {
+    topic: deadLetter ? policy.dlqTopic : retryTopic(policy, attempt),
+    key: record.key,
+    value: record.value,
+    headers: { ...originalHeaders(record), ...added }
+  }
+}

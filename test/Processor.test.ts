@@ -1,0 +1,365 @@
+import { assert, describe, it } from "@effect/vitest"
+import { Clock, Duration, Effect, Exit, Fiber, Layer, Schedule, Schema } from "effect"
+import { TestClock } from "effect/testing"
+import * as InMemoryKafka from "../src/InMemoryKafka.ts"
+import * as KafkaClient from "../src/KafkaClient.ts"
+import * as KafkaProducer from "../src/KafkaProducer.ts"
+import * as Processor from "../src/Processor.ts"
+import * as RetryPolicy from "../src/RetryPolicy.ts"
+
+const Order = Schema.Struct({ id: Schema.String, amount: Schema.Number })
+
+class PaymentDown extends Schema.TaggedError<PaymentDown>()("PaymentDown", { id: Schema.String }) {
+  override get message() {
+    return `payment service down for ${this.id}`
+  }
+}
+
+const options = (overrides: Partial<Processor.ProcessorOptions> = {}): Processor.ProcessorOptions => ({
+  consumer: {
+    groupId: "g",
+    workers: 4,
+    maxInFlight: 100,
+    fromBeginning: true,
+    commitInterval: Duration.millis(200),
+    shutdownTimeout: Duration.seconds(5)
+  },
+  retryTopicPrefix: "orders-retry",
+  retryMax: 3,
+  retryDelays: [Duration.seconds(5), Duration.seconds(30), Duration.minutes(3)],
+  dlqTopic: "orders-dlq",
+  inPlaceRetry: Schedule.recurs(0),
+  ...overrides
+})
+
+const allTopics = (partitions: number) =>
+  ["orders", "orders-retry-1", "orders-retry-2", "orders-retry-3", "orders-dlq"].map((topic) => ({
+    topic,
+    partitions
+  }))
+
+const setup = (overrides: Partial<Processor.ProcessorOptions> = {}, partitions = 2) =>
+  Processor.layer(options(overrides)).pipe(
+    Layer.provideMerge(KafkaProducer.layer({ linger: Duration.zero, idempotent: false, acks: -1 })),
+    Layer.provideMerge(InMemoryKafka.layer({ topics: allTopics(partitions) }))
+  )
+
+const text = (bytes: Uint8Array | undefined) => (bytes === undefined ? undefined : new TextDecoder().decode(bytes))
+
+/** Moves virtual time in steps until `done` holds. */
+const advanceUntil = (done: () => boolean, step: Duration.Input = "100 millis", maxSteps = 100_000) =>
+  Effect.gen(function* () {
+    for (let i = 0; i < maxSteps && !done(); i++) yield* TestClock.adjust(step)
+  })
+
+/** Moves virtual time in steps while `pending` holds. */
+const advanceWhile = <E, R>(pending: Effect.Effect<boolean, E, R>, step: Duration.Input, maxSteps = 10_000) =>
+  Effect.gen(function* () {
+    for (let i = 0; i < maxSteps && (yield* pending); i++) yield* TestClock.adjust(step)
+  })
+
+const order = (id: string, amount = 10) => ({ key: id, value: JSON.stringify({ id, amount }) })
+
+describe("Processor", () => {
+  it.effect("a retried record is handled at its retry topic's delay, not before", () =>
+    Effect.gen(function* () {
+      const calls: Array<{ attempt: number; at: number }> = []
+      const fiber = yield* Effect.forkChild(
+        Processor.run([
+          Processor.handler({
+            topic: "orders",
+            value: Order,
+            handle: ({ value, attempt }) =>
+              Effect.gen(function* () {
+                calls.push({ attempt, at: yield* Clock.currentTimeMillis })
+                if (attempt < 2) return yield* new PaymentDown({ id: value.id })
+              })
+          })
+        ])
+      )
+      yield* InMemoryKafka.produce("orders", [order("o-1")])
+      yield* advanceUntil(() => calls.length >= 3, "10 millis")
+      assert.deepStrictEqual(
+        calls.map((call) => call.attempt),
+        [0, 1, 2]
+      )
+      const [first, second, third] = calls as [(typeof calls)[0], (typeof calls)[0], (typeof calls)[0]]
+      // Each hop waits its topic's delay from the failure, to the tick (10 ms steps).
+      assert.isTrue(second.at - first.at >= 5_000, `retry-1 after ${second.at - first.at} ms`)
+      assert.isTrue(second.at - first.at <= 5_010, `retry-1 after ${second.at - first.at} ms`)
+      assert.isTrue(third.at - second.at >= 30_000, `retry-2 after ${third.at - second.at} ms`)
+      assert.isTrue(third.at - second.at <= 30_010, `retry-2 after ${third.at - second.at} ms`)
+      const stats = yield* (yield* Processor.Processor).stats
+      assert.deepStrictEqual(stats.retried, { "orders-retry-1": 1, "orders-retry-2": 1 })
+      assert.strictEqual(stats.done, 1)
+      assert.deepStrictEqual(yield* InMemoryKafka.records("orders-dlq"), [])
+      yield* Fiber.interrupt(fiber)
+    }).pipe(Effect.provide(setup()))
+  )
+
+  it.effect("an always-failing record climbs exactly N retry topics, then the DLQ, with its history headers", () =>
+    Effect.gen(function* () {
+      const attempts: Array<number> = []
+      const failedAt: Array<number> = []
+      const fiber = yield* Effect.forkChild(
+        Processor.run([
+          Processor.handler({
+            topic: "orders",
+            value: Order,
+            handle: ({ value, attempt }) =>
+              Effect.gen(function* () {
+                attempts.push(attempt)
+                failedAt.push(yield* Clock.currentTimeMillis)
+                return yield* new PaymentDown({ id: value.id })
+              })
+          })
+        ])
+      )
+      const [produced] = yield* InMemoryKafka.produce("orders", [
+        { ...order("o-7", 42), headers: { "trace-id": "abc", "kafka-effect-attempt": "99" } }
+      ])
+      const startedAt = yield* Clock.currentTimeMillis
+      yield* advanceWhile(
+        Effect.map(InMemoryKafka.records("orders-dlq"), (dlq) => dlq.length === 0),
+        "1 second"
+      )
+      const dlq = yield* InMemoryKafka.records("orders-dlq")
+      assert.deepStrictEqual(attempts, [0, 1, 2, 3])
+      for (const n of [1, 2, 3]) {
+        assert.strictEqual((yield* InMemoryKafka.records(`orders-retry-${n}`)).length, 1, `one record in retry-${n}`)
+      }
+      assert.strictEqual(dlq.length, 1)
+      const record = dlq[0] as KafkaClient.ConsumedRecord
+      const h = (name: string) => text(record.headers[name])
+      assert.strictEqual(text(record.key ?? undefined), "o-7")
+      assert.deepStrictEqual(JSON.parse(text(record.value ?? undefined) ?? ""), { id: "o-7", amount: 42 })
+      assert.strictEqual(h("trace-id"), "abc", "original headers are kept")
+      assert.strictEqual(h(RetryPolicy.headers.originalTopic), "orders")
+      assert.strictEqual(h(RetryPolicy.headers.originalPartition), String(produced?.partition))
+      assert.strictEqual(h(RetryPolicy.headers.originalOffset), String(produced?.offset))
+      assert.strictEqual(h(RetryPolicy.headers.originalTimestamp), String(startedAt))
+      assert.strictEqual(h(RetryPolicy.headers.attempt), "4", "failed on the main topic and 3 retry topics")
+      assert.strictEqual(h(RetryPolicy.headers.firstFailureAt), String(failedAt[0]))
+      assert.strictEqual(h(RetryPolicy.headers.dueAt), undefined, "a dead letter is not due anywhere")
+      assert.strictEqual(h(RetryPolicy.headers.errorTag), "PaymentDown")
+      assert.strictEqual(h(RetryPolicy.headers.errorMessage), "payment service down for o-7")
+      assert.strictEqual(h(RetryPolicy.headers.consumerGroup), "g")
+      // The history as RetryPolicy reads it back.
+      const history = RetryPolicy.historyOf(record)
+      assert.isTrue(history._tag === "Some" && history.value.originalOffset === produced?.offset)
+      yield* Fiber.interrupt(fiber)
+    }).pipe(Effect.provide(setup()))
+  )
+
+  it.effect("a record that fails once, then succeeds in place, is processed once and never reaches the DLQ", () =>
+    Effect.gen(function* () {
+      let calls = 0
+      const fiber = yield* Effect.forkChild(
+        Processor.run([
+          Processor.handler({
+            topic: "orders",
+            value: Order,
+            handle: ({ value }) => (++calls === 1 ? Effect.fail(new PaymentDown({ id: value.id })) : Effect.void)
+          })
+        ])
+      )
+      yield* InMemoryKafka.produce("orders", [order("o-2")])
+      const processor = yield* Processor.Processor
+      yield* advanceUntil(() => calls >= 2, "10 millis")
+      yield* TestClock.adjust("10 minutes")
+      const stats = yield* processor.stats
+      assert.strictEqual(calls, 2)
+      assert.strictEqual(stats.done, 1)
+      assert.strictEqual(stats.retriedInPlace, 1)
+      assert.deepStrictEqual(stats.retried, {})
+      assert.deepStrictEqual(stats.deadLettered, {})
+      assert.deepStrictEqual(yield* InMemoryKafka.records("orders-retry-1"), [])
+      assert.deepStrictEqual(yield* InMemoryKafka.records("orders-dlq"), [])
+      yield* InMemoryKafka.awaitCommitted("g", "orders", 0, 1n).pipe(
+        Effect.raceFirst(InMemoryKafka.awaitCommitted("g", "orders", 1, 1n))
+      )
+      yield* Fiber.interrupt(fiber)
+    }).pipe(Effect.provide(setup({ inPlaceRetry: Schedule.max([Schedule.spaced("100 millis"), Schedule.recurs(2)]) })))
+  )
+
+  it.effect("fatal failures skip the ladder: Processor.Fatal, the fatal predicate, and every decoding failure", () =>
+    Effect.gen(function* () {
+      const handled: Array<string> = []
+      const fiber = yield* Effect.forkChild(
+        Processor.run([
+          Processor.handler({
+            topic: "orders",
+            value: Order,
+            handle: ({ value }): Effect.Effect<void, Processor.Fatal | PaymentDown> => {
+              handled.push(value.id)
+              if (value.id === "fatal") return Effect.fail(new Processor.Fatal({ reason: "unknown customer" }))
+              if (value.id === "marked") return Effect.fail(new PaymentDown({ id: value.id }))
+              return Effect.void
+            },
+            fatal: (error) => error._tag === "PaymentDown" && error.id === "marked"
+          })
+        ])
+      )
+      yield* InMemoryKafka.produce("orders", [
+        { key: "k", value: "{not json" },
+        { key: "k", value: JSON.stringify({ id: "x", amount: "ten" }) },
+        { key: "k", value: new Uint8Array([0xc3, 0x28]) },
+        { key: "k", value: null },
+        { ...order("fatal"), key: "k" },
+        { ...order("marked"), key: "k" },
+        { ...order("fine"), key: "k" }
+      ])
+      const processor = yield* Processor.Processor
+      yield* advanceUntil(() => handled.includes("fine"), "10 millis")
+      const dlq = yield* InMemoryKafka.records("orders-dlq")
+      assert.deepStrictEqual(
+        dlq.map((record) => text(record.headers[RetryPolicy.headers.errorTag])),
+        ["InvalidJson", "SchemaViolation", "InvalidUtf8", "NullValue", "Fatal", "PaymentDown"]
+      )
+      assert.isTrue(dlq.every((record) => text(record.headers[RetryPolicy.headers.attempt]) === "1"))
+      assert.include(text(dlq[1]?.headers[RetryPolicy.headers.errorMessage]), "amount")
+      assert.strictEqual(text(dlq[4]?.headers[RetryPolicy.headers.errorMessage]), "unknown customer")
+      assert.deepStrictEqual(yield* InMemoryKafka.records("orders-retry-1"), [])
+      assert.deepStrictEqual(handled, ["fatal", "marked", "fine"])
+      const stats = yield* processor.stats
+      assert.strictEqual(stats.done, 1)
+      assert.strictEqual(
+        Object.values(stats.deadLettered).reduce((a, b) => a + b, 0),
+        6
+      )
+      yield* Fiber.interrupt(fiber)
+    }).pipe(Effect.provide(setup({}, 1)))
+  )
+
+  it.effect("a record waiting in a retry topic holds up neither other retry partitions nor the main topic", () =>
+    Effect.gen(function* () {
+      const handled: Array<{ id: string; attempt: number; at: number }> = []
+      const fiber = yield* Effect.forkChild(
+        Processor.run([
+          Processor.handler({
+            topic: "orders",
+            value: Order,
+            handle: ({ value, attempt }) =>
+              Effect.gen(function* () {
+                handled.push({ id: value.id, attempt, at: yield* Clock.currentTimeMillis })
+              })
+          })
+        ])
+      )
+      const now = yield* Clock.currentTimeMillis
+      const waiting = (id: string, partition: number, dueAt: number) => ({
+        ...order(id),
+        partition,
+        headers: {
+          [RetryPolicy.headers.originalTopic]: "orders",
+          [RetryPolicy.headers.originalPartition]: "0",
+          [RetryPolicy.headers.originalOffset]: "0",
+          [RetryPolicy.headers.attempt]: "1",
+          [RetryPolicy.headers.consumerGroup]: "g",
+          [RetryPolicy.headers.dueAt]: String(dueAt)
+        }
+      })
+      // Partition 0 of retry-1 waits 60 s for its head; partition 1's record is due in 1 s.
+      yield* InMemoryKafka.produce("orders-retry-1", [
+        waiting("late", 0, now + 60_000),
+        waiting("soon", 1, now + 1_000)
+      ])
+      yield* InMemoryKafka.produce("orders", [order("fresh")])
+      yield* advanceUntil(() => handled.length >= 3, "100 millis")
+      assert.deepStrictEqual(
+        handled.map((h) => [h.id, h.attempt, h.at - now]),
+        [
+          ["fresh", 0, handled[0]?.at === undefined ? 0 : handled[0].at - now],
+          ["soon", 1, 1_000],
+          ["late", 1, 60_000]
+        ]
+      )
+      assert.isTrue((handled[0]?.at ?? Infinity) - now < 1_000, "the main topic did not wait")
+      yield* Fiber.interrupt(fiber)
+    }).pipe(Effect.provide(setup()))
+  )
+
+  it.effect("retry records of another consumer group are left alone", () =>
+    Effect.gen(function* () {
+      let calls = 0
+      const fiber = yield* Effect.forkChild(
+        Processor.run([Processor.handler({ topic: "orders", value: Order, handle: () => Effect.sync(() => calls++) })])
+      )
+      yield* InMemoryKafka.produce("orders-retry-1", [
+        {
+          ...order("theirs"),
+          headers: {
+            [RetryPolicy.headers.originalTopic]: "orders",
+            [RetryPolicy.headers.originalPartition]: "0",
+            [RetryPolicy.headers.originalOffset]: "0",
+            [RetryPolicy.headers.attempt]: "1",
+            [RetryPolicy.headers.consumerGroup]: "another-group"
+          }
+        }
+      ])
+      const processor = yield* Processor.Processor
+      yield* advanceWhile(
+        Effect.map(processor.stats, (stats) => stats.skipped === 0),
+        "100 millis"
+      )
+      // The skipped record is finished like any other: committed, not redelivered.
+      yield* advanceUntil(() => false, "100 millis", 20)
+      const broker = yield* InMemoryKafka.InMemoryBroker
+      const committed = yield* Effect.forEach([0, 1], (partition) =>
+        broker.committed("g-retry-1", "orders-retry-1", partition)
+      )
+      assert.include(committed, 1n)
+      const stats = yield* processor.stats
+      assert.strictEqual(calls, 0)
+      assert.strictEqual(stats.skipped, 1)
+      yield* Fiber.interrupt(fiber)
+    }).pipe(Effect.provide(setup()))
+  )
+
+  it.effect(
+    "missing topics fail start-up naming them; with createTopics they are made with the main topic's count",
+    () =>
+      Effect.gen(function* () {
+        const handlers = [Processor.handler({ topic: "orders", value: Order, handle: () => Effect.void })]
+        const missing = yield* Effect.exit(
+          Processor.run(handlers).pipe(
+            Effect.provide(
+              Processor.layer(options()).pipe(
+                Layer.provideMerge(KafkaProducer.layer({ linger: Duration.zero, idempotent: false })),
+                Layer.provideMerge(InMemoryKafka.layer({ topics: [{ topic: "orders", partitions: 3 }] }))
+              )
+            )
+          )
+        )
+        assert.isTrue(Exit.isFailure(missing))
+        assert.include(
+          String(Exit.isFailure(missing) ? missing.cause : ""),
+          "topics missing: orders-retry-1, orders-retry-2, orders-retry-3, orders-dlq"
+        )
+
+        const created = Effect.gen(function* () {
+          const fiber = yield* Effect.forkChild(Processor.run(handlers))
+          yield* advanceUntil(() => false, "100 millis", 10)
+          const client = yield* KafkaClient.KafkaClient
+          const counts = yield* Effect.forEach(["orders-retry-1", "orders-retry-3", "orders-dlq"], (topic) =>
+            Effect.map(client.admin.partitionCount(topic), (partitions) => [topic, partitions])
+          )
+          yield* Fiber.interrupt(fiber)
+          return counts
+        })
+        const topics = yield* created.pipe(
+          Effect.provide(
+            Processor.layer(options({ createTopics: true })).pipe(
+              Layer.provideMerge(KafkaProducer.layer({ linger: Duration.zero, idempotent: false })),
+              Layer.provideMerge(InMemoryKafka.layer({ topics: [{ topic: "orders", partitions: 3 }] }))
+            )
+          )
+        )
+        assert.deepStrictEqual(topics, [
+          ["orders-retry-1", 3],
+          ["orders-retry-3", 3],
+          ["orders-dlq", 3]
+        ])
+      })
+  )
+})
