@@ -5,6 +5,7 @@ import * as InMemoryKafka from "../src/InMemoryKafka.ts"
 import * as KafkaClient from "../src/KafkaClient.ts"
 import * as KafkaProducer from "../src/KafkaProducer.ts"
 import * as Processor from "../src/Processor.ts"
+import * as Replay from "../src/Replay.ts"
 import * as RetryPolicy from "../src/RetryPolicy.ts"
 
 const Order = Schema.Struct({ id: Schema.String, amount: Schema.Number })
@@ -361,5 +362,96 @@ describe("Processor", () => {
           ["orders-dlq", 3]
         ])
       })
+  )
+})
+
+describe("Replay", () => {
+  const deadLetter = (id: string, tag: string, originalTopic = "orders") => {
+    const source: KafkaClient.ConsumedRecord = {
+      topic: originalTopic,
+      partition: 0,
+      offset: 7n,
+      key: new TextEncoder().encode(id),
+      value: new TextEncoder().encode(JSON.stringify({ id, amount: 1 })),
+      headers: { "trace-id": new TextEncoder().encode(`t-${id}`) },
+      timestamp: 0
+    }
+    const policy = RetryPolicy.make({ retryTopicPrefix: "orders-retry", retryMax: 3, dlqTopic: "orders-dlq" })
+    const hop = RetryPolicy.nextHop(
+      policy,
+      source,
+      { tag, message: "boom", fatal: true },
+      { now: 0, consumerGroup: "g" }
+    )
+    return { key: hop.key, value: hop.value, headers: hop.headers, partition: 0 }
+  }
+
+  const layer = KafkaProducer.layer({ linger: Duration.zero, idempotent: false }).pipe(
+    Layer.provideMerge(InMemoryKafka.layer({ topics: [...allTopics(2), { topic: "payments", partitions: 1 }] }))
+  )
+
+  const replay = (overrides: Partial<Replay.ReplayOptions>) =>
+    Effect.gen(function* () {
+      const fiber = yield* Effect.forkChild(
+        Replay.replay({ dlqTopic: "orders-dlq", groupId: "g", dryRun: false, ...overrides })
+      )
+      yield* advanceWhile(
+        Effect.map(Fiber.await(fiber).pipe(Effect.timeoutOption(0)), (exit) => exit._tag === "None"),
+        "100 millis"
+      )
+      return yield* Fiber.join(fiber)
+    })
+
+  it.effect("replays matching dead letters to their original topic, without the history headers", () =>
+    Effect.gen(function* () {
+      yield* InMemoryKafka.produce("orders-dlq", [deadLetter("a", "Timeout")])
+      yield* TestClock.adjust("1 hour")
+      const since = yield* Clock.currentTimeMillis
+      yield* InMemoryKafka.produce("orders-dlq", [
+        deadLetter("b", "Timeout"),
+        deadLetter("c", "SchemaViolation"),
+        deadLetter("d", "Timeout", "payments"),
+        deadLetter("e", "Timeout")
+      ])
+
+      const dry = yield* replay({ errorTags: ["Timeout"], since, dryRun: true })
+      assert.deepStrictEqual(dry, {
+        scanned: 5,
+        matched: 3,
+        replayed: 0,
+        unreadable: 0,
+        byTopic: { orders: 2, payments: 1 },
+        byErrorTag: { Timeout: 3 }
+      })
+      assert.deepStrictEqual(yield* InMemoryKafka.records("orders"), [], "a dry run sends nothing")
+
+      const limited = yield* replay({ errorTags: ["Timeout"], originalTopics: ["orders"], since, max: 1 })
+      assert.strictEqual(limited.matched, 1)
+      assert.strictEqual(limited.replayed, 1)
+      const orders = yield* InMemoryKafka.records("orders")
+      assert.deepStrictEqual(
+        orders.map((record) => text(record.key ?? undefined)),
+        ["b"]
+      )
+      const replayed = orders[0] as KafkaClient.ConsumedRecord
+      assert.deepStrictEqual(Object.keys(replayed.headers).sort(), ["kafka-effect-replayed-from", "trace-id"])
+      assert.strictEqual(text(replayed.headers["trace-id"]), "t-b")
+      assert.strictEqual(text(replayed.headers[Replay.replayedFromHeader]), "orders-dlq/0/1")
+      assert.deepStrictEqual(JSON.parse(text(replayed.value ?? undefined) ?? ""), { id: "b", amount: 1 })
+
+      const until = yield* replay({ until: since })
+      assert.deepStrictEqual([until.matched, until.replayed], [1, 1])
+      assert.deepStrictEqual(
+        (yield* InMemoryKafka.records("orders")).map((record) => text(record.key ?? undefined)),
+        ["b", "a"]
+      )
+    }).pipe(Effect.provide(layer))
+  )
+
+  it.effect("an empty dead-letter topic replays nothing", () =>
+    Effect.gen(function* () {
+      const summary = yield* Replay.replay({ dlqTopic: "orders-dlq", groupId: "g", dryRun: false })
+      assert.strictEqual(summary.scanned, 0)
+    }).pipe(Effect.provide(layer))
   )
 })

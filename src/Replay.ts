@@ -1,0 +1,144 @@
+/**
+ * Replay: re-publishes dead-lettered records to the topic they first came from.
+ *
+ * It reads the dead-letter topic from its start up to its end as it was when the replay began (records that
+ * arrive later wait for the next replay), with a throwaway consumer group that commits nothing, and sends each
+ * record that passes the filters to its original topic: same key, value and original headers, without the
+ * history headers of `RetryPolicy`, plus `kafka-effect-replayed-from` (`dlq-topic/partition/offset`). The
+ * processor then handles it as a new record (attempt 0). Kafka cannot delete single records, so the dead letters
+ * stay where they are: replaying the same range twice sends them twice; narrow a replay with `since`/`until`.
+ *
+ * @example
+ * ```ts
+ * const summary = yield* Replay.replay({ dlqTopic: "events-dlq", groupId: "billing", errorTags: ["Timeout"], dryRun: true })
+ * ```
+ */
+import { Clock, Deferred, Effect, Option } from "effect"
+import * as KafkaClient from "./KafkaClient.ts"
+import * as KafkaProducer from "./KafkaProducer.ts"
+import * as RetryPolicy from "./RetryPolicy.ts"
+
+/** The header a replayed record carries: where in the dead-letter topic it came from. */
+export const replayedFromHeader = "kafka-effect-replayed-from"
+
+export interface ReplayOptions {
+  readonly dlqTopic: string
+  /** the processor's group id; the replay reads with a group of its own named after it */
+  readonly groupId: string
+  /** only records whose error tag is one of these */
+  readonly errorTags?: ReadonlyArray<string> | undefined
+  /** only records first produced to one of these topics */
+  readonly originalTopics?: ReadonlyArray<string> | undefined
+  /** only records dead-lettered at or after this time (epoch milliseconds) */
+  readonly since?: number | undefined
+  /** only records dead-lettered before this time (epoch milliseconds) */
+  readonly until?: number | undefined
+  /** at most this many records */
+  readonly max?: number | undefined
+  /** count what would be replayed, send nothing */
+  readonly dryRun: boolean
+}
+
+export interface ReplaySummary {
+  /** dead letters read */
+  readonly scanned: number
+  /** those that passed the filters (and the `max`) */
+  readonly matched: number
+  /** those sent to their original topic (0 on a dry run) */
+  readonly replayed: number
+  /** dead letters without readable history headers: their original topic is unknown, so they are left alone */
+  readonly unreadable: number
+  /** matched records by original topic */
+  readonly byTopic: Readonly<Record<string, number>>
+  /** matched records by error tag */
+  readonly byErrorTag: Readonly<Record<string, number>>
+}
+
+const increment = (counts: Record<string, number>, key: string) => {
+  counts[key] = (counts[key] ?? 0) + 1
+}
+
+/** Replays the dead letters that pass the filters and succeeds with what it did. */
+export const replay = Effect.fn("Replay.replay")(function* (options: ReplayOptions) {
+  const client = yield* KafkaClient.KafkaClient
+  const producer = yield* KafkaProducer.KafkaProducer
+  const summary = {
+    scanned: 0,
+    matched: 0,
+    replayed: 0,
+    unreadable: 0,
+    byTopic: {} as Record<string, number>,
+    byErrorTag: {} as Record<string, number>
+  }
+  // The end of each partition now: the replay stops there.
+  const ends = new Map<number, bigint>()
+  for (const { partition, low, high } of yield* client.admin.fetchTopicOffsets(options.dlqTopic)) {
+    if (high > low) ends.set(partition, high)
+  }
+  if (ends.size === 0) return summary as ReplaySummary
+
+  const done = yield* Deferred.make<void, KafkaProducer.ProduceError>()
+  const full = () => options.max !== undefined && summary.matched >= options.max
+  const matches = (record: KafkaClient.ConsumedRecord, history: RetryPolicy.History) =>
+    (options.errorTags === undefined || options.errorTags.includes(history.errorTag)) &&
+    (options.originalTopics === undefined || options.originalTopics.includes(history.originalTopic)) &&
+    (options.since === undefined || record.timestamp >= options.since) &&
+    (options.until === undefined || record.timestamp < options.until)
+
+  const handleBatch: KafkaClient.BatchHandler = (batch) =>
+    Effect.gen(function* () {
+      const end = ends.get(batch.partition)
+      if (end === undefined) return
+      const outgoing: Array<KafkaClient.ProducerRecord> = []
+      for (const record of batch.records) {
+        if (record.offset >= end || full()) break
+        summary.scanned++
+        const history = RetryPolicy.historyOf(record)
+        if (Option.isNone(history)) {
+          summary.unreadable++
+          continue
+        }
+        if (!matches(record, history.value)) continue
+        summary.matched++
+        increment(summary.byTopic, history.value.originalTopic)
+        increment(summary.byErrorTag, history.value.errorTag)
+        outgoing.push({
+          topic: history.value.originalTopic,
+          key: record.key,
+          value: record.value,
+          headers: {
+            ...RetryPolicy.originalHeaders(record),
+            [replayedFromHeader]: `${record.topic}/${record.partition}/${record.offset}`
+          }
+        })
+      }
+      if (!options.dryRun && outgoing.length > 0) {
+        yield* producer.sendAll(outgoing).pipe(
+          Effect.tap(() =>
+            Effect.sync(() => {
+              summary.replayed += outgoing.length
+            })
+          ),
+          // A send that fails ends the replay with the error; what was sent before stays sent (see the summary).
+          Effect.catch((error) => Deferred.fail(done, error))
+        )
+      }
+      const last = batch.records.at(-1)
+      if (last !== undefined && last.offset >= end - 1n) ends.delete(batch.partition)
+      if (ends.size === 0 || full()) yield* Deferred.succeed(done, undefined)
+    })
+
+  const now = yield* Clock.currentTimeMillis
+  yield* Effect.scoped(
+    Effect.gen(function* () {
+      const connection = yield* client.consumer({
+        groupId: `${options.groupId}-replay-${now}`,
+        topics: [options.dlqTopic],
+        fromBeginning: true
+      })
+      yield* connection.run(handleBatch)
+      yield* Deferred.await(done).pipe(Effect.raceFirst(connection.crashed))
+    })
+  )
+  return summary as ReplaySummary
+})
