@@ -19,9 +19,9 @@ import { Deferred, Duration, Effect, Fiber, Layer, Option, Schema } from "effect
 import { Kafka, logLevel } from "kafkajs"
 import * as Broker from "../scripts/kafka/broker.ts"
 import type * as KafkaConfig from "../src/Config.ts"
-import * as Consumer from "../src/Consumer.ts"
 import * as Event from "../src/Event.ts"
 import * as KafkaClient from "../src/KafkaClient.ts"
+import * as KafkaConsumer from "../src/KafkaConsumer.ts"
 import * as KafkaProducer from "../src/KafkaProducer.ts"
 
 const here = import.meta.dirname
@@ -96,11 +96,11 @@ const ours = (
   brokers: string,
   topic: string,
   count: number,
-  options: Partial<Consumer.ConsumerOptions>,
+  options: Partial<KafkaConsumer.ConsumerOptions>,
   handle: (record: KafkaClient.ConsumedRecord) => Effect.Effect<void>
 ) =>
   Effect.gen(function* () {
-    const consumer = yield* Consumer.make({
+    const consumer = yield* KafkaConsumer.make({
       groupId: `bench-ours-${stamp()}`,
       topics: [topic],
       workers: 8,

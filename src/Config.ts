@@ -92,6 +92,8 @@ export interface ConsumerConfig {
   readonly retryMax: number
   readonly fetchMinBytes: number
   readonly fetchMaxBytes: number
+  /** how long the broker may hold a fetch to gather fetchMinBytes */
+  readonly fetchMaxWait: Duration.Duration
   readonly retryTopicPrefix: string
   /** the delay of each retry topic, the first for `-1`; the last stands for any further ones */
   readonly retryDelays: ReadonlyArray<Duration.Duration>
@@ -242,6 +244,7 @@ export const variables = [
   "KAFKA_CONSUMER_RETRY_MAX",
   "KAFKA_CONSUMER_FETCH_MIN_BYTES",
   "KAFKA_CONSUMER_FETCH_MAX_BYTES",
+  "KAFKA_CONSUMER_FETCH_MAX_WAIT_MS",
   "KAFKA_RETRY_TOPIC_PREFIX",
   "KAFKA_DLQ_TOPIC",
   "KAFKA_RETRY_DELAYS_MS",
@@ -407,6 +410,12 @@ const readConsumer = (r: Reader): ConsumerConfig => {
     integer(1, 2 ** 31 - 1),
     "a whole number of bytes from 1 to 2147483647"
   )
+  const fetchMaxWait = r.field(
+    "KAFKA_CONSUMER_FETCH_MAX_WAIT_MS",
+    Duration.millis(500),
+    millis(0, 60_000),
+    "a whole number of milliseconds from 0 to 60000"
+  )
   if (fetchMinBytes > fetchMaxBytes) {
     r.problem(
       "KAFKA_CONSUMER_FETCH_MIN_BYTES",
@@ -487,6 +496,7 @@ const readConsumer = (r: Reader): ConsumerConfig => {
     retryMax,
     fetchMinBytes,
     fetchMaxBytes,
+    fetchMaxWait,
     retryTopicPrefix,
     retryDelays,
     dlqTopic,

@@ -31,8 +31,8 @@
  */
 import { Cause, Clock, Context, Duration, Effect, Exit, Layer, Option, Schedule, Schema } from "effect"
 import * as KafkaConfig from "./Config.ts"
-import * as Consumer from "./Consumer.ts"
 import * as KafkaClient from "./KafkaClient.ts"
+import * as KafkaConsumer from "./KafkaConsumer.ts"
 import * as KafkaProducer from "./KafkaProducer.ts"
 import * as RetryPolicy from "./RetryPolicy.ts"
 
@@ -188,7 +188,7 @@ export const handler = <S extends Decodable, E = never, R = never, HS extends De
 
 export interface ProcessorOptions {
   /** the main topics' consumer; retry topics are consumed by groups `${groupId}-retry-N` with the same settings */
-  readonly consumer: Omit<Consumer.ConsumerOptions, "topics" | "dueAt">
+  readonly consumer: Omit<KafkaConsumer.ConsumerOptions, "topics" | "dueAt">
   readonly retryTopicPrefix: string
   readonly retryMax: number
   /** the delay of each retry topic; default `RetryPolicy.defaultDelays` */
@@ -357,8 +357,8 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
           yield* route(record, failure.value)
         }).pipe(Effect.annotateLogs(coordinates(record)))
 
-      const consumerOf = (topics: ReadonlyArray<string>, overrides: Partial<Consumer.ConsumerOptions>) =>
-        Consumer.make({ ...options.consumer, topics, ...overrides })
+      const consumerOf = (topics: ReadonlyArray<string>, overrides: Partial<KafkaConsumer.ConsumerOptions>) =>
+        KafkaConsumer.make({ ...options.consumer, topics, ...overrides })
       const consumers = [
         yield* consumerOf(mainTopics, {}),
         ...(yield* Effect.forEach(RetryPolicy.retryTopics(policy), (topic, index) =>
@@ -366,6 +366,8 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
             groupId: `${groupId}-retry-${index + 1}`,
             // A new retry group must not skip what waits in its topic.
             fromBeginning: true,
+            // A retry record is due at its time: fetch it as soon as it is there, not once a kilobyte gathered.
+            fetchMinBytes: 1,
             dueAt: RetryPolicy.dueAt
           })
         ))
@@ -393,7 +395,7 @@ export const run = <R>(
 
 /** Options from the environment's consumer settings (`KafkaConfig.consumer`). */
 export const optionsFrom = (config: KafkaConfig.ConsumerConfig): ProcessorOptions => ({
-  consumer: Consumer.optionsFrom(config),
+  consumer: KafkaConsumer.optionsFrom(config),
   retryTopicPrefix: config.retryTopicPrefix,
   retryMax: config.retryMax,
   retryDelays: config.retryDelays,

@@ -61,6 +61,7 @@ describe("KafkaConfig", () => {
         KAFKA_CONSUMER_RETRY_MAX: "5",
         KAFKA_CONSUMER_FETCH_MIN_BYTES: "1",
         KAFKA_CONSUMER_FETCH_MAX_BYTES: "1048576",
+        KAFKA_CONSUMER_FETCH_MAX_WAIT_MS: "250",
         KAFKA_RETRY_TOPIC_PREFIX: "orders-retry",
         KAFKA_DLQ_TOPIC: "orders-dlq",
         KAFKA_RETRY_DELAYS_MS: "1000, 60000",
@@ -106,7 +107,8 @@ describe("KafkaConfig", () => {
           shutdownTimeout: Duration.toMillis(consumer.shutdownTimeout),
           sessionTimeout: Duration.toMillis(consumer.sessionTimeout),
           heartbeatInterval: Duration.toMillis(consumer.heartbeatInterval),
-          retryDelays: consumer.retryDelays.map(Duration.toMillis)
+          retryDelays: consumer.retryDelays.map(Duration.toMillis),
+          fetchMaxWait: Duration.toMillis(consumer.fetchMaxWait)
         },
         {
           topic: "orders",
@@ -115,6 +117,7 @@ describe("KafkaConfig", () => {
           retryMax: 5,
           fetchMinBytes: 1,
           fetchMaxBytes: 1_048_576,
+          fetchMaxWait: 250,
           retryTopicPrefix: "orders-retry",
           retryDelays: [1000, 60000],
           dlqTopic: "orders-dlq",
@@ -156,6 +159,7 @@ describe("KafkaConfig", () => {
     ["KAFKA_CONSUMER_FETCH_MAX_BYTES", "lots", "bytes from 1"],
     ["KAFKA_RETRY_TOPIC_PREFIX", "retry/topic", "prefix"],
     ["KAFKA_DLQ_TOPIC", "dlq topic", "topic name"],
+    ["KAFKA_CONSUMER_FETCH_MAX_WAIT_MS", "1s", "milliseconds from 0 to 60000"],
     ["KAFKA_RETRY_DELAYS_MS", "5s,30s", "comma-separated whole numbers of milliseconds"],
     ["KAFKA_RETRY_DELAYS_MS", "1000,,2000", "one per retry topic"],
     ["KAFKA_CREATE_TOPICS", "sometimes", "true or false"],

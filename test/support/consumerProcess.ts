@@ -8,9 +8,9 @@
  * process's stdout buffer when the reader is slower, which is not what a memory benchmark should measure.
  */
 import { Duration, Effect, Layer } from "effect"
-import * as Consumer from "../../src/Consumer.ts"
 import { run } from "../../src/internal/main.ts"
 import * as KafkaClient from "../../src/KafkaClient.ts"
+import * as KafkaConsumer from "../../src/KafkaConsumer.ts"
 import * as Observability from "../../src/Observability.ts"
 
 const delay = Duration.millis(Number(process.env.HANDLER_DELAY_MS ?? "0"))
@@ -32,10 +32,10 @@ const report = (record: {
   }
 }
 
-const program = Consumer.run((record) =>
+const program = KafkaConsumer.run((record) =>
   Effect.sleep(delay).pipe(Effect.andThen(Effect.sync(() => report(record))))
 ).pipe(
-  Effect.provide(Consumer.layerConfig.pipe(Layer.provideMerge(KafkaClient.layerConfig))),
+  Effect.provide(KafkaConsumer.layerConfig.pipe(Layer.provideMerge(KafkaClient.layerConfig))),
   Effect.provide(Observability.layerLoggerConfig)
 )
 

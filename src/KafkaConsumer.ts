@@ -1,5 +1,5 @@
 /**
- * Consumer: a consumer-group member that hands records to a key-ordered worker pool and commits manually.
+ * KafkaConsumer: a consumer-group member that hands records to a key-ordered worker pool and commits manually.
  *
  * Guarantees (design.md: Delivery, Ordering, Worker pool, Commits, Rebalance, Shutdown):
  * - At-least-once: no offset is committed past a record whose handler has not finished (`OffsetTracker`).
@@ -20,8 +20,8 @@
  *
  * @example
  * ```ts
- * const program = Consumer.run((record) => Effect.log(`got ${record.offset} of ${record.topic}[${record.partition}]`))
- * NodeRuntime.runMain(program.pipe(Effect.provide(Consumer.layerConfig), Effect.provide(KafkaClient.layerConfig)))
+ * const program = KafkaConsumer.run((record) => Effect.log(`got ${record.offset} of ${record.topic}[${record.partition}]`))
+ * NodeRuntime.runMain(program.pipe(Effect.provide(KafkaConsumer.layerConfig), Effect.provide(KafkaClient.layerConfig)))
  * ```
  */
 import { Cause, Clock, Context, Deferred, Duration, Effect, Layer, Option, Schedule, type Scope, Stream } from "effect"
@@ -39,6 +39,8 @@ export interface ConsumerOptions {
   readonly fromBeginning: boolean
   readonly fetchMinBytes?: number | undefined
   readonly fetchMaxBytes?: number | undefined
+  /** how long the broker may hold a fetch to gather fetchMinBytes. Default 500 ms, as the Java client */
+  readonly fetchMaxWait?: Duration.Duration | undefined
   readonly commitInterval: Duration.Duration
   readonly shutdownTimeout: Duration.Duration
   readonly sessionTimeout?: Duration.Duration | undefined
@@ -60,8 +62,8 @@ export interface ConsumerOptions {
 /** A record handler: it may fail; the Consumer tries the record again until it succeeds. */
 export type Handler<E, R> = (record: KafkaClient.ConsumedRecord) => Effect.Effect<void, E, R>
 
-export class Consumer extends Context.Service<
-  Consumer,
+export class KafkaConsumer extends Context.Service<
+  KafkaConsumer,
   {
     readonly options: ConsumerOptions
     /** records delivered to the worker pool and not yet committed (0 when not running); at most maxInFlight */
@@ -69,7 +71,7 @@ export class Consumer extends Context.Service<
     /** Consumes until interrupted (then shuts down gracefully); fails only if the member cannot start. */
     readonly run: <E, R>(handler: Handler<E, R>) => Effect.Effect<never, KafkaClient.KafkaError, R>
   }
->()("kafka-effect/Consumer") {}
+>()("kafka-effect/KafkaConsumer") {}
 
 const capped = (base: Duration.Input, max: Duration.Input) =>
   Schedule.exponential(base, 2).pipe(
@@ -84,7 +86,9 @@ const coordinates = (record: KafkaClient.ConsumedRecord) => ({
   key: record.key === null ? null : new TextDecoder().decode(record.key)
 })
 
-export const make = (options: ConsumerOptions): Effect.Effect<Consumer["Service"], never, KafkaClient.KafkaClient> =>
+export const make = (
+  options: ConsumerOptions
+): Effect.Effect<KafkaConsumer["Service"], never, KafkaClient.KafkaClient> =>
   Effect.gen(function* () {
     const client = yield* KafkaClient.KafkaClient
     const retrySchedule = options.retrySchedule ?? capped("100 millis", "30 seconds")
@@ -327,6 +331,7 @@ export const make = (options: ConsumerOptions): Effect.Effect<Consumer["Service"
             fromBeginning: options.fromBeginning,
             fetchMinBytes: options.fetchMinBytes,
             fetchMaxBytes: options.fetchMaxBytes,
+            fetchMaxWait: options.fetchMaxWait ?? Duration.millis(500),
             sessionTimeout: options.sessionTimeout,
             heartbeatInterval: options.heartbeatInterval,
             partitionsConsumedConcurrently: options.partitionsConsumedConcurrently ?? 64
@@ -362,13 +367,13 @@ export const make = (options: ConsumerOptions): Effect.Effect<Consumer["Service"
         )
       }).pipe(Effect.scoped) as Effect.Effect<never, KafkaClient.KafkaError, R>
 
-    return Consumer.of({ options, run, inFlight: Effect.suspend(() => inFlight) })
+    return KafkaConsumer.of({ options, run, inFlight: Effect.suspend(() => inFlight) })
   })
 
-/** Consumes with the Consumer in context until interrupted. */
-export const run = <E, R>(handler: Handler<E, R>): Effect.Effect<never, KafkaClient.KafkaError, R | Consumer> =>
+/** Consumes with the KafkaConsumer in context until interrupted. */
+export const run = <E, R>(handler: Handler<E, R>): Effect.Effect<never, KafkaClient.KafkaError, R | KafkaConsumer> =>
   Effect.gen(function* () {
-    const consumer = yield* Consumer
+    const consumer = yield* KafkaConsumer
     return yield* consumer.run(handler)
   })
 
@@ -381,16 +386,18 @@ export const optionsFrom = (config: KafkaConfig.ConsumerConfig): ConsumerOptions
   fromBeginning: config.fromBeginning,
   fetchMinBytes: config.fetchMinBytes,
   fetchMaxBytes: config.fetchMaxBytes,
+  fetchMaxWait: config.fetchMaxWait,
   commitInterval: config.commitInterval,
   shutdownTimeout: config.shutdownTimeout,
   sessionTimeout: config.sessionTimeout,
   heartbeatInterval: config.heartbeatInterval
 })
 
-export const layer = (options: ConsumerOptions): Layer.Layer<Consumer, never, KafkaClient.KafkaClient> =>
-  Layer.effect(Consumer, make(options))
+export const layer = (options: ConsumerOptions): Layer.Layer<KafkaConsumer, never, KafkaClient.KafkaClient> =>
+  Layer.effect(KafkaConsumer, make(options))
 
-export const layerConfig: Layer.Layer<Consumer, KafkaConfig.KafkaConfigError, KafkaClient.KafkaClient> = Layer.effect(
-  Consumer,
-  Effect.flatMap(KafkaConfig.consumer, (config) => make(optionsFrom(config)))
-)
+export const layerConfig: Layer.Layer<KafkaConsumer, KafkaConfig.KafkaConfigError, KafkaClient.KafkaClient> =
+  Layer.effect(
+    KafkaConsumer,
+    Effect.flatMap(KafkaConfig.consumer, (config) => make(optionsFrom(config)))
+  )

@@ -1,14 +1,14 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Deferred, Duration, Effect, Fiber, Layer } from "effect"
 import { TestClock } from "effect/testing"
-import * as Consumer from "../src/Consumer.ts"
 import * as InMemoryKafka from "../src/InMemoryKafka.ts"
 import * as KafkaClient from "../src/KafkaClient.ts"
+import * as KafkaConsumer from "../src/KafkaConsumer.ts"
 import { random } from "./support/random.ts"
 
 const text = (bytes: Uint8Array | null) => (bytes === null ? "" : new TextDecoder().decode(bytes))
 
-const options = (overrides: Partial<Consumer.ConsumerOptions> = {}): Consumer.ConsumerOptions => ({
+const options = (overrides: Partial<KafkaConsumer.ConsumerOptions> = {}): KafkaConsumer.ConsumerOptions => ({
   groupId: "g",
   topics: ["events"],
   workers: 8,
@@ -19,8 +19,8 @@ const options = (overrides: Partial<Consumer.ConsumerOptions> = {}): Consumer.Co
   ...overrides
 })
 
-const setup = (partitions: number, overrides: Partial<Consumer.ConsumerOptions> = {}) =>
-  Consumer.layer(options(overrides)).pipe(
+const setup = (partitions: number, overrides: Partial<KafkaConsumer.ConsumerOptions> = {}) =>
+  KafkaConsumer.layer(options(overrides)).pipe(
     Layer.provideMerge(InMemoryKafka.layer({ topics: [{ topic: "events", partitions }] }))
   )
 
@@ -30,7 +30,7 @@ const advanceUntil = (done: () => boolean, step: Duration.Input = "10 millis", m
     for (let i = 0; i < maxSteps && !done(); i++) yield* TestClock.adjust(step)
   })
 
-describe("Consumer", () => {
+describe("KafkaConsumer", () => {
   it.effect("per-key order holds under random handler latencies: 10,000 records, 1,000 keys", () =>
     Effect.gen(function* () {
       const records = Array.from({ length: 10_000 }, (_, i) => ({ key: `key-${i % 1000}`, value: String(i) }))
@@ -42,7 +42,7 @@ describe("Consumer", () => {
       let violations = 0
       let overlaps = 0
       const fiber = yield* Effect.forkChild(
-        Consumer.run((record) =>
+        KafkaConsumer.run((record) =>
           Effect.gen(function* () {
             const key = text(record.key)
             if (running.has(key)) overlaps++
@@ -70,7 +70,7 @@ describe("Consumer", () => {
         "events",
         Array.from({ length: 1000 }, (_, i) => ({ key: `k${i}`, value: String(i) }))
       )
-      const consumer = yield* Consumer.Consumer
+      const consumer = yield* KafkaConsumer.KafkaConsumer
       const release = yield* Deferred.make<void>()
       let started = 0
       let maxInFlight = 0
@@ -103,7 +103,7 @@ describe("Consumer", () => {
       )
       let started = 0
       const fiber = yield* Effect.forkChild(
-        Consumer.run((record) =>
+        KafkaConsumer.run((record) =>
           Effect.sync(() => started++).pipe(
             Effect.andThen(Effect.sleep(Duration.seconds(Number(text(record.value)) + 1)))
           )
@@ -129,7 +129,7 @@ describe("Consumer", () => {
       ])
       const slowStarted = yield* Deferred.make<void>()
       const fiber = yield* Effect.forkChild(
-        Consumer.run((record) =>
+        KafkaConsumer.run((record) =>
           text(record.key) === "slow"
             ? Deferred.succeed(slowStarted, undefined).pipe(Effect.andThen(Effect.sleep("1 hour")))
             : Effect.void
@@ -154,7 +154,7 @@ describe("Consumer", () => {
       let attempts = 0
       const firstAttempt = yield* Deferred.make<void>()
       const fiber = yield* Effect.forkChild(
-        Consumer.run((record) =>
+        KafkaConsumer.run((record) =>
           text(record.value) === "flaky"
             ? Effect.suspend(() => {
                 const attempt = ++attempts
@@ -179,7 +179,7 @@ describe("Consumer", () => {
       yield* InMemoryKafka.produce("events", [{ key: "a", value: "boom" }])
       let attempts = 0
       const fiber = yield* Effect.forkChild(
-        Consumer.run(() => Effect.suspend(() => (++attempts < 2 ? Effect.die(new Error("bug")) : Effect.void)))
+        KafkaConsumer.run(() => Effect.suspend(() => (++attempts < 2 ? Effect.die(new Error("bug")) : Effect.void)))
       )
       yield* advanceUntil(() => attempts >= 2, "50 millis", 1000)
       assert.strictEqual(yield* InMemoryKafka.awaitCommitted("g", "events", 0, 1n), 1n)
@@ -209,7 +209,9 @@ describe("Consumer", () => {
               : connection
           )
       })
-      const consumer = yield* Consumer.make(options()).pipe(Effect.provideService(KafkaClient.KafkaClient, crashing))
+      const consumer = yield* KafkaConsumer.make(options()).pipe(
+        Effect.provideService(KafkaClient.KafkaClient, crashing)
+      )
       yield* InMemoryKafka.produce("events", [{ key: "a", value: "x" }])
       const fiber = yield* Effect.forkChild(consumer.run(() => Effect.void))
       yield* advanceUntil(() => connections >= 2, "100 millis", 200)
