@@ -235,6 +235,11 @@ const coordinates = (record: KafkaClient.ConsumedRecord) => ({
   key: record.key === null ? null : lenient.decode(record.key)
 })
 
+const tooLarge = (error: KafkaProducer.ProduceError) =>
+  error._tag === "KafkaError" &&
+  error.reason._tag === "BrokerError" &&
+  (error.reason.type === "MESSAGE_TOO_LARGE" || error.reason.type === "RECORD_LIST_TOO_LARGE")
+
 const increment = (counts: Record<string, number>, key: string) => {
   counts[key] = (counts[key] ?? 0) + 1
 }
@@ -295,8 +300,16 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
   const route = (record: KafkaClient.ConsumedRecord, failure: Failure) =>
     Effect.gen(function* () {
       const now = yield* Clock.currentTimeMillis
-      const next = RetryPolicy.nextHop(policy, record, failure, { now, consumerGroup: groupId })
-      yield* producer.send(next).pipe(
+      const hop = RetryPolicy.nextHop(policy, record, failure, { now, consumerGroup: groupId })
+      let next = hop
+      yield* producer.send(hop).pipe(
+        // Too large once the headers are added: dead-letter it without its value rather than stall the partition.
+        Effect.catchIf(tooLarge, () =>
+          Effect.suspend(() => {
+            next = RetryPolicy.withoutValue(policy, hop)
+            return producer.send(next)
+          })
+        ),
         Effect.tapError((error) =>
           Effect.logError(`could not send the record to ${next.topic}, will try again: ${error.message}`)
         ),

@@ -19,6 +19,10 @@
  * | `kafka-effect-error-tag`           | the last failure's tag, e.g. `SchemaViolation`, `Timeout`        |
  * | `kafka-effect-error-message`       | the last failure's message (at most 1,000 characters)            |
  * | `kafka-effect-consumer-group`      | the consumer group whose handler failed                          |
+ * | `kafka-effect-value-dropped`       | why the value is missing from this dead letter (too large)       |
+ *
+ * A record too large for its next hop once the headers are added (the broker answers MESSAGE_TOO_LARGE) is
+ * dead-lettered without its value (`valueDropped`); its coordinates still lead to it in the original topic.
  *
  * @example
  * ```ts
@@ -40,7 +44,8 @@ export const headers = {
   dueAt: "kafka-effect-due-at",
   errorTag: "kafka-effect-error-tag",
   errorMessage: "kafka-effect-error-message",
-  consumerGroup: "kafka-effect-consumer-group"
+  consumerGroup: "kafka-effect-consumer-group",
+  valueDropped: "kafka-effect-value-dropped"
 } as const
 
 const ours = new Set<string>(Object.values(headers))
@@ -197,5 +202,17 @@ export const nextHop = (
     key: record.key,
     value: record.value,
     headers: { ...originalHeaders(record), ...added }
+  }
+}
+
+/** The dead letter to send instead of `hop` when the broker refused it as too large: the same, without its value. */
+export const withoutValue = (policy: RetryPolicy, hop: KafkaClient.ProducerRecord): KafkaClient.ProducerRecord => {
+  const { [headers.dueAt]: _dueAt, ...kept } = hop.headers ?? {}
+  const size = hop.value === null ? 0 : typeof hop.value === "string" ? Buffer.byteLength(hop.value) : hop.value.length
+  return {
+    ...hop,
+    topic: policy.dlqTopic,
+    value: null,
+    headers: { ...kept, [headers.valueDropped]: `${size} bytes: too large for ${hop.topic} with these headers` }
   }
 }
