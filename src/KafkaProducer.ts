@@ -80,6 +80,12 @@ export interface ProducerOptions {
   readonly retryBackoff?: Duration.Duration | undefined
   /** the longest delay between tries. Default 5 s */
   readonly retryBackoffMax?: Duration.Duration | undefined
+  /**
+   * the most bytes (keys, values, headers) of one request; a record larger than this goes alone. Default 1,000,000,
+   * under the broker's default message.max.bytes (1,048,588), so that many small records never add up to a batch
+   * the broker refuses as too large
+   */
+  readonly maxBatchBytes?: number | undefined
   /** how long closing the scope waits for pending records. Default 30 s */
   readonly flushTimeout?: Duration.Duration | undefined
 }
@@ -87,6 +93,18 @@ export interface ProducerOptions {
 interface Pending {
   readonly record: KafkaClient.ProducerRecord
   readonly done: Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>
+}
+
+const textBytes = (value: string | Uint8Array | null | undefined) =>
+  value === null || value === undefined ? 0 : typeof value === "string" ? Buffer.byteLength(value) : value.length
+
+/** About what a record weighs in a request: key, value, headers, and a little framing. */
+const recordBytes = (record: KafkaClient.ProducerRecord) => {
+  let bytes = 24 + textBytes(record.key) + textBytes(record.value)
+  if (record.headers !== undefined) {
+    for (const [name, value] of Object.entries(record.headers)) bytes += 8 + name.length + textBytes(value)
+  }
+  return bytes
 }
 
 /** The policy for retrying a failed batch: exponential from `backoff`, jittered to 80–120 %, capped at `max`. */
@@ -131,23 +149,46 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
       )
     )
 
+  // Records taken from the queue that did not fit in the last batch's bytes: the next batch starts with them.
+  let carried: ReadonlyArray<Pending> = []
+  const maxBatchBytes = options.maxBatchBytes ?? 1_000_000
+
+  /** The longest prefix of `batch` within maxBatchBytes (at least one record); the rest is carried. */
+  const withinBytes = (batch: ReadonlyArray<Pending>) => {
+    let bytes = 0
+    for (const [index, pending] of batch.entries()) {
+      bytes += recordBytes(pending.record)
+      if (bytes > maxBatchBytes && index > 0) {
+        carried = batch.slice(index)
+        return batch.slice(0, index)
+      }
+    }
+    return batch
+  }
+
   /** The next batch: what is waiting, plus what arrives within `linger` (without waiting once it is full). */
   const nextBatch = Effect.gen(function* () {
+    if (carried.length > 0) {
+      const batch = carried
+      carried = []
+      return withinBytes(batch)
+    }
     const batch = yield* Queue.takeBetween(queue, 1, options.batchSize)
     const missing = options.batchSize - batch.length
-    if (missing === 0 || Duration.isZero(options.linger)) return batch
+    if (missing === 0 || Duration.isZero(options.linger)) return withinBytes(batch)
     // takeBetween takes atomically, so losing the race against the linger timer takes nothing.
     // A queue ended while lingering (the scope is closing) has nothing more to give: send what we hold.
     const rest = yield* Queue.takeBetween(queue, missing, missing).pipe(
       Effect.timeoutOption(options.linger),
       Effect.catch(() => Effect.succeedNone)
     )
-    if (Option.isSome(rest)) return [...batch, ...rest.value]
+    if (Option.isSome(rest)) return withinBytes([...batch, ...rest.value])
     const waiting = yield* Queue.size(queue)
-    return waiting === 0 ? batch : [...batch, ...(yield* Queue.takeBetween(queue, 1, missing))]
+    return withinBytes(waiting === 0 ? batch : [...batch, ...(yield* Queue.takeBetween(queue, 1, missing))])
   })
 
   const drain = Effect.gen(function* () {
+    // Ends when the queue is ended and empty (takeBetween fails) — never with records carried over.
     while (true) {
       const batch = yield* nextBatch
       inFlight = batch
@@ -166,7 +207,7 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
       )
       if (Option.isNone(flushed)) {
         yield* Fiber.interrupt(drainer)
-        const abandoned = [...inFlight, ...(yield* Queue.clear(queue))]
+        const abandoned = [...inFlight, ...carried, ...(yield* Queue.clear(queue))]
         yield* Effect.logWarning(`producer closed with ${abandoned.length} records unsent after the flush timeout`)
         for (const pending of abandoned) {
           Deferred.doneUnsafe(pending.done, Effect.fail(new ProducerClosed({ topic: pending.record.topic })))

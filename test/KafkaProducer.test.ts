@@ -82,6 +82,26 @@ describe("Producer", () => {
     })
   )
 
+  it.effect("a request stays within maxBatchBytes; a record larger than that goes alone", () =>
+    Effect.gen(function* () {
+      const { scripted, producer } = yield* setup({ batchSize: 10, maxBatchBytes: 1_000 })
+      const sizes = [400, 400, 400, 1_500, 100, 100]
+      const fiber = yield* Effect.forkChild(producer.sendAll(sizes.map((n) => ({ value: "x".repeat(n) }))))
+      yield* TestClock.adjust("50 millis")
+      const metadata = yield* Fiber.join(fiber)
+      assert.deepStrictEqual(
+        metadata.map((m) => m.offset),
+        [0n, 1n, 2n, 3n, 4n, 5n],
+        "every caller completed, in order"
+      )
+      const { requests } = yield* scripted.recorded
+      assert.deepStrictEqual(
+        requests.map((request) => request.map((r) => (r.value as string).length)),
+        [[400, 400], [400], [1_500], [100, 100]]
+      )
+    })
+  )
+
   it.effect("a retriable failure is retried on the schedule and then succeeds", () =>
     Effect.gen(function* () {
       const { scripted, producer } = yield* setup({ linger: Duration.zero })
