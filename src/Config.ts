@@ -257,7 +257,11 @@ export const variables = [
   "KAFKA_CONSUMER_SESSION_TIMEOUT_MS",
   "KAFKA_CONSUMER_HEARTBEAT_INTERVAL_MS",
   "LOG_LEVEL",
-  "LOG_FORMAT"
+  "LOG_FORMAT",
+  "METRICS_PORT",
+  "METRICS_HOST",
+  "OTEL_EXPORTER_OTLP_ENDPOINT",
+  "OTEL_SERVICE_NAME"
 ] as const
 
 const readEnv: Effect.Effect<Reader, KafkaConfigError> = Effect.gen(function* () {
@@ -564,11 +568,38 @@ export const logging: Effect.Effect<LoggingConfig, KafkaConfigError> = Effect.fl
   r.done(readLogging(r))
 )
 
+export interface ObservabilityConfig {
+  /** where `/metrics`, `/healthz` and `/readyz` are served; none when METRICS_PORT is unset */
+  readonly metricsPort: Option.Option<number>
+  /** the address the HTTP server binds to: loopback unless configured otherwise */
+  readonly metricsHost: string
+  /** the OTLP/HTTP endpoint traces are exported to; none when unset */
+  readonly otlpEndpoint: Option.Option<string>
+  readonly serviceName: string
+}
+
+const readObservability = (r: Reader): ObservabilityConfig => ({
+  metricsPort: r.optional("METRICS_PORT", integer(1, 65_535), "a port number from 1 to 65535"),
+  metricsHost: r.field("METRICS_HOST", "127.0.0.1", text, "a host name or IP address to bind to"),
+  otlpEndpoint: r.optional(
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    (raw) => (/^https?:\/\/[^\s]+$/.test(raw) ? Option.some(raw.replace(/\/+$/, "")) : Option.none()),
+    "an http:// or https:// URL, e.g. http://localhost:4318"
+  ),
+  serviceName: r.field("OTEL_SERVICE_NAME", "kafka-effect", text, "a service name")
+})
+
+/** Metrics server and tracing export settings. */
+export const observability: Effect.Effect<ObservabilityConfig, KafkaConfigError> = Effect.flatMap(readEnv, (r) =>
+  r.done(readObservability(r))
+)
+
 export interface KafkaConfig {
   readonly connection: ConnectionConfig
   readonly producer: ProducerConfig
   readonly consumer: ConsumerConfig
   readonly logging: LoggingConfig
+  readonly observability: ObservabilityConfig
 }
 
 /** Every section at once, with every problem of every section in one error. */
@@ -577,6 +608,7 @@ export const all: Effect.Effect<KafkaConfig, KafkaConfigError> = Effect.flatMap(
     connection: readConnection(r),
     producer: readProducer(r),
     consumer: readConsumer(r),
-    logging: readLogging(r)
+    logging: readLogging(r),
+    observability: readObservability(r)
   })
 )

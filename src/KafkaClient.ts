@@ -17,9 +17,10 @@
  * }).pipe(Effect.provide(KafkaClient.layerConfig))
  * ```
  */
-import { Context, Duration, Effect, Layer, Schedule, Schema, type Scope, type Stream } from "effect"
+import { Context, Duration, Effect, Layer, Metric, Schedule, Schema, type Scope, type Stream } from "effect"
 import * as KafkaConfig from "./Config.ts"
 import * as KafkaJS from "./internal/kafkajs.ts"
+import * as Metrics from "./Metrics.ts"
 
 // ---------------------------------------------------------------------------------------------------------------
 // Errors
@@ -333,8 +334,12 @@ export const retryConnect = <A, R>(
       // The schedule steps before `while` is asked, so a non-retriable error must not be logged as a retry.
       Schedule.tap(({ attempt, duration, input }: Schedule.Metadata<Duration.Duration, KafkaError>) =>
         input.retriable
-          ? Effect.logWarning(
-              `Kafka not reachable (attempt ${attempt}): ${input.message}; retrying in ${Duration.format(Duration.millis(Math.round(Duration.toMillis(duration))))}`
+          ? Metric.update(Metrics.reconnects, 1).pipe(
+              Effect.andThen(
+                Effect.logWarning(
+                  `Kafka not reachable (attempt ${attempt}): ${input.message}; retrying in ${Duration.format(Duration.millis(Math.round(Duration.toMillis(duration))))}`
+                )
+              )
             )
           : Effect.void
       )

@@ -24,10 +24,25 @@
  * NodeRuntime.runMain(program.pipe(Effect.provide(KafkaConsumer.layerConfig), Effect.provide(KafkaClient.layerConfig)))
  * ```
  */
-import { Cause, Clock, Context, Deferred, Duration, Effect, Layer, Option, Schedule, type Scope, Stream } from "effect"
+import {
+  Cause,
+  Clock,
+  Context,
+  Deferred,
+  Duration,
+  Effect,
+  Layer,
+  Metric,
+  Option,
+  Schedule,
+  type Scope,
+  Stream
+} from "effect"
 import * as KafkaConfig from "./Config.ts"
 import * as ChangeSignal from "./internal/changeSignal.ts"
 import * as KafkaClient from "./KafkaClient.ts"
+import * as Metrics from "./Metrics.ts"
+import * as Observability from "./Observability.ts"
 import * as OffsetTracker from "./OffsetTracker.ts"
 import * as WorkerPool from "./WorkerPool.ts"
 
@@ -99,6 +114,11 @@ export const make = (
     const run = <E, R>(handler: Handler<E, R>) =>
       Effect.gen(function* () {
         const pool = yield* WorkerPool.make({ workers: options.workers, maxInFlight: options.maxInFlight })
+        const group = { group: options.groupId }
+        const inFlightGauge = Metric.withAttributes(Metrics.recordsInFlight, group)
+        const commitCounter = Metric.withAttributes(Metrics.commits, group)
+        const consumed = Metrics.tagged(Metrics.recordsConsumed)
+        const lag = Metrics.tagged(Metrics.consumerLag)
         inFlight = Effect.sync(() => uncommitted)
         yield* Effect.addFinalizer(() => Effect.sync(() => (inFlight = Effect.succeed(0))))
         const tracker = OffsetTracker.make()
@@ -176,6 +196,8 @@ export const make = (
             if (commits.length === 0) return Effect.void
             return connection.commit(commits).pipe(
               Effect.tap(() => Effect.sync(() => release(commits.reduce((n, c) => n + c.records, 0)))),
+              Effect.tap(() => Metric.update(commitCounter, 1)),
+              Effect.tap(() => Effect.suspend(() => Metric.update(inFlightGauge, uncommitted))),
               Effect.tap(() =>
                 Effect.logDebug("committed").pipe(
                   Effect.annotateLogs({
@@ -298,6 +320,8 @@ export const make = (
                   yield* pool.submit(record.key, Effect.ensuring(handle(record), finish(record)))
                 }
                 index += taken
+                yield* Metric.update(consumed({ topic: batch.topic }), taken)
+                yield* Metric.update(inFlightGauge, uncommitted)
               }
               submitted = true
               if (remaining === 0) Deferred.doneUnsafe(allDone, Effect.void)
@@ -316,6 +340,12 @@ export const make = (
                 )
               }
               yield* commit(connection, partition)
+              // What is left of the partition after what this call took, as of the fetch.
+              const next = resumeAt ?? (records.at(-1)?.offset ?? first.offset) + 1n
+              yield* Metric.update(
+                lag({ group: options.groupId, topic: batch.topic, partition: String(batch.partition) }),
+                Math.max(0, Number(batch.highWatermark - next))
+              )
               if (resumeAt === first.offset && !paused) {
                 // Nothing taken: the member waits to rejoin. Pause a moment, or kafkajs refetches in a hot loop.
                 yield* Effect.sleep(Duration.min(tick, Duration.millis(100)))
@@ -323,6 +353,7 @@ export const make = (
               return resumeAt === undefined ? undefined : { resumeAt }
             }).pipe(Effect.scoped, trackBatch)
 
+        const rebalancesCounter = Metric.withAttributes(Metrics.rebalances, group)
         const member = Effect.gen(function* () {
           const stopping = yield* Deferred.make<void>()
           const connection = yield* client.consumer({
@@ -345,7 +376,16 @@ export const make = (
               Effect.timeoutOption(Duration.sum(options.shutdownTimeout, Duration.seconds(5)))
             )
           )
+          const service = `consumer ${options.groupId}`
+          yield* Observability.report(service, false)
+          yield* Effect.addFinalizer(() => Observability.report(service, false))
           yield* connection.assignments.pipe(
+            // A member with an assignment is ready, with partitions or without (more members than partitions).
+            Stream.tap((assignment) =>
+              assignment.generation > 0
+                ? Observability.report(service, true).pipe(Effect.andThen(Metric.update(rebalancesCounter, 1)))
+                : Effect.void
+            ),
             Stream.runForEach((assignment) =>
               Effect.logInfo("assigned").pipe(
                 Effect.annotateLogs({

@@ -29,13 +29,17 @@ import {
   Exit,
   Fiber,
   Layer,
+  Metric,
   Option,
   Queue,
   Schedule,
-  Schema
+  Schema,
+  Tracer
 } from "effect"
 import * as KafkaConfig from "./Config.ts"
 import * as KafkaClient from "./KafkaClient.ts"
+import * as Metrics from "./Metrics.ts"
+import * as Observability from "./Observability.ts"
 
 /** `send` after the producer's scope closed, or a record still queued when the flush timeout ran out. */
 export class ProducerClosed extends Schema.TaggedError<ProducerClosed>()("ProducerClosed", {
@@ -107,6 +111,11 @@ const recordBytes = (record: KafkaClient.ProducerRecord) => {
   return bytes
 }
 
+/** The W3C trace-context header a record carries when it is sent inside a span. */
+export const traceparentHeader = "traceparent"
+
+const traceparentOf = (span: Tracer.AnySpan) => `00-${span.traceId}-${span.spanId}-${span.sampled ? "01" : "00"}`
+
 /** The policy for retrying a failed batch: exponential from `backoff`, jittered to 80–120 %, capped at `max`. */
 export const retrySchedule = (
   backoff: Duration.Duration,
@@ -120,6 +129,10 @@ export const retrySchedule = (
 export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
   const client = yield* KafkaClient.KafkaClient
   const connection = yield* client.producer({ idempotent: options.idempotent, acks: options.acks })
+  yield* Observability.report("producer", true)
+  yield* Effect.addFinalizer(() => Observability.report("producer", false))
+  const produced = Metrics.tagged(Metrics.recordsProduced)
+  const produceFailed = Metrics.tagged(Metrics.recordsProduceFailed)
   const queue = yield* Queue.bounded<Pending, Cause.Done>(options.queueCapacity)
   const retry = retrySchedule(
     options.retryBackoff ?? Duration.millis(100),
@@ -134,17 +147,27 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
         error.retriable ? Effect.logWarning(`produce failed, will retry: ${error.message}`) : Effect.void
       ),
       Effect.retry({ schedule: retry, times: options.retries, while: (error) => error.retriable }),
+      Effect.withSpan("kafka.produce", {
+        kind: "producer",
+        attributes: { "messaging.system": "kafka", "messaging.batch.message_count": batch.length }
+      }),
+      Effect.timed,
       Effect.exit,
       Effect.flatMap((exit) =>
-        Effect.sync(() => {
+        Effect.gen(function* () {
           for (const [index, pending] of batch.entries()) {
             Deferred.doneUnsafe(
               pending.done,
               Exit.isSuccess(exit)
-                ? Effect.succeed(exit.value[index] as KafkaClient.RecordMetadata)
+                ? Effect.succeed(exit.value[1][index] as KafkaClient.RecordMetadata)
                 : Effect.failCause(exit.cause)
             )
           }
+          const perTopic = new Map<string, number>()
+          for (const pending of batch) perTopic.set(pending.record.topic, (perTopic.get(pending.record.topic) ?? 0) + 1)
+          const counter = Exit.isSuccess(exit) ? produced : produceFailed
+          for (const [topic, n] of perTopic) yield* Metric.update(counter({ topic }), n)
+          if (Exit.isSuccess(exit)) yield* Metric.update(Metrics.produceLatency, Duration.toSeconds(exit.value[0]))
         })
       )
     )
@@ -220,7 +243,16 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
     Effect.gen(function* () {
       const topic = record.topic ?? options.topic
       const done = yield* Deferred.make<KafkaClient.RecordMetadata, ProduceError>()
-      const accepted = yield* Queue.offer(queue, { record: { ...record, topic, key: record.key ?? null }, done })
+      // The caller's span travels with the record (W3C trace context), so its consumer continues the trace.
+      const span = yield* Effect.serviceOption(Tracer.ParentSpan)
+      const headers =
+        Option.isSome(span) && record.headers?.[traceparentHeader] === undefined
+          ? { ...record.headers, [traceparentHeader]: traceparentOf(span.value) }
+          : record.headers
+      const accepted = yield* Queue.offer(queue, {
+        record: { ...record, topic, key: record.key ?? null, headers },
+        done
+      })
       if (!accepted) return yield* new ProducerClosed({ topic })
       lastEnqueued = done
       return done

@@ -1,12 +1,37 @@
 /**
- * Observability: the logger of the programs and of applications that want ours.
+ * Observability: the logger, the health of the services, the HTTP endpoint for metrics and probes, and tracing
+ * export — each a Layer, and `layerConfig` with all of them as the environment sets them.
  *
- * `LOG_LEVEL` sets the minimum level; `LOG_FORMAT` picks `json` (one JSON object a line, for log shippers) or
- * `pretty`; unset, it is json when stdout is not a terminal. Logs go to stderr, so that a program's stdout
- * carries only its own output (the producer's summary, say).
+ * - Logs: `LOG_LEVEL` sets the minimum level; `LOG_FORMAT` picks `json` (one JSON object a line, for log shippers)
+ *   or `pretty`; unset, it is json when stdout is not a terminal. Logs go to stderr, so that a program's stdout
+ *   carries only its own output (a summary, say).
+ * - Health: services report whether they are ready (`Health.report`): the producer once connected, a consumer
+ *   once it is a member of its group (with partitions, or none because the group has more members than
+ *   partitions: idle by design). Without a `Health` in context reports go nowhere.
+ * - HTTP (`METRICS_PORT`, bound to `METRICS_HOST`, 127.0.0.1 by default): `GET /metrics` in Prometheus' text format
+ *   (the `Metrics` module, prefixed `kafka_effect_`), `GET /healthz` (200 while the process runs) and `GET /readyz`
+ *   (200 when every reporting service is ready, else 503, with the services' states as JSON).
+ * - Tracing: with `OTEL_EXPORTER_OTLP_ENDPOINT` set, spans (and logs and metrics) are exported over OTLP/HTTP as
+ *   `OTEL_SERVICE_NAME`; unset, nothing is exported.
+ *
+ * @example
+ * ```ts
+ * NodeRuntime.runMain(program.pipe(Effect.provide(Observability.layerConfig)))
+ * ```
  */
-import { Effect, Layer, Logger, Option, References } from "effect"
+import * as Http from "node:http"
+import { NodeHttpServer } from "@effect/platform-node"
+import { Context, Effect, Layer, Logger, Option, References } from "effect"
+import { FetchHttpClient, HttpRouter, HttpServerResponse } from "effect/http"
+import { Otlp, PrometheusMetrics } from "effect/observability"
 import * as KafkaConfig from "./Config.ts"
+
+/** The prefix of every metric name on `/metrics`. */
+export const metricsPrefix = "kafka_effect"
+
+// ---------------------------------------------------------------------------------------------------------------
+// Logs
+// ---------------------------------------------------------------------------------------------------------------
 
 /** The logger for a given level and format. */
 export const layerLogger = (logging: KafkaConfig.LoggingConfig): Layer.Layer<never> => {
@@ -22,4 +47,96 @@ export const layerLogger = (logging: KafkaConfig.LoggingConfig): Layer.Layer<nev
 /** The logger configured from `LOG_LEVEL` and `LOG_FORMAT`. */
 export const layerLoggerConfig: Layer.Layer<never, KafkaConfig.KafkaConfigError> = Layer.unwrap(
   Effect.map(KafkaConfig.logging, layerLogger)
+)
+
+// ---------------------------------------------------------------------------------------------------------------
+// Health
+// ---------------------------------------------------------------------------------------------------------------
+
+export class Health extends Context.Service<
+  Health,
+  {
+    /** Records whether a service (named, e.g. `producer`, `consumer event-processor-group`) is ready. */
+    readonly report: (service: string, ready: boolean) => Effect.Effect<void>
+    /** Ready when at least one service reported and all are ready. */
+    readonly status: Effect.Effect<{ readonly ready: boolean; readonly services: Readonly<Record<string, boolean>> }>
+  }
+>()("kafka-effect/Health") {}
+
+export const layerHealth: Layer.Layer<Health> = Layer.sync(Health, () => {
+  const services = new Map<string, boolean>()
+  return Health.of({
+    report: (service, ready) =>
+      Effect.sync(() => {
+        services.set(service, ready)
+      }),
+    status: Effect.sync(() => ({
+      ready: services.size > 0 && [...services.values()].every(Boolean),
+      services: Object.fromEntries(services)
+    }))
+  })
+})
+
+/** Reports to the `Health` in context, if there is one. */
+export const report = (service: string, ready: boolean): Effect.Effect<void> =>
+  Effect.flatMap(Effect.serviceOption(Health), (health) =>
+    Option.isSome(health) ? health.value.report(service, ready) : Effect.void
+  )
+
+// ---------------------------------------------------------------------------------------------------------------
+// HTTP: /metrics, /healthz, /readyz
+// ---------------------------------------------------------------------------------------------------------------
+
+const readyz = Effect.gen(function* () {
+  const health = yield* Health
+  const status = yield* health.status
+  return HttpServerResponse.jsonUnsafe(status, { status: status.ready ? 200 : 503 })
+})
+
+/** The HTTP endpoint on `port` (0: any free port) at `host`. */
+export const layerHttp = (options: {
+  readonly port: number
+  readonly host: string
+}): Layer.Layer<never, never, Health> =>
+  HttpRouter.serve(
+    Layer.mergeAll(
+      PrometheusMetrics.layerHttp({ path: "/metrics", prefix: metricsPrefix }),
+      HttpRouter.add("GET", "/healthz", HttpServerResponse.text("ok")),
+      HttpRouter.add("GET", "/readyz", readyz)
+    ),
+    { disableLogger: true, disableListenLog: true }
+  ).pipe(
+    Layer.provide(NodeHttpServer.layer(() => Http.createServer(), { port: options.port, host: options.host })),
+    Layer.orDie
+  )
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tracing
+// ---------------------------------------------------------------------------------------------------------------
+
+/** OTLP/HTTP export of spans, logs and metrics to `endpoint` (e.g. http://localhost:4318). */
+export const layerOtlp = (options: { readonly endpoint: string; readonly serviceName: string }) =>
+  Otlp.layerJson({ baseUrl: options.endpoint, resource: { serviceName: options.serviceName } }).pipe(
+    Layer.provide(FetchHttpClient.layer)
+  )
+
+// ---------------------------------------------------------------------------------------------------------------
+// All of it
+// ---------------------------------------------------------------------------------------------------------------
+
+/** Logger, Health, the HTTP endpoint when METRICS_PORT is set, OTLP export when its endpoint is set. */
+export const layerConfig: Layer.Layer<Health, KafkaConfig.KafkaConfigError> = Layer.unwrap(
+  Effect.gen(function* () {
+    const logging = yield* KafkaConfig.logging
+    const config = yield* KafkaConfig.observability
+    const http = Option.match(config.metricsPort, {
+      onNone: () => Layer.empty,
+      onSome: (port) => layerHttp({ port, host: config.metricsHost })
+    })
+    const otlp = Option.match(config.otlpEndpoint, {
+      onNone: () => Layer.empty,
+      onSome: (endpoint) => layerOtlp({ endpoint, serviceName: config.serviceName })
+    })
+    return Layer.mergeAll(http, otlp, layerLogger(logging)).pipe(Layer.provideMerge(layerHealth))
+  })
 )

@@ -29,11 +29,26 @@
  * )
  * ```
  */
-import { Cause, Clock, Context, Duration, Effect, Exit, Layer, Option, Schedule, Schema } from "effect"
+import {
+  Cause,
+  Clock,
+  Context,
+  Duration,
+  Effect,
+  Exit,
+  Layer,
+  Metric,
+  Option,
+  Schedule,
+  Schema,
+  type Tracer
+} from "effect"
+import { Headers, HttpTraceContext } from "effect/http"
 import * as KafkaConfig from "./Config.ts"
 import * as KafkaClient from "./KafkaClient.ts"
 import * as KafkaConsumer from "./KafkaConsumer.ts"
 import * as KafkaProducer from "./KafkaProducer.ts"
+import * as Metrics from "./Metrics.ts"
 import * as RetryPolicy from "./RetryPolicy.ts"
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -235,6 +250,14 @@ const coordinates = (record: KafkaClient.ConsumedRecord) => ({
   key: record.key === null ? null : lenient.decode(record.key)
 })
 
+/** The span a record's `traceparent` header names, as the parent of its processing span. */
+const parentOf = (record: KafkaClient.ConsumedRecord): { parent?: Tracer.ExternalSpan } => {
+  const header = record.headers[KafkaProducer.traceparentHeader]
+  if (header === undefined) return {}
+  const parent = HttpTraceContext.w3c(Headers.fromInput({ traceparent: lenient.decode(header) }))
+  return Option.isSome(parent) ? { parent: parent.value } : {}
+}
+
 const tooLarge = (error: KafkaProducer.ProduceError) =>
   error._tag === "KafkaError" &&
   error.reason._tag === "BrokerError" &&
@@ -263,6 +286,8 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
     Schedule.modifyDelay(({ duration }) => Effect.succeed(Duration.min(duration, Duration.seconds(30))))
   )
 
+  const processed = Metrics.tagged(Metrics.recordsProcessed)
+  const handlerDuration = Metrics.tagged(Metrics.handlerDuration)
   const counts = {
     done: 0,
     retriedInPlace: 0,
@@ -297,7 +322,7 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
     })
 
   /** Sends the record to its next hop and waits for the ack. */
-  const route = (record: KafkaClient.ConsumedRecord, failure: Failure) =>
+  const route = (record: KafkaClient.ConsumedRecord, topic: string, failure: Failure) =>
     Effect.gen(function* () {
       const now = yield* Clock.currentTimeMillis
       const hop = RetryPolicy.nextHop(policy, record, failure, { now, consumerGroup: groupId })
@@ -320,6 +345,7 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
       const deadLettered = next.topic === policy.dlqTopic
       if (deadLettered) increment(counts.deadLettered, failure.tag)
       else increment(counts.retried, next.topic)
+      yield* Metric.update(processed({ topic, outcome: deadLettered ? "dead_lettered" : "retried" }), 1)
       const log = deadLettered
         ? Effect.logError(`dead-lettered: ${failure.tag}: ${failure.message}`)
         : Effect.logWarning(`sent to ${next.topic}: ${failure.tag}: ${failure.message}`)
@@ -345,7 +371,7 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
           const attempt = Option.match(history, { onNone: () => 0, onSome: (h) => h.attempt })
           const topic = fromRetryTopic && Option.isSome(history) ? history.value.originalTopic : record.topic
           const topicHandler = byTopic.get(topic)
-          const processed: Effect.Effect<void, Failure, R> =
+          const processing: Effect.Effect<void, Failure, R> =
             topicHandler === undefined
               ? Effect.fail({ tag: "NoHandler", message: `no handler for topic ${topic}`, fatal: true })
               : topicHandler.process(record, attempt).pipe(
@@ -358,17 +384,32 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
                   ),
                   Effect.retry({ schedule: inPlaceRetry, while: (failure) => !failure.fatal })
                 )
-          const exit = yield* Effect.exit(processed)
+          const [duration, exit] = yield* Effect.timed(Effect.exit(processing))
+          yield* Metric.update(handlerDuration({ topic }), Duration.toSeconds(duration))
           if (Exit.isSuccess(exit)) {
             counts.done++
+            yield* Metric.update(processed({ topic, outcome: "done" }), 1)
             return
           }
           // The last failure was counted as if a retry would follow: it does not.
           const failure = Cause.findErrorOption(exit.cause)
           if (Option.isNone(failure)) return yield* Effect.failCause(exit.cause as Cause.Cause<never>)
           if (!failure.value.fatal) counts.retriedInPlace--
-          yield* route(record, failure.value)
-        }).pipe(Effect.annotateLogs(coordinates(record)))
+          yield* route(record, topic, failure.value)
+        }).pipe(
+          Effect.annotateLogs(coordinates(record)),
+          // A span per record, continuing the producer's trace when the record carries one (W3C traceparent).
+          Effect.withSpan(`kafka.process ${record.topic}`, {
+            kind: "consumer",
+            attributes: {
+              "messaging.system": "kafka",
+              "messaging.destination.name": record.topic,
+              "messaging.kafka.destination.partition": record.partition,
+              "messaging.kafka.message.offset": record.offset.toString()
+            },
+            ...parentOf(record)
+          })
+        )
 
       const consumerOf = (topics: ReadonlyArray<string>, overrides: Partial<KafkaConsumer.ConsumerOptions>) =>
         KafkaConsumer.make({ ...options.consumer, topics, ...overrides })

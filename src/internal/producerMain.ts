@@ -232,7 +232,9 @@ export const main = (argv: ReadonlyArray<string>) =>
       })
     }
   }).pipe(
-    Effect.provide(Layer.mergeAll(KafkaClient.layerConfig)),
+    Effect.provide(KafkaClient.layerConfig),
+    // Logger, health, /metrics, OTLP: outside the client, so that connecting is logged and reported.
+    Effect.provide(Observability.layerConfig),
     Effect.catchTag("KafkaConfigError", (error) =>
       Effect.fail(new ProgramFailed({ message: error.message, exitCode: 2 }))
     ),
