@@ -43,12 +43,21 @@ const asErrorLike = (cause: unknown): KafkaJSErrorLike =>
 const isTlsCode = (code: unknown) =>
   typeof code === "string" && /CERT|SELF_SIGNED|ERR_TLS|ERR_SSL|UNABLE_TO_(GET|VERIFY)|HOSTNAME/.test(code)
 
-/** The innermost error: kafkajs wraps the real one in "number of retries exceeded" and in `cause`. */
+/** kafkajs' wrappers around the error that decided the outcome, which they keep in `originalError` or `cause`. */
+const wrappers = new Set(["KafkaJSNumberOfRetriesExceeded", "KafkaJSNonRetriableError"])
+
+/**
+ * The innermost error. kafkajs wraps the real one in "number of retries exceeded", and a retrier that gets that
+ * from a nested retrier (the producer's around the broker pool's connect) wraps it again in a
+ * `KafkaJSNonRetriableError`: a broker that refused connections for a few hundred milliseconds would otherwise
+ * read as a permanent failure.
+ */
 const innermost = (cause: unknown): KafkaJSErrorLike => {
   let error = asErrorLike(cause)
   for (let depth = 0; depth < 5; depth++) {
-    const inner = error.name === "KafkaJSNumberOfRetriesExceeded" ? (error.originalError ?? error.cause) : undefined
-    if (inner === undefined) break
+    const inner =
+      error.name !== undefined && wrappers.has(error.name) ? (error.originalError ?? error.cause) : undefined
+    if (typeof inner !== "object" || inner === null || inner === error) break
     error = asErrorLike(inner)
   }
   return error
@@ -284,11 +293,14 @@ export const make = (
             // The least kafkajs accepts for an idempotent producer; the Producer's Schedule does the rest.
             retry: { retries: 1, initialRetryTime: 100, maxRetryTime: 1_000 }
           })
-        // After a failed send an idempotent kafkajs producer is not reused: across a broker restart its sequence
-        // numbers were seen to go back to ones the broker had already stored, so the broker dropped a later batch
-        // as a "duplicate" and acked it (acked records lost). A fresh producer gets a fresh producer id, whose
-        // sequences cannot collide; a retried batch that had in fact been stored is then stored twice
-        // (at-least-once), never lost.
+        // After ANY failed send, retriable or not, an idempotent kafkajs producer is not reused. When a produce
+        // request fails, kafkajs rolls its sequence numbers back, although the broker may have stored the batch
+        // (the connection dropped before the response; or one partition appended while another failed). Its next
+        // request then reuses those sequence numbers for different records, and where a partition's share has the
+        // same first sequence and count as the stored batch, the broker takes it for a retry of that batch: it
+        // acks it with the stored batch's offsets and drops it (acked records lost). A fresh producer gets a fresh
+        // producer id, whose sequences cannot collide; a retried batch that had in fact been stored is then stored
+        // twice (at-least-once), never lost.
         let client = newClient()
         let tainted = false
         const connect = (c: ReturnType<typeof newClient>) =>
@@ -342,9 +354,9 @@ export const make = (
                 byTopic.size === 1 ? { topic: firstTopic } : undefined
               )
             ).pipe(
-              Effect.tapError((error) =>
+              Effect.tapError(() =>
                 Effect.sync(() => {
-                  if (options.idempotent && error.retriable) tainted = true
+                  if (options.idempotent) tainted = true
                 })
               ),
               Effect.map((responses) => {

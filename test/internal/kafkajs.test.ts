@@ -2,6 +2,7 @@ import { assert, describe, it } from "@effect/vitest"
 import { Effect } from "effect"
 import {
   KafkaJSConnectionError,
+  KafkaJSNonRetriableError,
   KafkaJSNumberOfRetriesExceeded,
   KafkaJSProtocolError,
   KafkaJSRequestTimeoutError,
@@ -29,6 +30,34 @@ describe("kafkajs errors → KafkaError reasons", () => {
       )
       const wrapped = new KafkaJSNumberOfRetriesExceeded(inner, { retryCount: 0, retryTime: 100 })
       assert.strictEqual(reasonOf(wrapped, "b:9093")._tag, "TlsFailed")
+    })
+  )
+
+  it.effect("a refused connection wrapped twice by nested kafkajs retriers is still ConnectionFailed (retriable)", () =>
+    Effect.sync(() => {
+      // What a send gets while the broker is down: the broker pool's retrier gives up on connecting
+      // (retries exceeded), and the producer's retrier wraps that, not retriable itself, as kafkajs' retry does.
+      const refused = connectionError("Connection error: connect ECONNREFUSED 127.0.0.1:9092", "ECONNREFUSED")
+      const exhausted = new KafkaJSNumberOfRetriesExceeded(refused, { retryCount: 2, retryTime: 300 })
+      const wrapped = Reflect.construct(KafkaJSNonRetriableError, [exhausted, { cause: exhausted.cause ?? exhausted }])
+      const reason = reasonOf(wrapped, "b:9092")
+      assert.strictEqual(reason._tag, "ConnectionFailed")
+    })
+  )
+
+  it.effect("a non-retriable Kafka error wrapped by kafkajs' retrier keeps its name and stays non-retriable", () =>
+    Effect.sync(() => {
+      const outOfOrder = new KafkaJSProtocolError({
+        type: "OUT_OF_ORDER_SEQUENCE_NUMBER",
+        code: 45,
+        retriable: false,
+        message: "out of order"
+      } as never)
+      const wrapped = Reflect.construct(KafkaJSNonRetriableError, [outOfOrder, { cause: outOfOrder }])
+      const reason = reasonOf(wrapped, "b")
+      assert.isTrue(
+        reason._tag === "BrokerError" && reason.type === "OUT_OF_ORDER_SEQUENCE_NUMBER" && !reason.retriable
+      )
     })
   )
 
