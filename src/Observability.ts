@@ -21,10 +21,11 @@
  */
 import * as Http from "node:http"
 import { NodeHttpServer } from "@effect/platform-node"
-import { Context, Effect, Layer, Logger, Option, References } from "effect"
+import { Context, Effect, Layer, Logger, Metric, Option, References } from "effect"
 import { FetchHttpClient, HttpRouter, HttpServerResponse } from "effect/http"
 import { Otlp, PrometheusMetrics } from "effect/observability"
 import * as KafkaConfig from "./Config.ts"
+import * as Metrics from "./Metrics.ts"
 
 /** The prefix of every metric name on `/metrics`. */
 export const metricsPrefix = "kafka_effect"
@@ -107,7 +108,9 @@ export const layerHttp = (options: {
     { disableLogger: true, disableListenLog: true }
   ).pipe(
     Layer.provide(NodeHttpServer.layer(() => Http.createServer(), { port: options.port, host: options.host })),
-    Layer.orDie
+    Layer.orDie,
+    // A metric appears once updated: show the counters without attributes at 0 from the start.
+    Layer.merge(Layer.effectDiscard(Metric.update(Metrics.reconnects, 0)))
   )
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ import * as KafkaClient from "./KafkaClient.ts"
 import * as KafkaConsumer from "./KafkaConsumer.ts"
 import * as KafkaProducer from "./KafkaProducer.ts"
 import * as Metrics from "./Metrics.ts"
+import * as Observability from "./Observability.ts"
 import * as RetryPolicy from "./RetryPolicy.ts"
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -358,6 +359,9 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
     Effect.gen(function* () {
       const byTopic = new Map(handlers.map((topicHandler) => [topicHandler.topic, topicHandler]))
       const mainTopics = [...byTopic.keys()]
+      const groups = [groupId, ...RetryPolicy.retryTopics(policy).map((_, index) => `${groupId}-retry-${index + 1}`)]
+      // Not ready until every consumer joined its group (each reports itself ready then).
+      for (const group of groups) yield* Observability.report(`consumer ${group}`, false)
       yield* ensureTopics(mainTopics)
 
       const handle = (record: KafkaClient.ConsumedRecord): Effect.Effect<void, never, R> =>
@@ -417,7 +421,7 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
         yield* consumerOf(mainTopics, {}),
         ...(yield* Effect.forEach(RetryPolicy.retryTopics(policy), (topic, index) =>
           consumerOf([topic], {
-            groupId: `${groupId}-retry-${index + 1}`,
+            groupId: groups[index + 1] ?? `${groupId}-retry-${index + 1}`,
             // A new retry group must not skip what waits in its topic.
             fromBeginning: true,
             // A retry record is due at its time: fetch it as soon as it is there, not once a kilobyte gathered.
