@@ -2,17 +2,15 @@
  * Metrics, probes and logs of the consumer program against a real broker, scraped over HTTP as Prometheus would.
  * The program runs as its own OS process, from src/ with type stripping.
  */
-import { type ChildProcess, spawn } from "node:child_process"
 import * as Net from "node:net"
-import * as Path from "node:path"
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Layer, Schedule } from "effect"
 import { inject } from "vitest"
 import * as KafkaProducer from "../src/KafkaProducer.ts"
 import { clientLayer, createTopic, uniqueName } from "./support/kafka.ts"
+import * as Program from "./support/program.ts"
 
 const brokers = inject("kafkaBrokers")
-const consumerProgram = Path.join(import.meta.dirname, "..", "src", "consumer.ts")
 
 /** A loopback port nobody listens on (the OS's pick, released again). */
 const freePort = Effect.promise(
@@ -84,29 +82,8 @@ const sample = (text: string, name: string, labels: Record<string, string>) => {
   return undefined
 }
 
-const startConsumer = (env: Record<string, string>, args: ReadonlyArray<string> = []) => {
-  const child: ChildProcess = spawn(
-    process.execPath,
-    ["--experimental-strip-types", "--no-warnings", consumerProgram, ...args],
-    {
-      env: { PATH: process.env.PATH ?? "", LOG_FORMAT: "json", ...env },
-      stdio: ["ignore", "pipe", "pipe"]
-    }
-  )
-  let stdout = ""
-  let stderr = ""
-  child.stdout?.on("data", (chunk) => {
-    stdout += chunk
-  })
-  child.stderr?.on("data", (chunk) => {
-    stderr += chunk
-  })
-  const exited = Effect.callback<number | null>((resume) => {
-    if (child.exitCode !== null) return resume(Effect.succeed(child.exitCode))
-    child.on("close", (code) => resume(Effect.succeed(code)))
-  })
-  return { child, exited, output: () => ({ stdout, stderr }) }
-}
+const startConsumer = (env: Record<string, string>, args: ReadonlyArray<string> = []) =>
+  Program.start(Program.consumerProgram, { args, env: { LOG_FORMAT: "json", ...env } })
 
 const event = (id: string) =>
   JSON.stringify({

@@ -2,7 +2,6 @@
  * The Processor against a real broker: poison records, a consumer killed while records wait in a retry topic, and
  * the demo's counts. The consumer program runs as its own OS process, from src/ with type stripping.
  */
-import { type ChildProcess, spawn } from "node:child_process"
 import * as Path from "node:path"
 import { assert, describe, it } from "@effect/vitest"
 import { Duration, Effect, Fiber, Layer, Schedule } from "effect"
@@ -13,9 +12,9 @@ import * as KafkaProducer from "../src/KafkaProducer.ts"
 import * as Processor from "../src/Processor.ts"
 import * as RetryPolicy from "../src/RetryPolicy.ts"
 import { clientLayer, createTopic, readTopic, uniqueName } from "./support/kafka.ts"
+import * as Program from "./support/program.ts"
 
 const brokers = inject("kafkaBrokers")
-const root = Path.join(import.meta.dirname, "..")
 
 const event = (id: string, extra: Record<string, unknown> = {}) =>
   JSON.stringify({
@@ -193,12 +192,13 @@ describe("Processor on a real broker", () => {
     "the demo's counts add up: produced = processed + dead-lettered, and the DLQ holds what was dead-lettered",
     () =>
       Effect.gen(function* () {
-        const run = yield* runNode(
-          [Path.join(root, "scripts", "demo.ts"), "--from-src", "--events", "300"],
-          { KAFKA_BROKERS: brokers },
-          200_000
-        )
-        assert.strictEqual(run.exitCode, 0, `${run.stdout}\n${run.stderr}`)
+        const demo = Program.start(Path.join(Program.root, "scripts", "demo.ts"), {
+          args: ["--from-src", "--events", "300"],
+          env: { KAFKA_BROKERS: brokers }
+        })
+        const exitCode = yield* demo.exited.pipe(Effect.ensuring(Effect.sync(() => demo.child.kill("SIGKILL"))))
+        const run = demo.output()
+        assert.strictEqual(exitCode, 0, `${run.stdout}\n${run.stderr}`)
         assert.include(run.stdout, "✓ processed + dead-lettered = produced")
         assert.include(run.stdout, "✓ what the DLQ holds is what was dead-lettered")
         assert.notInclude(run.stdout, "✗")
@@ -210,52 +210,24 @@ describe("Processor on a real broker", () => {
 
 /** The consumer program as a process; the ids it processed (from its debug logs) go into `processed`. */
 const startConsumer = (env: Record<string, string>, processed: Set<string>, args: ReadonlyArray<string>) => {
-  const child: ChildProcess = spawn(
-    process.execPath,
-    ["--experimental-strip-types", "--no-warnings", Path.join(root, "src", "consumer.ts"), ...args],
-    { env: { PATH: process.env.PATH ?? "", ...env }, stdio: ["ignore", "pipe", "pipe"] }
-  )
-  let stderr = ""
-  let pending = ""
   let started = false
-  child.stderr?.on("data", (chunk) => {
-    stderr += chunk
-    pending += chunk
-    const lines = pending.split("\n")
-    pending = lines.pop() ?? ""
-    for (const line of lines) {
-      if (!line.startsWith("{")) continue
-      const log = JSON.parse(line) as { message: unknown; annotations?: Record<string, unknown> }
-      const message = String(log.message)
-      if (message.startsWith("processing ")) started = true
-      if (message.startsWith("processed ") && typeof log.annotations?.id === "string") processed.add(log.annotations.id)
+  let pending = ""
+  const program = Program.start(Program.consumerProgram, {
+    args,
+    env,
+    onStderr: (chunk) => {
+      pending += chunk
+      const lines = pending.split("\n")
+      pending = lines.pop() ?? ""
+      for (const line of lines) {
+        if (!line.startsWith("{")) continue
+        const log = JSON.parse(line) as { message: unknown; annotations?: Record<string, unknown> }
+        const message = String(log.message)
+        if (message.startsWith("processing ")) started = true
+        if (message.startsWith("processed ") && typeof log.annotations?.id === "string")
+          processed.add(log.annotations.id)
+      }
     }
   })
-  const exited = Effect.callback<number | null>((resume) => {
-    if (child.exitCode !== null) return resume(Effect.succeed(child.exitCode))
-    child.on("close", (code) => resume(Effect.succeed(code)))
-  })
-  return { child, ready: Effect.sync(() => started), exited, stderr: () => stderr }
+  return { ...program, ready: Effect.sync(() => started), stderr: () => program.output().stderr }
 }
-
-const runNode = (args: ReadonlyArray<string>, env: Record<string, string>, timeout: number) =>
-  Effect.callback<{ exitCode: number | null; stdout: string; stderr: string }>((resume) => {
-    const child = spawn(process.execPath, ["--experimental-strip-types", "--no-warnings", ...args], {
-      env: { PATH: process.env.PATH ?? "", ...env },
-      stdio: ["ignore", "pipe", "pipe"]
-    })
-    let stdout = ""
-    let stderr = ""
-    child.stdout?.on("data", (chunk) => {
-      stdout += chunk
-    })
-    child.stderr?.on("data", (chunk) => {
-      stderr += chunk
-    })
-    const timer = setTimeout(() => child.kill("SIGKILL"), timeout)
-    child.on("close", (exitCode) => {
-      clearTimeout(timer)
-      resume(Effect.succeed({ exitCode, stdout, stderr }))
-    })
-    return Effect.sync(() => child.kill("SIGKILL"))
-  })
