@@ -12,7 +12,7 @@
  * Logs go to stderr, the summary to stdout.
  */
 import { parseArgs } from "node:util"
-import { Duration, Effect, Layer, Schedule } from "effect"
+import { Duration, Effect, Layer, Metric, Schedule } from "effect"
 import * as KafkaConfig from "../Config.ts"
 import * as Event from "../Event.ts"
 import * as KafkaClient from "../KafkaClient.ts"
@@ -156,12 +156,29 @@ const runProcessor = (options: Extract<Options, { command: "run" }>) =>
   Effect.gen(function* () {
     const config = yield* KafkaConfig.consumer
     const processor = yield* Processor.Processor
-    const progress = Effect.flatMap(processor.stats, (stats) => Effect.logInfo(`progress: ${describeStats(stats)}`))
+    // A live line on a terminal, a log line every 10 s otherwise: totals, rate since the last line, and lag.
+    const tty = process.stderr.isTTY === true
+    const every = tty ? Duration.seconds(1) : Duration.seconds(10)
+    let lastDone = 0
+    const progress = Effect.gen(function* () {
+      const stats = yield* processor.stats
+      const lag = (yield* Metric.snapshot)
+        .filter((snapshot) => snapshot.id === "consumer_lag" && snapshot.type === "Gauge")
+        .reduce((sum, snapshot) => sum + Number(snapshot.type === "Gauge" ? snapshot.state.value : 0), 0)
+      const rate = Math.round((stats.done - lastDone) / Duration.toSeconds(every))
+      lastDone = stats.done
+      const line = `${describeStats(stats)} — ${rate} records/s, lag ${lag}`
+      if (tty) process.stderr.write(`\r${line}   `)
+      else yield* Effect.logInfo(`progress: ${line}`)
+    })
     // The summary prints however the run ends (a signal included), after the consumers committed.
     const summary = Effect.flatMap(processor.stats, (stats) =>
-      Effect.sync(() => process.stdout.write(`summary: ${JSON.stringify(stats)}\n`))
+      Effect.sync(() => {
+        if (tty) process.stderr.write("\n")
+        process.stdout.write(`summary: ${JSON.stringify(stats)}\n`)
+      })
     )
-    yield* Effect.forkScoped(Effect.repeat(progress, Schedule.spaced("10 seconds")).pipe(Effect.delay("10 seconds")))
+    yield* Effect.forkScoped(Effect.repeat(progress, Schedule.spaced(every)).pipe(Effect.delay(every)))
     return yield* processor.run([exampleHandler(config.topic, options)]).pipe(Effect.ensuring(summary))
   }).pipe(Effect.scoped)
 

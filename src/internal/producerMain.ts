@@ -107,7 +107,12 @@ export const main = (argv: ReadonlyArray<string>) =>
 
     const send = (event: Event.Event) =>
       Event.encode(event).pipe(
-        Effect.flatMap((value) => KafkaProducer.send({ key: Event.keyOf(event), value })),
+        Effect.flatMap((value) =>
+          // The span's trace context travels in the record's traceparent header to the processor's span.
+          KafkaProducer.send({ key: Event.keyOf(event), value }).pipe(
+            Effect.withSpan("send event", { kind: "producer", attributes: { "event.id": event.id } })
+          )
+        ),
         Effect.matchEffect({
           onSuccess: () => Ref.update(tally, (t) => ({ ...t, sent: t.sent + 1 })),
           onFailure: (error) =>
