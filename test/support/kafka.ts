@@ -3,7 +3,7 @@
  * topic back independently of the code under test.
  */
 import { randomBytes } from "node:crypto"
-import { ConfigProvider, Data, Effect, Layer } from "effect"
+import { ConfigProvider, Data, Effect, Layer, Schedule } from "effect"
 import { Kafka, logLevel } from "kafkajs"
 import * as KafkaConfig from "../../src/Config.ts"
 import * as KafkaClient from "../../src/KafkaClient.ts"
@@ -53,7 +53,11 @@ export const createTopic = (brokers: string, topic: string, partitions: number) 
       }
     },
     catch: (cause) => new ReadError({ message: `create topic ${topic} on ${brokers}: ${String(cause)}` })
-  })
+  }).pipe(
+    // A broker that has just started may not host the new topic's partition yet when kafkajs waits for leaders
+    // ("This server does not host this topic-partition"); creating again is harmless (it exists or it does not).
+    Effect.retry({ schedule: Schedule.spaced("500 millis"), times: 10 })
+  )
 
 /**
  * Reads every record of `topic` up to its high watermarks with a plain kafkajs consumer in a fresh group,
