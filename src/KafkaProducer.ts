@@ -3,10 +3,11 @@
  *
  * `send` puts the record in a bounded queue (waiting when it is full, so a fast caller cannot exhaust memory)
  * and completes when the broker has acked it, with its own partition and offset, or with a typed error. One fiber
- * drains the queue: it takes what is waiting, lingers up to `linger` for a batch to fill (a full batch leaves at
- * once), and sends the batch as one request. A batch that fails with a retriable error is sent again on a
- * jittered exponential `Schedule`, up to `retries` times, before the next batch goes, so records of one key keep
- * their order. When the scope closes, the producer stops taking records, flushes what is pending, then
+ * drains the queue: it takes what is waiting, lingers until the oldest record has waited `linger` for a batch to
+ * fill (a full batch leaves at once), and sends the batch as one request. A batch that fails with a retriable error
+ * is sent again on a jittered exponential `Schedule`, up to `retries` times, before the next batch goes, so records
+ * of one partition keep their order. With `lanes` above 1 there is a queue, a fiber and a producer connection per
+ * lane, and each partition's records go through one lane. When the scope closes, the producer stops taking records, flushes what is pending, then
  * disconnects.
  *
  * @example
@@ -22,6 +23,7 @@
  */
 import {
   type Cause,
+  Clock,
   Context,
   Deferred,
   Duration,
@@ -32,11 +34,13 @@ import {
   Metric,
   Option,
   Queue,
+  Random,
   Schedule,
   Schema,
   Tracer
 } from "effect"
 import * as KafkaConfig from "./Config.ts"
+import * as Murmur2 from "./internal/murmur2.ts"
 import * as KafkaClient from "./KafkaClient.ts"
 import * as Metrics from "./Metrics.ts"
 import * as Observability from "./Observability.ts"
@@ -92,6 +96,15 @@ export interface ProducerOptions {
   readonly maxBatchBytes?: number | undefined
   /** how long closing the scope waits for pending records. Default 30 s */
   readonly flushTimeout?: Duration.Duration | undefined
+  /**
+   * how many produce requests may be in flight at once. The producer keeps this many producer connections
+   * ("lanes"), each with its own kafkajs producer (and producer id), queue and drain fiber; it picks each record's
+   * partition itself (murmur2 of the key, as kafkajs' default partitioner; null keys round-robin) and sends all of a
+   * partition's records through the same lane, so they are written in the order they were sent. Worth raising when
+   * many records wait (many callers, `sendAll`, slow round trips); callers that each await their ack keep few
+   * records in flight, and lanes split them into smaller requests. Default 1
+   */
+  readonly lanes?: number | undefined
 }
 
 interface Pending {
@@ -126,111 +139,203 @@ export const retrySchedule = (
     Schedule.modifyDelay(({ duration }) => Effect.succeed(Duration.min(duration, max)))
   )
 
+/** A lane: one producer connection (its own kafkajs producer and producer id), its queue and its drain fiber. */
+interface Lane {
+  readonly connection: KafkaClient.ProducerConnection
+  readonly queue: Queue.Queue<Pending, Cause.Done>
+  /** the batch being sent */
+  inFlight: ReadonlyArray<Pending>
+  /** records taken from the queue that did not fit in the last batch's bytes: the next batch starts with them */
+  carried: ReadonlyArray<Pending>
+  /** the lane completes its records in queue order, so this one completes last */
+  lastEnqueued: Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError> | undefined
+  /** when the oldest record waiting in the queue was enqueued (epoch ms); undefined when none waits */
+  waitingSince: number | undefined
+}
+
+/** What the producer knows of a topic to choose each record's partition and lane. */
+interface Route {
+  partitions: number
+  /** the counter that spreads null-keyed records over the partitions, round-robin */
+  roundRobin: number
+  /** added to the partition before choosing a lane, so that the partitions 0 of several topics do not share one */
+  readonly laneOffset: number
+}
+
+/** How often the partition counts of the topics in use are read again, as kafkajs' metadataMaxAge. */
+const partitionCountMaxAge = Duration.minutes(5)
+
 export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
   const client = yield* KafkaClient.KafkaClient
-  const connection = yield* client.producer({ idempotent: options.idempotent, acks: options.acks })
+  const laneCount = Math.max(1, Math.floor(options.lanes ?? defaultLanes))
+  // The bound holds for all lanes together: each lane's queue takes its share.
+  const laneCapacity = Math.max(1, Math.ceil(options.queueCapacity / laneCount))
+  const lanes: ReadonlyArray<Lane> = yield* Effect.forEach(
+    Array.from({ length: laneCount }, (_, index) => index),
+    () =>
+      Effect.gen(function* () {
+        const connection = yield* client.producer({ idempotent: options.idempotent, acks: options.acks })
+        const queue = yield* Queue.bounded<Pending, Cause.Done>(laneCapacity)
+        const lane: Lane = {
+          connection,
+          queue,
+          inFlight: [],
+          carried: [],
+          lastEnqueued: undefined,
+          waitingSince: undefined
+        }
+        return lane
+      }),
+    { concurrency: "unbounded" }
+  )
   yield* Observability.report("producer", true)
   yield* Effect.addFinalizer(() => Observability.report("producer", false))
   const produced = Metrics.tagged(Metrics.recordsProduced)
   const produceFailed = Metrics.tagged(Metrics.recordsProduceFailed)
-  const queue = yield* Queue.bounded<Pending, Cause.Done>(options.queueCapacity)
   const retry = retrySchedule(
     options.retryBackoff ?? Duration.millis(100),
     options.retryBackoffMax ?? Duration.seconds(5)
   )
-  let inFlight: ReadonlyArray<Pending> = []
-  let lastEnqueued: Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError> | undefined
+  const maxBatchBytes = options.maxBatchBytes ?? 1_000_000
 
-  const sendBatch = (batch: ReadonlyArray<Pending>) =>
-    connection.send(batch.map((pending) => pending.record)).pipe(
+  const sendBatch = (lane: Lane, batch: ReadonlyArray<Pending>) =>
+    Effect.suspend(() => {
+      const records = new Array<KafkaClient.ProducerRecord>(batch.length)
+      for (let index = 0; index < batch.length; index++) records[index] = (batch[index] as Pending).record
+      return lane.connection.send(records)
+    }).pipe(
       Effect.tapError((error) =>
         error.retriable ? Effect.logWarning(`produce failed, will retry: ${error.message}`) : Effect.void
       ),
       Effect.retry({ schedule: retry, times: options.retries, while: (error) => error.retriable }),
-      Effect.withSpan("kafka.produce", {
-        kind: "producer",
-        attributes: { "messaging.system": "kafka", "messaging.batch.message_count": batch.length }
-      }),
+      Effect.withSpan(
+        "kafka.produce",
+        {
+          kind: "producer",
+          attributes: { "messaging.system": "kafka", "messaging.batch.message_count": batch.length }
+        },
+        // The drain fiber's stack says nothing about the callers, and capturing it costs an Error per request.
+        { captureStackTrace: false }
+      ),
       Effect.timed,
       Effect.exit,
-      Effect.flatMap((exit) =>
-        Effect.gen(function* () {
-          for (const [index, pending] of batch.entries()) {
+      Effect.flatMap((exit) => {
+        if (Exit.isSuccess(exit)) {
+          const metadata = exit.value[1]
+          for (let index = 0; index < batch.length; index++) {
             Deferred.doneUnsafe(
-              pending.done,
-              Exit.isSuccess(exit)
-                ? Effect.succeed(exit.value[1][index] as KafkaClient.RecordMetadata)
-                : Effect.failCause(exit.cause)
+              (batch[index] as Pending).done,
+              Exit.succeed(metadata[index] as KafkaClient.RecordMetadata)
             )
           }
-          const perTopic = new Map<string, number>()
-          for (const pending of batch) perTopic.set(pending.record.topic, (perTopic.get(pending.record.topic) ?? 0) + 1)
-          const counter = Exit.isSuccess(exit) ? produced : produceFailed
-          for (const [topic, n] of perTopic) yield* Metric.update(counter({ topic }), n)
-          if (Exit.isSuccess(exit)) yield* Metric.update(Metrics.produceLatency, Duration.toSeconds(exit.value[0]))
-        })
-      )
+        } else {
+          const failed = Exit.failCause(exit.cause)
+          for (const pending of batch) Deferred.doneUnsafe(pending.done, failed)
+        }
+        const perTopic = new Map<string, number>()
+        for (const pending of batch) perTopic.set(pending.record.topic, (perTopic.get(pending.record.topic) ?? 0) + 1)
+        const counter = Exit.isSuccess(exit) ? produced : produceFailed
+        return Effect.forEach(perTopic, ([topic, n]) => Metric.update(counter({ topic }), n), { discard: true }).pipe(
+          Effect.andThen(
+            Exit.isSuccess(exit)
+              ? Metric.update(Metrics.produceLatency, Duration.toSeconds(exit.value[0]))
+              : Effect.void
+          )
+        )
+      })
     )
 
-  // Records taken from the queue that did not fit in the last batch's bytes: the next batch starts with them.
-  let carried: ReadonlyArray<Pending> = []
-  const maxBatchBytes = options.maxBatchBytes ?? 1_000_000
-
   /** The longest prefix of `batch` within maxBatchBytes (at least one record); the rest is carried. */
-  const withinBytes = (batch: ReadonlyArray<Pending>) => {
+  const withinBytes = (lane: Lane, batch: ReadonlyArray<Pending>) => {
     let bytes = 0
-    for (const [index, pending] of batch.entries()) {
-      bytes += recordBytes(pending.record)
+    for (let index = 0; index < batch.length; index++) {
+      bytes += recordBytes((batch[index] as Pending).record)
       if (bytes > maxBatchBytes && index > 0) {
-        carried = batch.slice(index)
+        lane.carried = batch.slice(index)
         return batch.slice(0, index)
       }
     }
     return batch
   }
 
-  /** The next batch: what is waiting, plus what arrives within `linger` (without waiting once it is full). */
-  const nextBatch = Effect.gen(function* () {
-    if (carried.length > 0) {
-      const batch = carried
-      carried = []
-      return withinBytes(batch)
-    }
-    const batch = yield* Queue.takeBetween(queue, 1, options.batchSize)
-    const missing = options.batchSize - batch.length
-    if (missing === 0 || Duration.isZero(options.linger)) return withinBytes(batch)
-    // takeBetween takes atomically, so losing the race against the linger timer takes nothing.
-    // A queue ended while lingering (the scope is closing) has nothing more to give: send what we hold.
-    const rest = yield* Queue.takeBetween(queue, missing, missing).pipe(
-      Effect.timeoutOption(options.linger),
-      Effect.catch(() => Effect.succeedNone)
+  const lingerMillis = Duration.toMillis(options.linger)
+
+  /**
+   * After a take: what is left is a full batch's overflow (takes take all that waits up to the batch size), whose
+   * records arrived before now, so now is a safe start for their linger; an empty queue has nothing waiting.
+   */
+  const taken = (lane: Lane) =>
+    Effect.clockWith((clock) =>
+      Effect.sync(() => {
+        lane.waitingSince = Queue.sizeUnsafe(lane.queue) > 0 ? clock.currentTimeMillisUnsafe() : undefined
+      })
     )
-    if (Option.isSome(rest)) return withinBytes([...batch, ...rest.value])
-    const waiting = yield* Queue.size(queue)
-    return withinBytes(waiting === 0 ? batch : [...batch, ...(yield* Queue.takeBetween(queue, 1, missing))])
-  })
 
-  const drain = Effect.gen(function* () {
-    // Ends when the queue is ended and empty (takeBetween fails) — never with records carried over.
-    while (true) {
-      const batch = yield* nextBatch
-      inFlight = batch
-      yield* Effect.uninterruptible(sendBatch(batch))
-      inFlight = []
-    }
-  }).pipe(Effect.catchCause(() => Effect.void))
+  /**
+   * The lane's next batch: what is waiting, plus what arrives until its oldest record has waited `linger` (without
+   * waiting once it is full). Records that queued while the previous request was in flight have waited already:
+   * counting the linger from the oldest, not from the take, keeps a busy lane from adding a linger to every request.
+   */
+  const nextBatch = (lane: Lane) =>
+    Effect.gen(function* () {
+      if (lane.carried.length > 0) {
+        const batch = lane.carried
+        lane.carried = []
+        return withinBytes(lane, batch)
+      }
+      const batch = yield* Queue.takeBetween(lane.queue, 1, options.batchSize)
+      const oldest = lane.waitingSince
+      yield* taken(lane)
+      const missing = options.batchSize - batch.length
+      if (missing === 0 || lingerMillis <= 0) return withinBytes(lane, batch)
+      const lingered = oldest === undefined ? 0 : (yield* Clock.currentTimeMillis) - oldest
+      if (lingered >= lingerMillis) {
+        return withinBytes(lane, batch)
+      }
+      // takeBetween takes atomically, so losing the race against the linger timer takes nothing.
+      // A queue ended while lingering (the scope is closing) has nothing more to give: send what we hold.
+      const rest = yield* Queue.takeBetween(lane.queue, missing, missing).pipe(
+        Effect.timeoutOption(Duration.millis(lingerMillis - lingered)),
+        Effect.catch(() => Effect.succeedNone)
+      )
+      if (Option.isSome(rest)) {
+        yield* taken(lane)
+        return withinBytes(lane, [...batch, ...rest.value])
+      }
+      const waiting = yield* Queue.size(lane.queue)
+      if (waiting === 0) return withinBytes(lane, batch)
+      const more = yield* Queue.takeBetween(lane.queue, 1, missing)
+      yield* taken(lane)
+      return withinBytes(lane, [...batch, ...more])
+    })
 
-  const drainer = yield* Effect.forkDetach(drain)
+  // Each lane sends one batch at a time and retries it before the next, so the records of a partition (always
+  // the same lane) are written in the order they were sent; the lanes' requests are in flight together.
+  const drain = (lane: Lane) =>
+    Effect.gen(function* () {
+      // Ends when the queue is ended and empty (takeBetween fails) — never with records carried over.
+      while (true) {
+        const batch = yield* nextBatch(lane)
+        lane.inFlight = batch
+        yield* Effect.uninterruptible(sendBatch(lane, batch))
+        lane.inFlight = []
+      }
+    }).pipe(Effect.catchCause(() => Effect.void))
+
+  const drainers = yield* Effect.forEach(lanes, (lane) => Effect.forkDetach(drain(lane)))
 
   yield* Effect.addFinalizer(() =>
     Effect.gen(function* () {
-      yield* Queue.end(queue)
-      const flushed = yield* Fiber.join(drainer).pipe(
+      for (const lane of lanes) yield* Queue.end(lane.queue)
+      const flushed = yield* Fiber.joinAll(drainers).pipe(
         Effect.timeoutOption(options.flushTimeout ?? Duration.seconds(30))
       )
       if (Option.isNone(flushed)) {
-        yield* Fiber.interrupt(drainer)
-        const abandoned = [...inFlight, ...carried, ...(yield* Queue.clear(queue))]
+        yield* Fiber.interruptAll(drainers)
+        const abandoned: Array<Pending> = []
+        for (const lane of lanes) {
+          abandoned.push(...lane.inFlight, ...lane.carried, ...(yield* Queue.clear(lane.queue)))
+        }
         yield* Effect.logWarning(`producer closed with ${abandoned.length} records unsent after the flush timeout`)
         for (const pending of abandoned) {
           Deferred.doneUnsafe(pending.done, Effect.fail(new ProducerClosed({ topic: pending.record.topic })))
@@ -239,24 +344,112 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
     })
   )
 
-  const enqueue = (record: OutgoingRecord) =>
-    Effect.gen(function* () {
-      const topic = record.topic ?? options.topic
-      const done = yield* Deferred.make<KafkaClient.RecordMetadata, ProduceError>()
-      // The caller's span travels with the record (W3C trace context), so its consumer continues the trace.
-      const span = yield* Effect.serviceOption(Tracer.ParentSpan)
-      const headers =
-        Option.isSome(span) && record.headers?.[traceparentHeader] === undefined
-          ? { ...record.headers, [traceparentHeader]: traceparentOf(span.value) }
-          : record.headers
-      const accepted = yield* Queue.offer(queue, {
-        record: { ...record, topic, key: record.key ?? null, headers },
-        done
+  // With several lanes the producer chooses each record's partition itself, as kafkajs' default partitioner would,
+  // to send all of a partition's records through one lane. That needs partition counts: read once per topic and
+  // again every `partitionCountMaxAge` (a topic can gain partitions). One lane leaves the choice to the client.
+  const routes = new Map<string, Route>()
+  const partitionCount = (topic: string) =>
+    client.admin.partitionCount(topic).pipe(
+      Effect.flatMap((partitions) =>
+        partitions > 0
+          ? Effect.succeed(partitions)
+          : Effect.fail(
+              new KafkaClient.KafkaError({
+                operation: "fetch topic metadata",
+                topic,
+                reason: new KafkaClient.UnknownTopic({ topic })
+              })
+            )
+      ),
+      Effect.retry({ schedule: retry, times: options.retries, while: (error) => error.retriable })
+    )
+  const routeOf = (topic: string) =>
+    Effect.flatMap(partitionCount(topic), (partitions) =>
+      // Null-keyed records start at a random partition, as kafkajs' partitioner does, so short-lived producers
+      // do not all begin with partition 0.
+      Effect.map(Random.nextIntBetween(0, partitions - 1), (start) => {
+        const known = routes.get(topic)
+        if (known !== undefined) return known
+        const route: Route = { partitions, roundRobin: start, laneOffset: routes.size }
+        routes.set(topic, route)
+        return route
       })
-      if (!accepted) return yield* new ProducerClosed({ topic })
-      lastEnqueued = done
-      return done
+    )
+  if (laneCount > 1) {
+    yield* Effect.forkScoped(
+      Effect.forEach(
+        routes,
+        ([topic, route]) =>
+          partitionCount(topic).pipe(
+            Effect.tap((partitions) =>
+              Effect.sync(() => {
+                route.partitions = partitions
+              })
+            ),
+            Effect.ignore
+          ),
+        { discard: true }
+      ).pipe(Effect.delay(partitionCountMaxAge), Effect.forever)
+    )
+  }
+
+  /** The record's partition: its own, or its key's as kafkajs' default partitioner (murmur2), or round-robin. */
+  const partitionOf = (record: OutgoingRecord, route: Route) => {
+    if (record.partition !== undefined) return record.partition
+    const key = record.key
+    if (key !== null && key !== undefined) return Murmur2.partitionForKey(key, route.partitions)
+    route.roundRobin = (route.roundRobin + 1) % route.partitions
+    return route.roundRobin
+  }
+
+  /** Puts the record in its lane's queue (waiting while the queue is full) and succeeds with its completion. */
+  const enqueueTo = (
+    record: OutgoingRecord,
+    topic: string,
+    route: Route | undefined
+  ): Effect.Effect<Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>, ProducerClosed> =>
+    Effect.withFiber((fiber) => {
+      const partition = route === undefined ? record.partition : partitionOf(record, route)
+      const lane = (
+        route === undefined || partition === undefined ? lanes[0] : lanes[(partition + route.laneOffset) % laneCount]
+      ) as Lane
+      // The caller's span travels with the record (W3C trace context), so its consumer continues the trace.
+      const span = Context.getOrUndefined(fiber.context, Tracer.ParentSpan)
+      const headers =
+        span !== undefined && record.headers?.[traceparentHeader] === undefined
+          ? { ...record.headers, [traceparentHeader]: traceparentOf(span) }
+          : record.headers
+      const pending: Pending = {
+        record: {
+          topic,
+          key: record.key ?? null,
+          value: record.value,
+          headers,
+          partition,
+          timestamp: record.timestamp
+        },
+        done: Deferred.makeUnsafe<KafkaClient.RecordMetadata, ProduceError>()
+      }
+      const accepted = (offered: boolean) => {
+        if (!offered) return Effect.fail(new ProducerClosed({ topic }))
+        lane.lastEnqueued = pending.done
+        if (lane.waitingSince === undefined) lane.waitingSince = fiber.getRef(Clock.Clock).currentTimeMillisUnsafe()
+        return Effect.succeed(pending.done)
+      }
+      // offerUnsafe refuses when the queue is full or ended; offer then waits for room, or says that it ended.
+      return Queue.offerUnsafe(lane.queue, pending)
+        ? accepted(true)
+        : Effect.flatMap(Queue.offer(lane.queue, pending), accepted)
     })
+
+  const enqueue = (record: OutgoingRecord) => {
+    const topic = record.topic ?? options.topic
+    if (laneCount === 1) return enqueueTo(record, topic, undefined)
+    const route = routes.get(topic)
+    return route === undefined
+      ? Effect.flatMap(routeOf(topic), (route) => enqueueTo(record, topic, route))
+      : enqueueTo(record, topic, route)
+  }
 
   const send = (record: OutgoingRecord) => Effect.flatMap(enqueue(record), Deferred.await)
 
@@ -267,13 +460,23 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
       return yield* Effect.forEach(pending, Deferred.await)
     })
 
-  // Batches complete in queue order, so the last record enqueued is the last to complete.
+  // Each lane completes its records in queue order, so its last record enqueued is its last to complete.
   const flush = Effect.suspend(() =>
-    lastEnqueued === undefined ? Effect.void : Effect.ignore(Deferred.await(lastEnqueued))
+    Effect.forEach(
+      lanes,
+      (lane) => (lane.lastEnqueued === undefined ? Effect.void : Effect.ignore(Deferred.await(lane.lastEnqueued))),
+      { discard: true }
+    )
   )
 
   return KafkaProducer.of({ send, sendAll, flush })
 })
+
+/**
+ * Lanes unless `lanes` says otherwise. One: measured on one broker, callers that await each ack keep only so many
+ * records in flight, and several lanes split them into more, smaller requests (see bench/producer.ts).
+ */
+export const defaultLanes = 1
 
 /** The defaults of `layer`: the same as the environment's defaults (`KafkaConfig.producer`). */
 export const defaults: ProducerOptions = {

@@ -3,6 +3,7 @@ import { Duration, Effect, Exit, Fiber, Layer, Scope } from "effect"
 import { TestClock } from "effect/testing"
 import * as KafkaClient from "../src/KafkaClient.ts"
 import * as KafkaProducer from "../src/KafkaProducer.ts"
+import { kafkajsPartitionFor } from "./support/partitioner.ts"
 import * as Scripted from "./support/scriptedClient.ts"
 
 const options: KafkaProducer.ProducerOptions = {
@@ -15,10 +16,10 @@ const options: KafkaProducer.ProducerOptions = {
   queueCapacity: 100
 }
 
-/** A producer over a scripted client, in a scope the test can close. */
-const setup = (overrides: Partial<KafkaProducer.ProducerOptions> = {}) =>
+/** A producer over a scripted client (topics of `partitions` partitions), in a scope the test can close. */
+const setup = (overrides: Partial<KafkaProducer.ProducerOptions> = {}, partitions = 1) =>
   Effect.gen(function* () {
-    const scripted = yield* Scripted.make
+    const scripted = yield* Scripted.makeWith({ partitions })
     const scope = yield* Scope.make()
     const producer = yield* KafkaProducer.make({ ...options, ...overrides }).pipe(
       Effect.provideService(KafkaClient.KafkaClient, scripted.client),
@@ -137,6 +138,114 @@ describe("Producer", () => {
       assert.strictEqual(error._tag, "KafkaError")
       assert.isFalse(error._tag === "KafkaError" && error.retriable)
       assert.strictEqual((yield* scripted.recorded).requests.length, 1)
+    })
+  )
+
+  it.effect("the linger counts from the oldest waiting record: one that waited out a slow request leaves at once", () =>
+    Effect.gen(function* () {
+      const { scripted, producer } = yield* setup()
+      yield* scripted.script([retriable])
+      const first = yield* Effect.forkChild(producer.send({ value: "a" }))
+      // "a" lingers until 50 ms, fails, and is retried 80–120 ms later; "b" queues meanwhile, at 60 ms.
+      yield* TestClock.adjust("60 millis")
+      const second = yield* Effect.forkChild(producer.send({ value: "b" }))
+      yield* TestClock.adjust("110 millis")
+      yield* Fiber.join(first)
+      const metadata = yield* Fiber.join(second)
+      assert.strictEqual(metadata.offset, 1n, "b went without a further linger")
+      assert.deepStrictEqual(
+        (yield* scripted.recorded).requests.map((request) => request.map((r) => r.value)),
+        [["a"], ["a"], ["b"]]
+      )
+    })
+  )
+
+  it.effect(
+    "with several lanes, keyed records go to kafkajs' partition for the key, each partition in send order",
+    () =>
+      Effect.gen(function* () {
+        const { scripted, producer } = yield* setup({ lanes: 3, linger: Duration.zero, batchSize: 4 }, 6)
+        const keys = Array.from({ length: 60 }, (_, i) => `key-${i % 17}`)
+        const metadata = yield* producer.sendAll(keys.map((key, i) => ({ key, value: String(i) })))
+        const partitionFor = kafkajsPartitionFor("events", 6)
+        const lastOffset = new Map<number, bigint>()
+        for (const [i, m] of metadata.entries()) {
+          assert.strictEqual(m.partition, partitionFor(keys[i] as string), `record ${i} on its key's partition`)
+          assert.isTrue(m.offset > (lastOffset.get(m.partition) ?? -1n), `record ${i} after the earlier ones`)
+          lastOffset.set(m.partition, m.offset)
+        }
+        const { requests, events } = yield* scripted.recorded
+        assert.strictEqual(events.filter((e) => e === "connect").length, 3, "a connection per lane")
+        for (const request of requests) {
+          const lanesOfRequest = new Set(request.map((r) => (r.partition ?? -1) % 3))
+          assert.strictEqual(lanesOfRequest.size, 1, "a request holds one lane's partitions")
+        }
+      })
+  )
+
+  it.effect("with several lanes, null keys spread round-robin and explicit partitions are kept", () =>
+    Effect.gen(function* () {
+      const { producer } = yield* setup({ lanes: 2, linger: Duration.zero }, 4)
+      const spread = yield* producer.sendAll(Array.from({ length: 8 }, (_, i) => ({ value: String(i) })))
+      const partitions = spread.map((m) => m.partition)
+      for (let i = 1; i < partitions.length; i++) {
+        assert.strictEqual(partitions[i], ((partitions[i - 1] as number) + 1) % 4, "the next partition each time")
+      }
+      const pinned = yield* producer.send({ key: "k", partition: 3, value: "x" })
+      assert.strictEqual(pinned.partition, 3)
+    })
+  )
+
+  it.effect("a failed lane completes its own callers with the error; the other lane's callers are acked", () =>
+    Effect.gen(function* () {
+      const { scripted, producer } = yield* setup({ lanes: 2, linger: Duration.zero }, 2)
+      yield* scripted.script([fatal])
+      const exits = yield* Effect.forEach([0, 1, 0, 1], (partition, i) =>
+        Effect.forkChild(Effect.exit(producer.send({ partition, value: String(i) })))
+      ).pipe(Effect.flatMap((fibers) => Effect.forEach(fibers, Fiber.join)))
+      const [failedRequest] = (yield* scripted.recorded).requests
+      const failedPartition = failedRequest?.[0]?.partition
+      for (const [i, exit] of exits.entries()) {
+        if (i % 2 === failedPartition && failedRequest?.some((r) => r.value === String(i))) {
+          assert.isTrue(Exit.isFailure(exit), `record ${i} was in the failed request`)
+        } else {
+          assert.isTrue(Exit.isSuccess(exit), `record ${i} acked`)
+        }
+      }
+      assert.isTrue(exits.some(Exit.isFailure), "the failed request's callers failed")
+    })
+  )
+
+  it.effect("a lane waiting to retry does not hold up the other lanes", () =>
+    Effect.gen(function* () {
+      const { scripted, producer } = yield* setup({ lanes: 2, linger: Duration.zero }, 2)
+      yield* scripted.script([retriable])
+      const fibers = yield* Effect.forEach([0, 1], (partition) =>
+        Effect.forkChild(producer.send({ partition, value: String(partition) }))
+      )
+      yield* TestClock.adjust("1 millis")
+      const done = fibers.filter((fiber) => fiber.pollUnsafe() !== undefined)
+      assert.strictEqual(done.length, 1, "the healthy lane's record is acked while the other waits to retry")
+      yield* TestClock.adjust("120 millis")
+      const metadata = yield* Effect.forEach(fibers, Fiber.join)
+      assert.deepStrictEqual(
+        metadata.map((m) => m.partition),
+        [0, 1]
+      )
+    })
+  )
+
+  it.effect("closing the scope flushes every lane before disconnecting", () =>
+    Effect.gen(function* () {
+      const { scripted, scope, producer } = yield* setup({ lanes: 2, linger: Duration.seconds(5) }, 2)
+      const fibers = yield* Effect.forEach([0, 1], (partition) =>
+        Effect.forkChild(producer.send({ partition, value: String(partition) }))
+      )
+      yield* Effect.yieldNow
+      yield* Scope.close(scope, Exit.void)
+      yield* Effect.forEach(fibers, Fiber.join)
+      const { events } = yield* scripted.recorded
+      assert.deepStrictEqual(events, ["connect", "connect", "request", "request", "disconnect", "disconnect"])
     })
   )
 

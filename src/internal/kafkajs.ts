@@ -272,14 +272,16 @@ export const make = (
 
     const producer = (options: KafkaClient.ProducerOptions) =>
       Effect.gen(function* () {
-        // kafkajs picks each keyed record's partition (murmur2, as the Java client does); recording its choice is
-        // how each record gets its own offset back from a response that gives one base offset per partition.
+        // A record without an explicit partition goes where kafkajs' default partitioner puts it (murmur2 of the
+        // key, as the Java client); recording that choice is how such a record gets its own offset back from a
+        // response that gives one base offset per partition. The KafkaProducer passes partitions explicitly, so on
+        // its path nothing is recorded.
         const assigned = new WeakMap<Message, number>()
         const createPartitioner = () => {
           const partition = Partitioners.DefaultPartitioner()
           return (args: Parameters<typeof partition>[0]) => {
             const chosen = partition(args)
-            assigned.set(args.message, chosen)
+            if (args.message.partition === undefined) assigned.set(args.message, chosen)
             return chosen
           }
         }
@@ -330,19 +332,23 @@ export const make = (
         const send = (records: ReadonlyArray<KafkaClient.ProducerRecord>) =>
           Effect.suspend(() => {
             const byTopic = new Map<string, Array<Message>>()
-            const messages = records.map((record) => {
-              const message: Message = {
-                key: toBuffer(record.key),
-                value: toBuffer(record.value),
-                ...(record.headers && { headers: toKafkaJSHeaders(record.headers) }),
-                ...(record.partition !== undefined && { partition: record.partition }),
-                ...(record.timestamp !== undefined && { timestamp: String(record.timestamp) })
+            const messages = new Array<Message>(records.length)
+            let lastTopic: string | undefined
+            let lastList: Array<Message> = []
+            for (let index = 0; index < records.length; index++) {
+              const record = records[index] as KafkaClient.ProducerRecord
+              const message: Message = { key: toBuffer(record.key), value: toBuffer(record.value) }
+              if (record.headers !== undefined) message.headers = toKafkaJSHeaders(record.headers)
+              if (record.partition !== undefined) message.partition = record.partition
+              if (record.timestamp !== undefined) message.timestamp = String(record.timestamp)
+              if (record.topic !== lastTopic) {
+                lastTopic = record.topic
+                lastList = byTopic.get(record.topic) ?? []
+                byTopic.set(record.topic, lastList)
               }
-              const list = byTopic.get(record.topic) ?? []
-              list.push(message)
-              byTopic.set(record.topic, list)
-              return message
-            })
+              lastList.push(message)
+              messages[index] = message
+            }
             const topicMessages = [...byTopic].map(([topic, messages]) => ({ topic, messages }))
             const firstTopic = records[0]?.topic
             return Effect.flatMap(healthyClient, (current) =>
@@ -360,23 +366,32 @@ export const make = (
                 })
               ),
               Effect.map((responses) => {
-                const base = new Map<string, bigint>()
+                // The next offset per topic and partition: the base offset of the partition's share of the request,
+                // then one more for each of its records, in the order given.
+                const next = new Map<string, Map<number, bigint>>()
                 for (const response of responses) {
-                  base.set(`${response.topicName}\u0000${response.partition}`, BigInt(response.baseOffset ?? "-1"))
+                  let partitions = next.get(response.topicName)
+                  if (partitions === undefined) {
+                    partitions = new Map()
+                    next.set(response.topicName, partitions)
+                  }
+                  partitions.set(response.partition, BigInt(response.baseOffset ?? "-1"))
                 }
-                const next = new Map<string, bigint>()
-                return records.map((record, index): KafkaClient.RecordMetadata => {
+                const metadata = new Array<KafkaClient.RecordMetadata>(records.length)
+                for (let index = 0; index < records.length; index++) {
+                  const record = records[index] as KafkaClient.ProducerRecord
                   const message = messages[index] as Message
                   const partition = message.partition ?? assigned.get(message) ?? -1
-                  const slot = `${record.topic}\u0000${partition}`
-                  const baseOffset = base.get(slot)
-                  if (baseOffset === undefined || baseOffset < 0n) {
-                    return { topic: record.topic, partition, offset: -1n }
+                  const partitions = next.get(record.topic)
+                  const offset = partitions?.get(partition)
+                  if (partitions === undefined || offset === undefined || offset < 0n) {
+                    metadata[index] = { topic: record.topic, partition, offset: -1n }
+                  } else {
+                    partitions.set(partition, offset + 1n)
+                    metadata[index] = { topic: record.topic, partition, offset }
                   }
-                  const offset = next.get(slot) ?? baseOffset
-                  next.set(slot, offset + 1n)
-                  return { topic: record.topic, partition, offset }
-                })
+                }
+                return metadata
               })
             )
           })

@@ -15,61 +15,65 @@ export interface Recorded {
 
 export type Outcome = "ok" | KafkaClient.KafkaErrorReason
 
-export const make = Effect.gen(function* () {
-  const recorded = yield* Ref.make<Recorded>({ requests: [], events: [] })
-  /** outcomes of the next requests, in order; "ok" once exhausted */
-  const script = yield* Ref.make<ReadonlyArray<Outcome>>([])
-  const offsets = new Map<string, bigint>()
+/** `partitions`: every topic's partition count (default 1, so that every record goes to partition 0). */
+export const makeWith = (options: { readonly partitions?: number } = {}) =>
+  Effect.gen(function* () {
+    const recorded = yield* Ref.make<Recorded>({ requests: [], events: [] })
+    /** outcomes of the next requests, in order; "ok" once exhausted */
+    const script = yield* Ref.make<ReadonlyArray<Outcome>>([])
+    const offsets = new Map<string, bigint>()
 
-  const note = (event: string, request?: ReadonlyArray<KafkaClient.ProducerRecord>) =>
-    Ref.update(recorded, (r) => ({
-      requests: request === undefined ? r.requests : [...r.requests, request],
-      events: [...r.events, event]
-    }))
+    const note = (event: string, request?: ReadonlyArray<KafkaClient.ProducerRecord>) =>
+      Ref.update(recorded, (r) => ({
+        requests: request === undefined ? r.requests : [...r.requests, request],
+        events: [...r.events, event]
+      }))
 
-  const send = (records: ReadonlyArray<KafkaClient.ProducerRecord>) =>
-    Effect.gen(function* () {
-      yield* note("request", records)
-      const outcomes = yield* Ref.getAndUpdate(script, (rest) => rest.slice(1))
-      const outcome = outcomes[0] ?? "ok"
-      if (outcome !== "ok") {
-        return yield* new KafkaClient.KafkaError({ operation: "produce", topic: records[0]?.topic, reason: outcome })
-      }
-      return records.map((record) => {
-        const partition = record.partition ?? 0
-        const slot = `${record.topic}/${partition}`
-        const offset = offsets.get(slot) ?? 0n
-        offsets.set(slot, offset + 1n)
-        return { topic: record.topic, partition, offset }
+    const send = (records: ReadonlyArray<KafkaClient.ProducerRecord>) =>
+      Effect.gen(function* () {
+        yield* note("request", records)
+        const outcomes = yield* Ref.getAndUpdate(script, (rest) => rest.slice(1))
+        const outcome = outcomes[0] ?? "ok"
+        if (outcome !== "ok") {
+          return yield* new KafkaClient.KafkaError({ operation: "produce", topic: records[0]?.topic, reason: outcome })
+        }
+        return records.map((record) => {
+          const partition = record.partition ?? 0
+          const slot = `${record.topic}/${partition}`
+          const offset = offsets.get(slot) ?? 0n
+          offsets.set(slot, offset + 1n)
+          return { topic: record.topic, partition, offset }
+        })
       })
+
+    const unsupported = (operation: string) =>
+      Effect.fail(
+        new KafkaClient.KafkaError({
+          operation,
+          reason: new KafkaClient.ClientFailed({ retriable: false, detail: "not scripted" })
+        })
+      )
+
+    const client = KafkaClient.KafkaClient.of({
+      brokers: ["scripted:9092"],
+      admin: {
+        createTopics: () => unsupported("create topics"),
+        deleteTopics: () => unsupported("delete topics"),
+        listTopics: unsupported("list topics"),
+        partitionCount: () => Effect.succeed(options.partitions ?? 1),
+        fetchTopicOffsets: () => unsupported("fetch topic offsets"),
+        fetchCommittedOffsets: () => unsupported("fetch committed offsets")
+      },
+      producer: () => Effect.acquireRelease(Effect.as(note("connect"), { send }), () => note("disconnect")),
+      consumer: () => unsupported("consumer")
     })
-
-  const unsupported = (operation: string) =>
-    Effect.fail(
-      new KafkaClient.KafkaError({
-        operation,
-        reason: new KafkaClient.ClientFailed({ retriable: false, detail: "not scripted" })
-      })
-    )
-
-  const client = KafkaClient.KafkaClient.of({
-    brokers: ["scripted:9092"],
-    admin: {
-      createTopics: () => unsupported("create topics"),
-      deleteTopics: () => unsupported("delete topics"),
-      listTopics: unsupported("list topics"),
-      partitionCount: () => unsupported("partition count"),
-      fetchTopicOffsets: () => unsupported("fetch topic offsets"),
-      fetchCommittedOffsets: () => unsupported("fetch committed offsets")
-    },
-    producer: () => Effect.acquireRelease(Effect.as(note("connect"), { send }), () => note("disconnect")),
-    consumer: () => unsupported("consumer")
+    return {
+      client,
+      recorded: Ref.get(recorded),
+      script: (outcomes: ReadonlyArray<Outcome>) => Ref.set(script, outcomes)
+    }
   })
-  return {
-    client,
-    recorded: Ref.get(recorded),
-    script: (outcomes: ReadonlyArray<Outcome>) => Ref.set(script, outcomes)
-  }
-})
+
+export const make = makeWith()
 
 export type Scripted = Effect.Success<typeof make>
