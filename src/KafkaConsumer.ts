@@ -179,15 +179,38 @@ export const make = (
             ),
             Effect.ignore
           )
-        // The fast path is the handler alone; only a failure pays for logging and the retry schedule.
-        const handle = (record: KafkaClient.ConsumedRecord) =>
-          handler(record).pipe(
-            Effect.catchCause((cause) =>
-              Cause.hasInterruptsOnly(cause) ? Effect.failCause(cause) : retryFailed(record, cause)
-            ),
-            Effect.ignore,
-            Effect.provideContext(services)
-          )
+        /**
+         * One worker's share of a chunk: its records in offset order, in one loop on one fiber, each marked finished
+         * (`onFinished`) as soon as its handler succeeds. The fast path is the handler alone, with no allocation but
+         * the handler's own; only a failure pays for logging and the retry schedule. An interrupted handler (pool
+         * shutdown) stops the loop and its record is not marked finished, so it is not committed.
+         */
+        const handleRun = (
+          records: ReadonlyArray<KafkaClient.ConsumedRecord>,
+          sequences: ReadonlyArray<number>,
+          onFinished: (sequence: number) => void
+        ): Effect.Effect<void> =>
+          Effect.suspend(() => {
+            let index = 0
+            let current = records[0] as KafkaClient.ConsumedRecord
+            const recover = (cause: Cause.Cause<E>) =>
+              Cause.hasInterruptsOnly(cause) ? Effect.failCause(cause) : retryFailed(current, cause)
+            return Effect.whileLoop({
+              while: () => index < records.length,
+              body: () => {
+                current = records[index] as KafkaClient.ConsumedRecord
+                let handled: Effect.Effect<void, E, R>
+                try {
+                  handled = handler(current)
+                } catch (defect) {
+                  // A handler that throws instead of returning an effect is a defect like any other.
+                  handled = Effect.die(defect)
+                }
+                return Effect.catchCause(handled, recover)
+              },
+              step: () => onFinished(sequences[index++] as number)
+            })
+          }).pipe(Effect.ignore, Effect.provideContext(services))
 
         const commitAll = (connection: KafkaClient.ConsumerConnection) => commit(connection)
         const commit = (connection: KafkaClient.ConsumerConnection, partition?: KafkaClient.TopicPartition) =>
@@ -284,13 +307,15 @@ export const make = (
                 Effect.forkScoped
               )
               const records = batch.records
-              const finish = (record: KafkaClient.ConsumedRecord) =>
-                Effect.sync(() => {
-                  tracker.finished(record.topic, record.partition, record.offset)
-                  remaining--
-                  if (submitted && remaining === 0) Deferred.doneUnsafe(allDone, Effect.void)
-                  if (waitingForWindow > 0) windowChanged.notify()
-                })
+              // Taken once per batch call: after `forget` (the next batch call of this partition) it is detached,
+              // so a record of this call that finishes late cannot mark the next call's records finished.
+              const offsets = tracker.partition(batch.topic, batch.partition)
+              const onFinished = (sequence: number) => {
+                offsets.finished(sequence)
+                remaining--
+                if (submitted && remaining === 0) Deferred.doneUnsafe(allDone, Effect.void)
+                if (waitingForWindow > 0) windowChanged.notify()
+              }
               let index = 0
               while (index < records.length) {
                 // A pending rebalance or shutdown: take no more of this batch. What is not finished is not
@@ -312,12 +337,36 @@ export const make = (
                   }
                   chunk = due
                 }
-                // Places in the window for a chunk of records at once, then the chunk to the pool.
+                // Places in the window for a chunk of records at once, then the chunk to the pool: one job per
+                // worker it reaches, holding that worker's records in offset order (so per-key order holds).
                 const taken = yield* takeWindowPlaces(connection, chunk)
-                for (const record of records.slice(index, index + taken)) {
-                  tracker.delivered(record.topic, record.partition, record.offset)
-                  remaining++
-                  yield* pool.submit(record.key, Effect.ensuring(handle(record), finish(record)))
+                const runs: Array<{
+                  readonly worker: number
+                  readonly records: Array<KafkaClient.ConsumedRecord>
+                  readonly sequences: Array<number>
+                }> = []
+                const runOf: Array<number | undefined> = []
+                for (let i = index; i < index + taken; i++) {
+                  const record = records[i] as KafkaClient.ConsumedRecord
+                  const sequence = offsets.delivered(record.offset)
+                  const worker = pool.workerOf(record.key)
+                  let run = runOf[worker]
+                  if (run === undefined) {
+                    run = runs.length
+                    runOf[worker] = run
+                    runs.push({ worker, records: [], sequences: [] })
+                  }
+                  const share = runs[run] as (typeof runs)[number]
+                  share.records.push(record)
+                  share.sequences.push(sequence)
+                }
+                remaining += taken
+                for (const share of runs) {
+                  yield* pool.submitTo(
+                    share.worker,
+                    handleRun(share.records, share.sequences, onFinished),
+                    share.records.length
+                  )
                 }
                 index += taken
                 yield* Metric.update(consumed({ topic: batch.topic }), taken)

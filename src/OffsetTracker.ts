@@ -7,7 +7,8 @@
  * need not be contiguous: compaction and transaction markers leave gaps, and only delivered offsets count.
  *
  * Plain mutable state for the hot path (one call per record); the Consumer owns one per member and uses it from
- * its own fibers.
+ * its own fibers. The hot path takes a partition's `PartitionTracker` once per batch and passes sequence numbers:
+ * O(1) per record, no allocation. `delivered`/`finished` by offset are the same through a lookup.
  *
  * @example
  * ```ts
@@ -20,21 +21,9 @@
  * ```
  */
 
-interface PartitionState {
-  /** delivered offsets not yet known finished, in offset order, from `head` */
-  readonly pending: Array<bigint>
-  head: number
-  /** finished offsets still behind an unfinished one */
-  readonly finishedEarly: Set<bigint>
-  /** one past the last offset below which everything finished; undefined before anything was delivered */
-  committable: bigint | undefined
-  /** the committable offset last handed out by `takeCommit` */
-  committed: bigint | undefined
-  /** records the committable offset moved past since the last `takeCommits` */
-  settled: number
-}
-
 export interface OffsetTracker {
+  /** the tracker of one partition, for the hot path (see `PartitionTracker`); the same until `forget` */
+  readonly partition: (topic: string, partition: number) => PartitionTracker
   /** a record was handed to processing; offsets of a partition must be delivered in increasing order */
   readonly delivered: (topic: string, partition: number, offset: bigint) => void
   /** a delivered record finished (handled, or handed to a retry topic or the DLQ and acked) */
@@ -67,114 +56,174 @@ export interface Commit {
   readonly records: number
 }
 
+/**
+ * The records of one partition in flight, as a ring over delivery sequence numbers: a record's sequence number
+ * (from `delivered`) indexes its offset and its finished flag, so `finished` is O(1) and the head moves past
+ * finished records in O(1) amortised, with no allocation per record (offsets sit in a BigInt64Array).
+ */
+export interface PartitionTracker {
+  readonly topic: string
+  readonly partition: number
+  /** a record was handed to processing, in increasing offset order; returns its sequence number for `finished` */
+  readonly delivered: (offset: bigint) => number
+  /** the record with this sequence number finished; a partition forgotten since then ignores it */
+  readonly finished: (sequence: number) => void
+}
+
+class PartitionState implements PartitionTracker {
+  /** `offsets[s & mask]` and `done[s & mask]` belong to the record with sequence number s, for head ≤ s < next */
+  private offsets = new BigInt64Array(1024)
+  private done = new Uint8Array(1024)
+  private mask = 1023
+  /** sequence number of the oldest unfinished record (or `next` when none) */
+  private head = 0
+  /** sequence number of the next record delivered */
+  private next = 0
+  private lastDelivered: bigint | undefined = undefined
+  /** records delivered and not finished */
+  unfinished = 0
+  /** the committable offset last handed out by `takeCommits` */
+  committed: bigint | undefined = undefined
+  /** records the committable offset moved past since the last `takeCommits` */
+  settled = 0
+  forgotten = false
+
+  readonly topic: string
+  readonly partition: number
+  /** records in flight over all partitions of the tracker */
+  private readonly counter: { inFlight: number }
+
+  constructor(topic: string, partition: number, counter: { inFlight: number }) {
+    this.topic = topic
+    this.partition = partition
+    this.counter = counter
+  }
+
+  delivered(offset: bigint): number {
+    if (this.lastDelivered !== undefined && offset <= this.lastDelivered) {
+      throw new Error(`offset ${offset} of ${this.topic}[${this.partition}] delivered out of order`)
+    }
+    if (this.next - this.head > this.mask) this.grow()
+    const sequence = this.next++
+    this.offsets[sequence & this.mask] = offset
+    this.done[sequence & this.mask] = 0
+    this.lastDelivered = offset
+    this.unfinished++
+    this.counter.inFlight++
+    return sequence
+  }
+
+  finished(sequence: number): void {
+    if (this.forgotten || sequence < this.head || sequence >= this.next) return
+    const slot = sequence & this.mask
+    if (this.done[slot] === 1) return
+    this.done[slot] = 1
+    this.unfinished--
+    this.counter.inFlight--
+    if (sequence !== this.head) return
+    let head = this.head + 1
+    while (head < this.next && this.done[head & this.mask] === 1) head++
+    this.settled += head - this.head
+    this.head = head
+  }
+
+  /** one past the highest offset below which everything delivered has finished */
+  committable(): bigint | undefined {
+    if (this.head < this.next) return this.offsets[this.head & this.mask]
+    return this.lastDelivered === undefined ? undefined : this.lastDelivered + 1n
+  }
+
+  /** The sequence number of an offset in flight: a binary search, as offsets increase with sequence numbers. */
+  find(offset: bigint): number | undefined {
+    let low = this.head
+    let high = this.next - 1
+    while (low <= high) {
+      const middle = (low + high) >>> 1
+      const at = this.offsets[middle & this.mask] as bigint
+      if (at === offset) return middle
+      if (at < offset) low = middle + 1
+      else high = middle - 1
+    }
+    return undefined
+  }
+
+  /** delivered records the committable offset has not moved past */
+  pending(): number {
+    return this.next - this.head
+  }
+
+  private grow() {
+    const size = (this.mask + 1) * 2
+    const offsets = new BigInt64Array(size)
+    const done = new Uint8Array(size)
+    for (let s = this.head; s < this.next; s++) {
+      offsets[s & (size - 1)] = this.offsets[s & this.mask] as bigint
+      done[s & (size - 1)] = this.done[s & this.mask] as number
+    }
+    this.offsets = offsets
+    this.done = done
+    this.mask = size - 1
+  }
+}
+
 const keyOf = (topic: string, partition: number) => `${topic}\u0000${partition}`
 
 export const make = (): OffsetTracker => {
-  const partitions = new Map<
-    string,
-    { readonly topic: string; readonly partition: number; readonly state: PartitionState }
-  >()
-  let inFlight = 0
+  const partitions = new Map<string, PartitionState>()
+  const counter = { inFlight: 0 }
 
-  const stateOf = (topic: string, partition: number) => {
+  const partitionOf = (topic: string, partition: number): PartitionState => {
     const key = keyOf(topic, partition)
-    let entry = partitions.get(key)
-    if (entry === undefined) {
-      entry = {
-        topic,
-        partition,
-        state: {
-          pending: [],
-          head: 0,
-          finishedEarly: new Set(),
-          committable: undefined,
-          committed: undefined,
-          settled: 0
-        }
-      }
-      partitions.set(key, entry)
+    let state = partitions.get(key)
+    if (state === undefined) {
+      state = new PartitionState(topic, partition, counter)
+      partitions.set(key, state)
     }
-    return entry.state
-  }
-
-  const delivered = (topic: string, partition: number, offset: bigint) => {
-    const state = stateOf(topic, partition)
-    const last = state.pending.length > state.head ? state.pending[state.pending.length - 1] : undefined
-    if ((last !== undefined && offset <= last) || (state.committable !== undefined && offset < state.committable)) {
-      throw new Error(`offset ${offset} of ${topic}[${partition}] delivered out of order`)
-    }
-    if (state.pending.length === state.head) {
-      // Nothing in flight: everything up to this record is finished.
-      state.committable = offset
-    }
-    state.pending.push(offset)
-    inFlight++
-  }
-
-  const finished = (topic: string, partition: number, offset: bigint) => {
-    const state = stateOf(topic, partition)
-    if (state.pending[state.head] !== offset) {
-      state.finishedEarly.add(offset)
-    } else {
-      state.head++
-      state.settled++
-      state.committable = offset + 1n
-      while (state.head < state.pending.length) {
-        const next = state.pending[state.head] as bigint
-        if (!state.finishedEarly.delete(next)) {
-          state.committable = next
-          break
-        }
-        state.head++
-        state.settled++
-        state.committable = next + 1n
-      }
-    }
-    inFlight--
-    // Compact now and then, so the array does not grow for ever.
-    if (state.head > 1024 && state.head * 2 > state.pending.length) {
-      state.pending.splice(0, state.head)
-      state.head = 0
-    }
+    return state
   }
 
   const takeCommits: OffsetTracker["takeCommits"] = (only) => {
     const out: Array<Commit> = []
-    const entries =
+    const states =
       only === undefined ? [...partitions.values()] : only.map((tp) => partitions.get(keyOf(tp.topic, tp.partition)))
-    for (const entry of entries) {
-      if (entry === undefined) continue
-      const { committable, committed } = entry.state
-      if (committable !== undefined && committable !== committed) {
-        entry.state.committed = committable
-        out.push({ topic: entry.topic, partition: entry.partition, offset: committable, records: entry.state.settled })
-        entry.state.settled = 0
+    for (const state of states) {
+      if (state === undefined) continue
+      const committable = state.committable()
+      if (committable !== undefined && committable !== state.committed) {
+        state.committed = committable
+        out.push({ topic: state.topic, partition: state.partition, offset: committable, records: state.settled })
+        state.settled = 0
       }
     }
     return out
   }
 
   return {
-    delivered,
-    finished,
-    committable: (topic, partition) => partitions.get(keyOf(topic, partition))?.state.committable,
-    inFlight: () => inFlight,
+    partition: partitionOf,
+    delivered: (topic, partition, offset) => void partitionOf(topic, partition).delivered(offset),
+    finished: (topic, partition, offset) => {
+      const state = partitions.get(keyOf(topic, partition))
+      const sequence = state?.find(offset)
+      if (state !== undefined && sequence !== undefined) state.finished(sequence)
+    },
+    committable: (topic, partition) => partitions.get(keyOf(topic, partition))?.committable(),
+    inFlight: () => counter.inFlight,
     takeCommits,
     rollback: (commits) => {
       for (const { topic, partition, records } of commits) {
-        const entry = partitions.get(keyOf(topic, partition))
-        if (entry === undefined) continue
-        entry.state.committed = undefined
-        entry.state.settled += records
+        const state = partitions.get(keyOf(topic, partition))
+        if (state === undefined) continue
+        state.committed = undefined
+        state.settled += records
       }
     },
     forget: (topic, partition) => {
-      const entry = partitions.get(keyOf(topic, partition))
-      if (entry === undefined) return 0
-      const { pending, head, finishedEarly, settled } = entry.state
-      inFlight -= pending.length - head - finishedEarly.size
+      const state = partitions.get(keyOf(topic, partition))
+      if (state === undefined) return 0
+      counter.inFlight -= state.unfinished
+      state.forgotten = true
       partitions.delete(keyOf(topic, partition))
-      return pending.length - head + settled
+      return state.pending() + state.settled
     }
   }
 }

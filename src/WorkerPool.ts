@@ -18,7 +18,7 @@ import { Effect, Fiber, Queue, type Scope, Semaphore } from "effect"
 
 export interface WorkerPoolOptions {
   readonly workers: number
-  /** most jobs queued or running at once */
+  /** most jobs (by weight) queued or running at once */
   readonly maxInFlight: number
   /** most jobs a worker takes from its queue at once. Default 64 */
   readonly chunk?: number | undefined
@@ -30,7 +30,15 @@ export interface WorkerPool {
    * fail (handle errors inside it); it runs after every job submitted before it for the same key.
    */
   readonly submit: (key: string | Uint8Array | null, job: Effect.Effect<void>) => Effect.Effect<void>
-  /** jobs queued or running */
+  /**
+   * Queues a job on a worker (`0 ≤ worker < workers`, from `workerOf`) counting as `weight` jobs towards
+   * `maxInFlight` (at most `maxInFlight`): one job for a run of items, e.g. the records of a chunk that share a
+   * worker, handled in order in one loop. It runs after every job submitted before it to that worker.
+   */
+  readonly submitTo: (worker: number, job: Effect.Effect<void>, weight: number) => Effect.Effect<void>
+  /** the worker of a key (`shardOf`); keys that are null are spread round-robin */
+  readonly workerOf: (key: string | Uint8Array | null) => number
+  /** jobs (by weight) queued or running */
   readonly inFlight: Effect.Effect<number>
 }
 
@@ -44,8 +52,13 @@ const encoder = new TextEncoder()
 export const shardOf = (key: string | Uint8Array, workers: number): number => {
   const bytes = typeof key === "string" ? encoder.encode(key) : key
   let hash = 0x811c9dc5
-  for (const byte of bytes) hash = Math.imul(hash ^ byte, 0x01000193)
+  for (let i = 0; i < bytes.length; i++) hash = Math.imul(hash ^ (bytes[i] as number), 0x01000193)
   return (hash >>> 0) % workers
+}
+
+interface Job {
+  readonly run: Effect.Effect<void>
+  readonly weight: number
 }
 
 /** A pool for the life of the scope; closing the scope interrupts the workers (jobs not run are dropped). */
@@ -56,32 +69,38 @@ export const make = (options: WorkerPoolOptions): Effect.Effect<WorkerPool, neve
     let running = 0
     // Each queue can hold every job in flight, so an offer never waits once a permit is held.
     const queues = yield* Effect.forEach(Array.from({ length: options.workers }), () =>
-      Queue.bounded<Effect.Effect<void>>(options.maxInFlight)
+      Queue.bounded<Job>(options.maxInFlight)
     )
-    const worker = (queue: Queue.Queue<Effect.Effect<void>>) =>
+    const worker = (queue: Queue.Queue<Job>) =>
       Effect.forever(
-        Effect.flatMap(Queue.takeBetween(queue, 1, chunk), (jobs) =>
+        Effect.flatMap(Queue.takeBetween(queue, 1, chunk), (jobs) => {
+          let weight = 0
+          for (const job of jobs) weight += job.weight
           // Places are given back per chunk, not per job: one release for the lot.
-          Effect.forEach(jobs, (job) => job, { discard: true }).pipe(
+          return Effect.forEach(jobs, (job) => job.run, { discard: true }).pipe(
             Effect.ensuring(
               Effect.suspend(() => {
-                running -= jobs.length
-                return permits.release(jobs.length)
+                running -= weight
+                return permits.release(weight)
               })
             )
           )
-        )
+        })
       )
     const fibers = yield* Effect.forEach(queues, (queue) => Effect.forkScoped(worker(queue)))
     yield* Effect.addFinalizer(() => Fiber.interruptAll(fibers))
 
     let roundRobin = 0
-    const submit = Effect.fnUntraced(function* (key: string | Uint8Array | null, job: Effect.Effect<void>) {
-      yield* permits.take(1)
-      running++
-      const shard = key === null ? roundRobin++ % options.workers : shardOf(key, options.workers)
-      yield* Queue.offer(queues[shard] as Queue.Queue<Effect.Effect<void>>, job)
-    })
+    const workerOf = (key: string | Uint8Array | null) =>
+      key === null ? roundRobin++ % options.workers : shardOf(key, options.workers)
+    const submitTo = (shard: number, run: Effect.Effect<void>, weight: number) => {
+      const held = Math.max(1, Math.min(weight, options.maxInFlight))
+      return Effect.flatMap(permits.take(held), () => {
+        running += held
+        return Effect.asVoid(Queue.offer(queues[shard] as Queue.Queue<Job>, { run, weight: held }))
+      })
+    }
+    const submit = (key: string | Uint8Array | null, job: Effect.Effect<void>) => submitTo(workerOf(key), job, 1)
 
-    return { submit, inFlight: Effect.sync(() => running) }
+    return { submit, submitTo, workerOf, inFlight: Effect.sync(() => running) }
   })

@@ -61,6 +61,38 @@ describe("OffsetTracker", () => {
     })
   )
 
+  it.effect("a partition tracker finishes by sequence number, past its initial capacity, in any order", () =>
+    Effect.sync(() => {
+      const tracker = OffsetTracker.make()
+      const partition = tracker.partition("t", 0)
+      // 5000 in flight at once outgrows the ring's first 1024 places; every other offset is a gap.
+      const sequences = Array.from({ length: 5000 }, (_, i) => partition.delivered(BigInt(100 + 2 * i)))
+      for (let i = sequences.length - 1; i >= 1; i--) partition.finished(sequences[i] as number)
+      assert.strictEqual(tracker.committable("t", 0), 100n, "the first record is still running")
+      assert.strictEqual(tracker.inFlight(), 1)
+      partition.finished(sequences[0] as number)
+      assert.strictEqual(tracker.committable("t", 0), BigInt(100 + 2 * 4999 + 1))
+      assert.strictEqual(tracker.inFlight(), 0)
+      assert.deepStrictEqual(tracker.takeCommits(), [
+        { topic: "t", partition: 0, offset: BigInt(100 + 2 * 4999 + 1), records: 5000 }
+      ])
+    })
+  )
+
+  it.effect("a partition tracker taken before forget no longer counts: late finishes change nothing", () =>
+    Effect.sync(() => {
+      const tracker = OffsetTracker.make()
+      const stale = tracker.partition("t", 0)
+      const sequence = stale.delivered(7n)
+      assert.strictEqual(tracker.forget("t", 0), 1)
+      const fresh = tracker.partition("t", 0)
+      fresh.delivered(7n)
+      stale.finished(sequence)
+      assert.strictEqual(tracker.committable("t", 0), 7n, "the redelivered record is not finished")
+      assert.strictEqual(tracker.inFlight(), 1)
+    })
+  )
+
   it.effect(
     "property: under random completion orders the committable offset never passes an unfinished record",
     () =>
