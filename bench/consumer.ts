@@ -16,14 +16,14 @@ import * as Fs from "node:fs"
 import * as Os from "node:os"
 import * as Path from "node:path"
 import { promisify } from "node:util"
-import { Deferred, Duration, Effect, Fiber, Layer, Option, Schema } from "effect"
+import { Deferred, Duration, Effect, Fiber, Layer, Schema } from "effect"
 import { Kafka, logLevel } from "kafkajs"
 import * as Broker from "../scripts/kafka/broker.ts"
-import type * as KafkaConfig from "../src/Config.ts"
 import * as Event from "../src/Event.ts"
-import * as KafkaClient from "../src/KafkaClient.ts"
+import type * as KafkaClient from "../src/KafkaClient.ts"
 import * as KafkaConsumer from "../src/KafkaConsumer.ts"
 import * as KafkaProducer from "../src/KafkaProducer.ts"
+import { clientLayer } from "./support.ts"
 
 const here = import.meta.dirname
 const exec = promisify(execFile)
@@ -79,18 +79,6 @@ const fillWithPerfProducer = async (jars: string, brokers: string, topic: string
   ])
   Fs.rmSync(file)
 }
-
-const clientLayer = (brokers: string) =>
-  KafkaClient.layerKafkaJS({
-    brokers: brokers.split(","),
-    clientId: "bench",
-    sasl: Option.none(),
-    tls: Option.none(),
-    connectionTimeout: Duration.seconds(10),
-    requestTimeout: Duration.seconds(30),
-    reconnectBackoff: Duration.millis(200),
-    reconnectBackoffMax: Duration.seconds(5)
-  } satisfies KafkaConfig.ConnectionConfig)
 
 /** Ours: the Consumer until `count` records were handled; seconds from start to the last one. */
 const ours = (

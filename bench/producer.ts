@@ -29,12 +29,11 @@ import * as Fs from "node:fs"
 import * as Os from "node:os"
 import * as Path from "node:path"
 import { promisify } from "node:util"
-import { Data, Duration, Effect, Layer, Option, References, type Scope } from "effect"
+import { Data, Duration, Effect, Layer, References, type Scope } from "effect"
 import { Kafka, logLevel, type Message, Partitioners, type Producer } from "kafkajs"
 import * as Broker from "../scripts/kafka/broker.ts"
-import type * as KafkaConfig from "../src/Config.ts"
-import * as KafkaClient from "../src/KafkaClient.ts"
 import * as KafkaProducer from "../src/KafkaProducer.ts"
+import { clientLayer } from "./support.ts"
 
 const here = import.meta.dirname
 const exec = promisify(execFile)
@@ -129,18 +128,6 @@ const padding = "x".repeat(recordBytes - eventTemplate(0, "").length)
 
 /** Record `i` as a 1,024-byte JSON event, encoded when it is sent, as an application would. */
 const eventJson = (i: number) => eventTemplate(i, padding)
-
-const clientLayer = (brokers: string) =>
-  KafkaClient.layerKafkaJS({
-    brokers: brokers.split(","),
-    clientId: "bench",
-    sasl: Option.none(),
-    tls: Option.none(),
-    connectionTimeout: Duration.seconds(10),
-    requestTimeout: Duration.seconds(30),
-    reconnectBackoff: Duration.millis(200),
-    reconnectBackoffMax: Duration.seconds(5)
-  } satisfies KafkaConfig.ConnectionConfig)
 
 /** The indexes caller `c` of `callers` sends: c, c + callers, c + 2 × callers, … below `count`. */
 function* share(c: number, count: number) {

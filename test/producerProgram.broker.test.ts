@@ -2,12 +2,12 @@
  * The producer program as users run it: a separate Node process, configured by environment variables.
  * It runs from src/ with Node's type stripping, so the test needs no build.
  */
-import { spawn } from "node:child_process"
 import * as Path from "node:path"
 import { assert, describe, it } from "@effect/vitest"
 import { Deferred, Effect } from "effect"
 import { inject } from "vitest"
 import { createTopic, readTopic, uniqueName } from "./support/kafka.ts"
+import * as Program from "./support/program.ts"
 
 const brokers = inject("kafkaBrokers")
 const program = Path.join(import.meta.dirname, "..", "src", "producer.ts")
@@ -29,31 +29,25 @@ const runProgram = (options: {
   readonly onStderr?: (soFar: string, pid: number) => void
   readonly timeout?: number
 }) =>
-  Effect.callback<Run>((resume) => {
-    const child = spawn(
-      process.execPath,
-      ["--experimental-strip-types", "--no-warnings", program, ...(options.args ?? [])],
-      {
-        env: { PATH: process.env.PATH ?? "", LOG_FORMAT: "json", ...options.env },
-        stdio: [options.stdin === undefined ? "ignore" : "pipe", "pipe", "pipe"]
+  Effect.suspend(() => {
+    let soFar = ""
+    const run: Program.Program = Program.start(program, {
+      args: options.args,
+      env: { LOG_FORMAT: "json", ...options.env },
+      stdin: options.stdin,
+      onStderr: (chunk) => {
+        soFar += chunk
+        if (run.child.pid !== undefined) options.onStderr?.(soFar, run.child.pid)
       }
+    })
+    return run.exited.pipe(
+      Effect.timeoutOrElse({
+        duration: options.timeout ?? 60_000,
+        orElse: () => Effect.sync(() => run.child.kill("SIGKILL")).pipe(Effect.andThen(run.exited))
+      }),
+      Effect.map((exitCode): Run => ({ exitCode, ...run.output() })),
+      Effect.onInterrupt(() => Effect.sync(() => run.child.kill("SIGKILL")))
     )
-    let stdout = ""
-    let stderr = ""
-    child.stdout?.on("data", (chunk) => {
-      stdout += chunk
-    })
-    child.stderr?.on("data", (chunk) => {
-      stderr += chunk
-      if (child.pid !== undefined) options.onStderr?.(stderr, child.pid)
-    })
-    if (options.stdin !== undefined) child.stdin?.end(options.stdin)
-    const timer = setTimeout(() => child.kill("SIGKILL"), options.timeout ?? 60_000)
-    child.on("close", (exitCode) => {
-      clearTimeout(timer)
-      resume(Effect.succeed({ exitCode, stdout, stderr }))
-    })
-    return Effect.sync(() => child.kill("SIGKILL"))
   })
 
 const event = (id: string, subject: string) =>

@@ -22,6 +22,8 @@ export const start = (
     readonly args?: ReadonlyArray<string> | undefined
     readonly env: Record<string, string>
     readonly onStderr?: ((chunk: string) => void) | undefined
+    /** written to the program's stdin, which is then closed; without it stdin is /dev/null */
+    readonly stdin?: string | undefined
   }
 ): Program => {
   const child = spawn(
@@ -29,9 +31,10 @@ export const start = (
     ["--experimental-strip-types", "--no-warnings", script, ...(options.args ?? [])],
     {
       env: { PATH: process.env.PATH ?? "", ...options.env },
-      stdio: ["ignore", "pipe", "pipe"]
+      stdio: [options.stdin === undefined ? "ignore" : "pipe", "pipe", "pipe"]
     }
   )
+  if (options.stdin !== undefined) child.stdin?.end(options.stdin)
   let stdout = ""
   let stderr = ""
   child.stdout?.on("data", (chunk) => {

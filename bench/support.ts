@@ -1,0 +1,17 @@
+/** What the benchmarks share. */
+import { Duration, Option } from "effect"
+import type * as KafkaConfig from "../src/Config.ts"
+import * as KafkaClient from "../src/KafkaClient.ts"
+
+/** Our KafkaClient on `brokers`, with the defaults of the environment's configuration. */
+export const clientLayer = (brokers: string) =>
+  KafkaClient.layerKafkaJS({
+    brokers: brokers.split(","),
+    clientId: "bench",
+    sasl: Option.none(),
+    tls: Option.none(),
+    connectionTimeout: Duration.seconds(10),
+    requestTimeout: Duration.seconds(30),
+    reconnectBackoff: Duration.millis(200),
+    reconnectBackoffMax: Duration.seconds(5)
+  } satisfies KafkaConfig.ConnectionConfig)
