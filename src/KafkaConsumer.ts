@@ -40,6 +40,7 @@ import {
 } from "effect"
 import * as KafkaConfig from "./Config.ts"
 import * as ChangeSignal from "./internal/changeSignal.ts"
+import { coordinates } from "./internal/records.ts"
 import * as KafkaClient from "./KafkaClient.ts"
 import * as Metrics from "./Metrics.ts"
 import * as Observability from "./Observability.ts"
@@ -93,13 +94,6 @@ const capped = (base: Duration.Input, max: Duration.Input) =>
     Schedule.jittered,
     Schedule.modifyDelay(({ duration }) => Effect.succeed(Duration.min(duration, Duration.fromInputUnsafe(max))))
   )
-
-const coordinates = (record: KafkaClient.ConsumedRecord) => ({
-  topic: record.topic,
-  partition: record.partition,
-  offset: record.offset.toString(),
-  key: record.key === null ? null : new TextDecoder().decode(record.key)
-})
 
 export const make = (
   options: ConsumerOptions

@@ -76,7 +76,7 @@ export const tagged = <M extends Metric.Metric<number, unknown>>(metric: M) => {
     const key = Object.values(attributes).join("\u0000")
     let found = cache.get(key)
     if (found === undefined) {
-      found = Metric.withAttributes(metric, attributes) as M
+      found = Metric.withAttributes(metric, attributes) as M // withAttributes keeps the metric's kind; its type widens
       cache.set(key, found)
     }
     return found

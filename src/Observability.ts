@@ -94,7 +94,7 @@ const readyz = Effect.gen(function* () {
   return HttpServerResponse.jsonUnsafe(status, { status: status.ready ? 200 : 503 })
 })
 
-/** The HTTP endpoint on `port` (0: any free port) at `host`. */
+/** The HTTP endpoint on `port` (0: a free port the OS picks) at `host`. */
 export const layerHttp = (options: {
   readonly port: number
   readonly host: string

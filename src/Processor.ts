@@ -45,6 +45,7 @@ import {
 } from "effect"
 import { Headers, HttpTraceContext } from "effect/http"
 import * as KafkaConfig from "./Config.ts"
+import { coordinates, increment } from "./internal/records.ts"
 import * as KafkaClient from "./KafkaClient.ts"
 import * as KafkaConsumer from "./KafkaConsumer.ts"
 import * as KafkaProducer from "./KafkaProducer.ts"
@@ -244,13 +245,6 @@ export class Processor extends Context.Service<
   }
 >()("kafka-effect/Processor") {}
 
-const coordinates = (record: KafkaClient.ConsumedRecord) => ({
-  topic: record.topic,
-  partition: record.partition,
-  offset: record.offset.toString(),
-  key: record.key === null ? null : lenient.decode(record.key)
-})
-
 /** The span a record's `traceparent` header names, as the parent of its processing span. */
 const parentOf = (record: KafkaClient.ConsumedRecord): { parent?: Tracer.ExternalSpan } => {
   const header = record.headers[KafkaProducer.traceparentHeader]
@@ -263,10 +257,6 @@ const tooLarge = (error: KafkaProducer.ProduceError) =>
   error._tag === "KafkaError" &&
   error.reason._tag === "BrokerError" &&
   (error.reason.type === "MESSAGE_TOO_LARGE" || error.reason.type === "RECORD_LIST_TOO_LARGE")
-
-const increment = (counts: Record<string, number>, key: string) => {
-  counts[key] = (counts[key] ?? 0) + 1
-}
 
 export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
   const client = yield* KafkaClient.KafkaClient
@@ -289,11 +279,11 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
 
   const processed = Metrics.tagged(Metrics.recordsProcessed)
   const handlerDuration = Metrics.tagged(Metrics.handlerDuration)
-  const counts = {
+  const counts: { -readonly [K in keyof Stats]: Stats[K] extends number ? number : Record<string, number> } = {
     done: 0,
     retriedInPlace: 0,
-    retried: {} as Record<string, number>,
-    deadLettered: {} as Record<string, number>,
+    retried: {},
+    deadLettered: {},
     skipped: 0
   }
   const stats = Effect.sync(
@@ -358,6 +348,7 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
   const run = <R>(handlers: ReadonlyArray<TopicHandler<R>>) =>
     Effect.gen(function* () {
       const byTopic = new Map(handlers.map((topicHandler) => [topicHandler.topic, topicHandler]))
+      const retryTopics = new Set(RetryPolicy.retryTopics(policy))
       const mainTopics = [...byTopic.keys()]
       const groups = [groupId, ...RetryPolicy.retryTopics(policy).map((_, index) => `${groupId}-retry-${index + 1}`)]
       // Not ready until every consumer joined its group (each reports itself ready then).
@@ -366,8 +357,9 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
 
       const handle = (record: KafkaClient.ConsumedRecord): Effect.Effect<void, never, R> =>
         Effect.gen(function* () {
-          const fromRetryTopic = Option.isSome(RetryPolicy.attemptOfTopic(policy, record.topic))
-          const history = RetryPolicy.historyOf(record)
+          // Only a retry record carries a history: a main-topic record is on its first attempt.
+          const fromRetryTopic = retryTopics.has(record.topic)
+          const history = fromRetryTopic ? RetryPolicy.historyOf(record) : Option.none()
           if (fromRetryTopic && Option.isSome(history) && history.value.consumerGroup !== groupId) {
             counts.skipped++
             return
@@ -397,6 +389,7 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
           }
           // The last failure was counted as if a retry would follow: it does not.
           const failure = Cause.findErrorOption(exit.cause)
+          // No failure in the cause: it is interrupts only (defects became failures in `handler`), so E is never.
           if (Option.isNone(failure)) return yield* Effect.failCause(exit.cause as Cause.Cause<never>)
           if (!failure.value.fatal) counts.retriedInPlace--
           yield* route(record, topic, failure.value)

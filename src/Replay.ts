@@ -14,6 +14,7 @@
  * ```
  */
 import { Clock, Deferred, Effect, Option } from "effect"
+import { increment } from "./internal/records.ts"
 import * as KafkaClient from "./KafkaClient.ts"
 import * as KafkaProducer from "./KafkaProducer.ts"
 import * as RetryPolicy from "./RetryPolicy.ts"
@@ -54,28 +55,26 @@ export interface ReplaySummary {
   readonly byErrorTag: Readonly<Record<string, number>>
 }
 
-const increment = (counts: Record<string, number>, key: string) => {
-  counts[key] = (counts[key] ?? 0) + 1
-}
-
 /** Replays the dead letters that pass the filters and succeeds with what it did. */
 export const replay = Effect.fn("Replay.replay")(function* (options: ReplayOptions) {
   const client = yield* KafkaClient.KafkaClient
   const producer = yield* KafkaProducer.KafkaProducer
-  const summary = {
+  const summary: {
+    -readonly [K in keyof ReplaySummary]: ReplaySummary[K] extends number ? number : Record<string, number>
+  } = {
     scanned: 0,
     matched: 0,
     replayed: 0,
     unreadable: 0,
-    byTopic: {} as Record<string, number>,
-    byErrorTag: {} as Record<string, number>
+    byTopic: {},
+    byErrorTag: {}
   }
   // The end of each partition now: the replay stops there.
   const ends = new Map<number, bigint>()
   for (const { partition, low, high } of yield* client.admin.fetchTopicOffsets(options.dlqTopic)) {
     if (high > low) ends.set(partition, high)
   }
-  if (ends.size === 0) return summary as ReplaySummary
+  if (ends.size === 0) return summary
 
   const done = yield* Deferred.make<void, KafkaProducer.ProduceError>()
   const full = () => options.max !== undefined && summary.matched >= options.max
@@ -140,5 +139,5 @@ export const replay = Effect.fn("Replay.replay")(function* (options: ReplayOptio
       yield* Deferred.await(done).pipe(Effect.raceFirst(connection.crashed))
     })
   )
-  return summary as ReplaySummary
+  return summary
 })
