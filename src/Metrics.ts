@@ -21,7 +21,7 @@
  * const produced = yield* Metric.value(Metrics.recordsProduced)
  * ```
  */
-import { type Effect, Metric } from "effect"
+import { Metric } from "effect"
 
 export const recordsProduced = Metric.counter("records_produced_total", {
   description: "records the broker acked",
@@ -82,7 +82,3 @@ export const tagged = <M extends Metric.Metric<number, unknown>>(metric: M) => {
     return found
   }
 }
-
-/** Adds `by` to a counter (or sets a gauge) — the one-line form used in the hot paths. */
-export const add = (metric: Metric.Metric<number, unknown>, by: number): Effect.Effect<void> =>
-  Metric.update(metric, by)

@@ -89,14 +89,6 @@ export const retryTopics = (policy: RetryPolicy): ReadonlyArray<string> =>
 export const delay = (policy: RetryPolicy, attempt: number): Duration.Duration =>
   policy.delays[Math.min(attempt, policy.delays.length) - 1] ?? Duration.zero
 
-/** Which rung of the ladder a topic is (1 … retryMax), if it is a retry topic of this policy. */
-export const attemptOfTopic = (policy: RetryPolicy, topic: string): Option.Option<number> => {
-  const prefix = `${policy.retryTopicPrefix}-`
-  if (!topic.startsWith(prefix)) return Option.none()
-  const attempt = Number(topic.slice(prefix.length))
-  return Number.isInteger(attempt) && attempt >= 1 && attempt <= policy.retryMax ? Option.some(attempt) : Option.none()
-}
-
 /** What a retry or dead-letter record says about the record it came from. */
 export interface History {
   readonly originalTopic: string
