@@ -12,12 +12,13 @@
  * graceful); `consumer.js replay --dry-run`; print the counts and check that they add up (exit 1 if not).
  * `--from-src` runs the programs from src/ with type stripping instead of dist/ (the tests use it).
  */
-import { type ChildProcess, spawn } from "node:child_process"
+import type { ChildProcess } from "node:child_process"
 import * as Path from "node:path"
 import { parseArgs } from "node:util"
 import { Effect } from "effect"
 import { Kafka, logLevel } from "kafkajs"
 import * as Broker from "./kafka/broker.ts"
+import * as Program from "./program.ts"
 
 const { values } = parseArgs({
   options: {
@@ -28,11 +29,8 @@ const { values } = parseArgs({
   }
 })
 const events = Number(values.events)
-const root = Path.join(import.meta.dirname, "..")
-const program = (name: "consumer" | "producer") =>
-  values["from-src"]
-    ? ["--experimental-strip-types", "--no-warnings", Path.join(root, "src", `${name}.ts`)]
-    : [Path.join(root, "dist", `${name}.js`)]
+const script = (name: "consumer" | "producer") =>
+  values["from-src"] ? Path.join(Program.root, "src", `${name}.ts`) : Path.join(Program.root, "dist", `${name}.js`)
 
 const say = (line: string) => process.stdout.write(`[demo] ${line}\n`)
 
@@ -72,21 +70,12 @@ interface Run {
   readonly exited: Promise<{ readonly code: number | null; readonly stdout: string; readonly stderr: string }>
 }
 
-const run = (name: "consumer" | "producer", args: ReadonlyArray<string>, onStderr?: (text: string) => void): Run => {
-  const child = spawn(process.execPath, [...program(name), ...args], { env, stdio: ["ignore", "pipe", "pipe"] })
-  let stdout = ""
-  let stderr = ""
-  child.stdout?.on("data", (chunk) => {
-    stdout += chunk
-  })
-  child.stderr?.on("data", (chunk) => {
-    stderr += chunk
-    onStderr?.(stderr)
-  })
-  const exited = new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve) =>
-    child.on("close", (code) => resolve({ code, stdout, stderr }))
-  )
-  return { child, exited }
+const run = (name: "consumer" | "producer", args: ReadonlyArray<string>): Run => {
+  const started = Program.start(script(name), { args, env })
+  return {
+    child: started.child,
+    exited: Effect.runPromise(started.exited).then((code) => ({ code, ...started.output() }))
+  }
 }
 
 const fail = (message: string, details = ""): never => {

@@ -6,9 +6,9 @@ import * as Net from "node:net"
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Layer, Schedule } from "effect"
 import { inject } from "vitest"
+import * as Program from "../scripts/program.ts"
 import * as KafkaProducer from "../src/KafkaProducer.ts"
 import { clientLayer, createTopic, uniqueName } from "./support/kafka.ts"
-import * as Program from "./support/program.ts"
 
 const brokers = inject("kafkaBrokers")
 

@@ -6,13 +6,13 @@ import * as Path from "node:path"
 import { assert, describe, it } from "@effect/vitest"
 import { Duration, Effect, Fiber, Layer, Schedule } from "effect"
 import { inject } from "vitest"
+import * as Program from "../scripts/program.ts"
 import * as Event from "../src/Event.ts"
 import * as KafkaClient from "../src/KafkaClient.ts"
 import * as KafkaProducer from "../src/KafkaProducer.ts"
 import * as Processor from "../src/Processor.ts"
 import * as RetryPolicy from "../src/RetryPolicy.ts"
 import { clientLayer, createTopic, readTopic, uniqueName } from "./support/kafka.ts"
-import * as Program from "./support/program.ts"
 
 const brokers = inject("kafkaBrokers")
 

@@ -6,8 +6,8 @@ import * as Path from "node:path"
 import { assert, describe, it } from "@effect/vitest"
 import { Deferred, Effect } from "effect"
 import { inject } from "vitest"
+import * as Program from "../scripts/program.ts"
 import { createTopic, readTopic, uniqueName } from "./support/kafka.ts"
-import * as Program from "./support/program.ts"
 
 const brokers = inject("kafkaBrokers")
 const program = Path.join(import.meta.dirname, "..", "src", "producer.ts")

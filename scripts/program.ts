@@ -1,12 +1,12 @@
 /**
- * Our programs as users run them: separate Node processes from src/ with type stripping (no build needed),
+ * Our programs as users run them: separate Node processes (a .ts from src/ runs with type stripping, no build),
  * configured by `env` alone (plus PATH). Output is collected as it comes; `onStderr` sees it too.
  */
 import { type ChildProcess, spawn } from "node:child_process"
 import * as Path from "node:path"
 import { Effect } from "effect"
 
-export const root = Path.join(import.meta.dirname, "..", "..")
+export const root = Path.join(import.meta.dirname, "..")
 export const consumerProgram = Path.join(root, "src", "consumer.ts")
 
 export interface Program {
