@@ -18,24 +18,47 @@
  */
 import { DateTime, Effect, Random, Schema } from "effect"
 
+// One filter per field rather than a chain of checks: decoding is on every consumed record's path, and each check
+// of a chain costs a pass of the Schema interpreter (the consumer benchmark's decode fell from ≈ 2.7 to ≈ 2 µs).
 const Name = Schema.String.check(
-  Schema.isNonEmpty(),
-  Schema.isMaxLength(256),
-  Schema.isPattern(/^\S(.*\S)?$/, { expected: "no leading or trailing spaces" })
+  Schema.makeFilter(
+    (s: string) =>
+      s.length === 0
+        ? "must not be empty"
+        : s.length > 256
+          ? "must be at most 256 characters"
+          : s.trim() !== s
+            ? "must not start or end with spaces"
+            : undefined,
+    { expected: "a name of 1 to 256 characters without leading or trailing spaces" }
+  )
 )
+
+const dottedName = /^[A-Za-z][A-Za-z0-9_.:-]*$/
+const Type = Schema.String.check(
+  Schema.makeFilter((s: string) => s.length <= 256 && dottedName.test(s), {
+    expected: "a dotted name of at most 256 characters such as order.created"
+  })
+)
+
+const isJsonObject = (u: unknown): u is { readonly [key: string]: unknown } =>
+  typeof u === "object" && u !== null && !Array.isArray(u)
+
+/** Any JSON object, kept as it is (a `Schema.Record` would copy it key by key). */
+const Payload = Schema.declare(isJsonObject, { expected: "a JSON object" })
 
 export class Event extends Schema.Class<Event>("kafka-effect/Event")({
   /** unique per event; consumers may use it to drop duplicates */
   id: Name,
   /** what happened, e.g. `order.created` */
-  type: Name.check(Schema.isPattern(/^[A-Za-z][A-Za-z0-9_.:-]*$/, { expected: "a dotted name such as order.created" })),
+  type: Type,
   /** who produced it */
   source: Name,
   /** when it happened */
   timestamp: Schema.DateTimeUtcFromString,
   /** the entity it is about; the Kafka key when present */
   subject: Schema.optional(Name),
-  payload: Schema.Record(Schema.String, Schema.Unknown)
+  payload: Payload
 }) {}
 
 /** The Event as a JSON string, for decoding and encoding record values. */
