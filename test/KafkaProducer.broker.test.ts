@@ -126,6 +126,39 @@ describe("Producer against a real broker", () => {
     }).pipe(Effect.scoped)
   )
 
+  it.live("with its broker gone for good, a send fails with a typed error after its retries and the scope closes", () =>
+    Effect.gen(function* () {
+      const dir = yield* brokerDir
+      const broker = yield* Broker.start({ dir })
+      const topic = uniqueName("gone")
+      yield* createTopic(broker.brokers, topic, 1)
+      const outcome = yield* Effect.gen(function* () {
+        const producer = yield* KafkaProducer.KafkaProducer
+        yield* producer.send({ topic, key: "k", value: "before" })
+        process.kill(broker.pid, "SIGKILL")
+        // The first failure replaces the idempotent kafkajs producer; each retry then tries to connect the new one
+        // once. (Reconnecting until the broker came back held the send, its callers and the shutdown for ever.)
+        return yield* producer.send({ topic, key: "k", value: "after" }).pipe(Effect.flip)
+      }).pipe(
+        Effect.provide(
+          producerLayer(broker.brokers, {
+            KAFKA_PRODUCER_RETRIES: "3",
+            KAFKA_RECONNECT_BACKOFF_MS: "100",
+            KAFKA_RECONNECT_BACKOFF_MAX_MS: "300"
+          })
+        ),
+        Effect.scoped,
+        Effect.timeoutOption("60 seconds")
+      )
+      assert.isTrue(outcome._tag === "Some", "the send failed and the scope closed within 60 s")
+      if (outcome._tag === "Some") {
+        const error = outcome.value
+        assert.strictEqual(error._tag, "KafkaError")
+        if (error._tag === "KafkaError") assert.strictEqual(error.reason._tag, "ConnectionFailed", error.message)
+      }
+    }).pipe(Effect.scoped)
+  )
+
   it.live(
     "a broker killed mid-stream and restarted: every send is acked and stored, or failed with a typed error",
     () =>

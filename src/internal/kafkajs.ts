@@ -11,6 +11,7 @@ import {
   type Batch as KafkaJSBatch,
   type KafkaConfig as KafkaJSConfig,
   logLevel as KafkaJSLogLevel,
+  type RecordMetadata as KafkaJSRecordMetadata,
   type LogEntry,
   type Message,
   Partitioners,
@@ -277,14 +278,7 @@ export const make = (
         // response that gives one base offset per partition. The KafkaProducer passes partitions explicitly, so on
         // its path nothing is recorded.
         const assigned = new WeakMap<Message, number>()
-        const createPartitioner = () => {
-          const partition = Partitioners.DefaultPartitioner()
-          return (args: Parameters<typeof partition>[0]) => {
-            const chosen = partition(args)
-            if (args.message.partition === undefined) assigned.set(args.message, chosen)
-            return chosen
-          }
-        }
+        const createPartitioner = stablePartitioner(assigned)
         const newClient = () =>
           kafka.producer({
             idempotent: options.idempotent,
@@ -317,7 +311,11 @@ export const make = (
           if (!tainted) return Effect.succeed(client)
           const old = client
           const fresh = newClient()
-          return connect(fresh).pipe(
+          // One attempt: the send's own retry Schedule (and its bound) decides whether to try again. Reconnecting
+          // until the broker is back would hold the send, which the Producer does not interrupt, and so its
+          // callers and its shutdown, for as long as the broker is away.
+          return attempt(brokers, "connect producer", () => fresh.connect()).pipe(
+            Effect.tapError(() => Effect.promise(() => fresh.disconnect().catch(() => undefined))),
             Effect.tap(() =>
               Effect.sync(() => {
                 client = fresh
@@ -360,39 +358,12 @@ export const make = (
                 byTopic.size === 1 ? { topic: firstTopic } : undefined
               )
             ).pipe(
+              Effect.flatMap((responses) => metadataOf(records, messages, assigned, responses, options.acks)),
               Effect.tapError(() =>
                 Effect.sync(() => {
                   if (options.idempotent) tainted = true
                 })
-              ),
-              Effect.map((responses) => {
-                // The next offset per topic and partition: the base offset of the partition's share of the request,
-                // then one more for each of its records, in the order given.
-                const next = new Map<string, Map<number, bigint>>()
-                for (const response of responses) {
-                  let partitions = next.get(response.topicName)
-                  if (partitions === undefined) {
-                    partitions = new Map()
-                    next.set(response.topicName, partitions)
-                  }
-                  partitions.set(response.partition, BigInt(response.baseOffset ?? "-1"))
-                }
-                const metadata = new Array<KafkaClient.RecordMetadata>(records.length)
-                for (let index = 0; index < records.length; index++) {
-                  const record = records[index] as KafkaClient.ProducerRecord
-                  const message = messages[index] as Message
-                  const partition = message.partition ?? assigned.get(message) ?? -1
-                  const partitions = next.get(record.topic)
-                  const offset = partitions?.get(partition)
-                  if (partitions === undefined || offset === undefined || offset < 0n) {
-                    metadata[index] = { topic: record.topic, partition, offset: -1n }
-                  } else {
-                    partitions.set(partition, offset + 1n)
-                    metadata[index] = { topic: record.topic, partition, offset }
-                  }
-                }
-                return metadata
-              })
+              )
             )
           })
         return { send } satisfies KafkaClient.ProducerConnection
@@ -569,4 +540,73 @@ const toConsumerBatch = (batch: KafkaJSBatch): KafkaClient.ConsumerBatch => {
     }
   }
   return { topic: batch.topic, partition: batch.partition, highWatermark: BigInt(batch.highWatermark), records }
+}
+
+/**
+ * kafkajs' default partitioner (murmur2 of the key, as the Java client; round robin for null keys) that records
+ * each choice in `assigned` and keeps it: kafkajs partitions every message again on each of its internal retries,
+ * and a null key's round robin would move it to another partition, one whose broker may have answered already
+ * and is not asked again (its records would then not be written).
+ */
+export const stablePartitioner = (assigned: WeakMap<Message, number>) => () => {
+  const partition = Partitioners.DefaultPartitioner()
+  return (args: Parameters<typeof partition>[0]) => {
+    const previous = assigned.get(args.message)
+    if (previous !== undefined) return previous
+    const chosen = partition(args)
+    if (args.message.partition === undefined) assigned.set(args.message, chosen)
+    return chosen
+  }
+}
+
+/**
+ * Each record's metadata from kafkajs' answer to one `sendBatch` of `messages` (built from `records`, in the same
+ * order): the base offset of its partition's share, plus its place in that share. A partition without a response is
+ * a retriable failure of the whole request, not an ack: kafkajs resolves a send whose internal retry skipped a
+ * partition (its leader moved to a broker that had already answered, which is not asked again), and that
+ * partition's records were not written. With acks=0 nobody answers: the offsets are -1.
+ */
+export const metadataOf = (
+  records: ReadonlyArray<KafkaClient.ProducerRecord>,
+  messages: ReadonlyArray<Message>,
+  assigned: WeakMap<Message, number>,
+  responses: ReadonlyArray<KafkaJSRecordMetadata>,
+  acks: number
+): Effect.Effect<Array<KafkaClient.RecordMetadata>, KafkaClient.KafkaError> => {
+  const next = new Map<string, Map<number, bigint>>()
+  for (const response of responses) {
+    let partitions = next.get(response.topicName)
+    if (partitions === undefined) {
+      partitions = new Map()
+      next.set(response.topicName, partitions)
+    }
+    partitions.set(response.partition, BigInt(response.baseOffset ?? "-1"))
+  }
+  const metadata = new Array<KafkaClient.RecordMetadata>(records.length)
+  for (let index = 0; index < records.length; index++) {
+    const record = records[index] as KafkaClient.ProducerRecord
+    const message = messages[index] as Message
+    const partition = message.partition ?? assigned.get(message) ?? -1
+    const partitions = next.get(record.topic)
+    const offset = partitions?.get(partition)
+    if (partitions !== undefined && offset !== undefined && offset >= 0n) {
+      partitions.set(partition, offset + 1n)
+      metadata[index] = { topic: record.topic, partition, offset }
+    } else if (acks === 0) {
+      metadata[index] = { topic: record.topic, partition, offset: -1n }
+    } else {
+      return Effect.fail(
+        new KafkaClient.KafkaError({
+          operation: "produce",
+          topic: record.topic,
+          partition,
+          reason: new KafkaClient.ClientFailed({
+            retriable: true,
+            detail: "no response for this partition: not written (its leader may have moved during the request)"
+          })
+        })
+      )
+    }
+  }
+  return Effect.succeed(metadata)
 }
