@@ -7,9 +7,12 @@
  *   partitions too (`WorkerPool`, `KAFKA_CONSUMER_WORKERS` fibers). Records without a key may run in parallel.
  * - At most `maxInFlight` records are queued or running; beyond that the member stops fetching (backpressure).
  * - A partition's batch is handled inside that partition's batch call: the records go to the pool, the call
- *   heartbeats and commits on `commitInterval` while it waits, and commits at the end. kafkajs rejoins its group
- *   only after running batch calls return, so no batch outlives its partition's ownership: after a rebalance no
- *   stale batch is handled twice by this member and no commit goes to a partition it lost.
+ *   heartbeats and commits every tick (the shorter of `commitInterval` and the heartbeat interval) while it waits,
+ *   and commits at the end. kafkajs rejoins its group after running batch calls return, so no batch outlives its
+ *   partition's ownership; where kafkajs rejoins anyway (a fetch that finds a partition's leader moved rejoins from
+ *   that broker's fetcher), the batch calls that began before are stale and take no more records. Commits go only to
+ *   partitions with a running batch call, one commit at a time, never cut off halfway: after a rebalance no stale
+ *   batch is handled twice by this member and no commit goes to a partition it lost.
  * - A commit that fails is logged and tried again later; it never stops the consumer.
  * - A handler failure (typed error or defect) is logged with the record's coordinates and the record is tried again
  *   on `retrySchedule` until it succeeds: the partition waits, nothing is lost. The Processor turns failures into
@@ -36,6 +39,7 @@ import {
   Option,
   Schedule,
   type Scope,
+  Semaphore,
   Stream
 } from "effect"
 import * as KafkaConfig from "./Config.ts"
@@ -129,16 +133,27 @@ export const make = (
           uncommitted -= records
           windowChanged.notify()
         }
-        /** Takes up to `wanted` places (at least one), committing what finished while the window is full. */
-        const takeWindowPlaces = (connection: KafkaClient.ConsumerConnection, wanted: number) =>
+        /**
+         * Takes up to `wanted` places, committing what finished while the window is full. Takes none (0) when the
+         * member stops or must rejoin meanwhile: the batch call then returns with what it holds, or kafkajs could
+         * never rejoin. The commits are tried again on every tick, for while the member is fenced they fail, and
+         * only a successful commit gives places back.
+         */
+        const takeWindowPlaces = (
+          connection: KafkaClient.ConsumerConnection,
+          wanted: number,
+          stopping: Deferred.Deferred<void>,
+          session: KafkaClient.BatchSession
+        ) =>
           Effect.gen(function* () {
             while (uncommitted >= options.maxInFlight) {
               const changed = windowChanged.ticket()
               // Finished records of any active batch free places once committed: commit them all now.
-              yield* commitAll(connection)
+              yield* commit(connection)
               if (uncommitted < options.maxInFlight) break
+              if ((yield* Deferred.isDone(stopping)) || (yield* session.isStale)) return 0
               waitingForWindow++
-              yield* changed.pipe(
+              yield* Effect.raceAll([changed, Deferred.await(stopping), Effect.sleep(tick)]).pipe(
                 Effect.ensuring(
                   Effect.sync(() => {
                     waitingForWindow--
@@ -153,21 +168,22 @@ export const make = (
 
         /** A record's handler, tried until it succeeds; failures and defects are logged with its coordinates. */
         const services = yield* Effect.context<R>()
+        // An interruption raised inside a handler (it interrupted itself, or joined an interrupted fiber) is a
+        // failure like any other: the pool's own shutdown interrupts the worker from outside, which no catch sees.
         const retryFailed = (record: KafkaClient.ConsumedRecord, first: Cause.Cause<E>) =>
           Effect.logError("handler failed; the record will be tried again", Cause.pretty(first)).pipe(
             Effect.annotateLogs(coordinates(record)),
             Effect.andThen(
-              handler(record).pipe(
+              // Suspended: a handler that throws instead of returning an effect must not throw here.
+              Effect.suspend(() => handler(record)).pipe(
                 // Defects count as failures too: the record is tried again, the pool never crashes.
                 Effect.sandbox,
                 Effect.tapError((cause) =>
-                  Cause.hasInterruptsOnly(cause)
-                    ? Effect.void
-                    : Effect.logError("handler failed again", Cause.pretty(cause)).pipe(
-                        Effect.annotateLogs(coordinates(record))
-                      )
+                  Effect.logError("handler failed again", Cause.pretty(cause)).pipe(
+                    Effect.annotateLogs(coordinates(record))
+                  )
                 ),
-                Effect.retry({ schedule: retrySchedule, while: (cause) => !Cause.hasInterruptsOnly(cause) }),
+                Effect.retry({ schedule: retrySchedule }),
                 Effect.delay(Duration.millis(100))
               )
             ),
@@ -187,8 +203,7 @@ export const make = (
           Effect.suspend(() => {
             let index = 0
             let current = records[0] as KafkaClient.ConsumedRecord
-            const recover = (cause: Cause.Cause<E>) =>
-              Cause.hasInterruptsOnly(cause) ? Effect.failCause(cause) : retryFailed(current, cause)
+            const recover = (cause: Cause.Cause<E>) => retryFailed(current, cause)
             return Effect.whileLoop({
               while: () => index < records.length,
               body: () => {
@@ -206,10 +221,19 @@ export const make = (
             })
           }).pipe(Effect.ignore, Effect.provideContext(services))
 
-        const commitAll = (connection: KafkaClient.ConsumerConnection) => commit(connection)
-        const commit = (connection: KafkaClient.ConsumerConnection, partition?: KafkaClient.TopicPartition) =>
+        // Partitions with a running batch call, which this member owns for as long as the call runs: commits go
+        // only to them. Progress left in the tracker for a partition given up (its last commit failed) is not
+        // committed later, possibly over the commits of its new owner.
+        const active = new Map<string, { readonly topic: string; readonly partition: number; calls: number }>()
+        const activeKey = (topic: string, partition: number) => `${partition}\u0000${topic}`
+        // One commit at a time, each for every active partition's progress (so the commits of batch calls ending
+        // together make one request); never interrupted halfway: a commit cut off between taking its offsets and
+        // its answer would neither give its places back nor offer its offsets again, and kafkajs, still retrying
+        // it, could apply it after a later commit of the same partition.
+        const commitLock = Semaphore.makeUnsafe(1)
+        const commit = (connection: KafkaClient.ConsumerConnection) =>
           Effect.suspend(() => {
-            const commits = tracker.takeCommits(partition === undefined ? undefined : [partition])
+            const commits = tracker.takeCommits([...active.values()])
             if (commits.length === 0) return Effect.void
             return connection.commit(commits).pipe(
               Effect.tap(() => Effect.sync(() => release(commits.reduce((n, c) => n + c.records, 0)))),
@@ -228,7 +252,7 @@ export const make = (
                 )
               )
             )
-          })
+          }).pipe(Effect.uninterruptible, commitLock.withPermit)
 
         /** How many records from `index` on (at most `limit`) are due now. */
         const dueRecords = (records: ReadonlyArray<KafkaClient.ConsumedRecord>, index: number, limit: number) =>
@@ -284,9 +308,23 @@ export const make = (
             Effect.gen(function* () {
               const partition = { topic: batch.topic, partition: batch.partition }
               const first = batch.records[0]
-              if ((yield* Deferred.isDone(stopping)) || first === undefined) return { resumeAt: first?.offset ?? 0n }
+              if (first === undefined) return { resumeAt: 0n }
+              if (yield* Deferred.isDone(stopping)) {
+                // Shutting down: take nothing. Pause a moment, or kafkajs refetches the backlog in a hot loop.
+                yield* Effect.sleep(Duration.min(tick, Duration.millis(100)))
+                return { resumeAt: first.offset }
+              }
               // Nothing of this partition is in flight between batch calls: start it afresh (it may have moved).
               release(tracker.forget(batch.topic, batch.partition))
+              const key = activeKey(batch.topic, batch.partition)
+              const entry = active.get(key) ?? { ...partition, calls: 0 }
+              entry.calls++
+              active.set(key, entry)
+              yield* Effect.addFinalizer(() =>
+                Effect.sync(() => {
+                  if (--entry.calls === 0) active.delete(key)
+                })
+              )
               let remaining = 0
               let submitted = false
               let resumeAt: bigint | undefined
@@ -295,7 +333,7 @@ export const make = (
               // Heartbeat and commit progress every tick for as long as the batch call runs, submitting included.
               yield* session.heartbeat.pipe(
                 Effect.catch((error) => Effect.logWarning(`heartbeat failed: ${error.message}`)),
-                Effect.andThen(commit(connection, partition)),
+                Effect.andThen(commit(connection)),
                 Effect.delay(tick),
                 Effect.forever,
                 Effect.forkScoped
@@ -333,7 +371,11 @@ export const make = (
                 }
                 // Places in the window for a chunk of records at once, then the chunk to the pool: one job per
                 // worker it reaches, holding that worker's records in offset order (so per-key order holds).
-                const taken = yield* takeWindowPlaces(connection, chunk)
+                const taken = yield* takeWindowPlaces(connection, chunk, stopping, session)
+                if (taken === 0) {
+                  resumeAt = records[index]?.offset
+                  break
+                }
                 const runs: Array<{
                   readonly worker: number
                   readonly records: Array<KafkaClient.ConsumedRecord>
@@ -382,7 +424,10 @@ export const make = (
                   `shutdown timeout: ${remaining} records of ${batch.topic}[${batch.partition}] did not finish and will be redelivered`
                 )
               }
-              yield* commit(connection, partition)
+              yield* commit(connection)
+              // Whatever the commit did not cover (it failed; records that did not finish) will be fetched again:
+              // its places go back now, as the partition may not come back to this member.
+              release(tracker.forget(batch.topic, batch.partition))
               // What is left of the partition after what this call took, as of the fetch.
               const next = resumeAt ?? (records.at(-1)?.offset ?? first.offset) + 1n
               yield* Metric.update(

@@ -14,7 +14,7 @@
  * yield* pool.submit("user-1", Effect.log("handled in order for user-1"))
  * ```
  */
-import { Effect, Fiber, Queue, type Scope, Semaphore } from "effect"
+import { Cause, Effect, Fiber, Queue, type Scope, Semaphore } from "effect"
 
 export interface WorkerPoolOptions {
   readonly workers: number
@@ -77,7 +77,14 @@ export const make = (options: WorkerPoolOptions): Effect.Effect<WorkerPool, neve
           let weight = 0
           for (const job of jobs) weight += job.weight
           // Places are given back per chunk, not per job: one release for the lot.
-          return Effect.forEach(jobs, (job) => job.run, { discard: true }).pipe(
+          // A job that fails or dies (a bug: jobs handle their own failures) is logged; the worker goes on, or
+          // every job queued behind it on this shard would wait for ever.
+          return Effect.forEach(
+            jobs,
+            (job) =>
+              Effect.catchCause(job.run, (cause) => Effect.logError("a worker pool job failed", Cause.pretty(cause))),
+            { discard: true }
+          ).pipe(
             Effect.ensuring(
               Effect.suspend(() => {
                 running -= weight

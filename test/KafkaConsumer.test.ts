@@ -220,4 +220,96 @@ describe("KafkaConsumer", () => {
       yield* Fiber.interrupt(fiber)
     }).pipe(Effect.provide(InMemoryKafka.layer({ topics: [{ topic: "events", partitions: 1 }] })))
   )
+
+  it.effect("a handler that throws instead of returning an effect, twice, does not stop its worker", () =>
+    Effect.gen(function* () {
+      yield* InMemoryKafka.produce("events", [
+        { key: "a", value: "throws" },
+        { key: "b", value: "fine" },
+        { key: "c", value: "fine" }
+      ])
+      let throws = 0
+      const handled: Array<string> = []
+      const fiber = yield* Effect.forkChild(
+        KafkaConsumer.run((record) => {
+          const value = text(record.value)
+          if (value === "throws" && ++throws <= 2) throw new Error("not an effect")
+          return Effect.sync(() => handled.push(value))
+        })
+      )
+      yield* advanceUntil(() => handled.length >= 3, "50 millis", 1000)
+      assert.deepStrictEqual(handled, ["throws", "fine", "fine"], "the one worker went on, in order")
+      assert.strictEqual(yield* InMemoryKafka.awaitCommitted("g", "events", 0, 3n), 3n)
+      yield* Fiber.interrupt(fiber)
+    }).pipe(Effect.provide(setup(1, { workers: 1 })))
+  )
+
+  it.effect("a handler that interrupts itself is tried again, and its record is committed only once it succeeds", () =>
+    Effect.gen(function* () {
+      yield* InMemoryKafka.produce("events", [
+        { key: "a", value: "interrupts" },
+        { key: "b", value: "fine" }
+      ])
+      let attempts = 0
+      const fiber = yield* Effect.forkChild(
+        KafkaConsumer.run((record) =>
+          text(record.value) === "interrupts"
+            ? Effect.suspend(() => (++attempts < 3 ? Effect.interrupt : Effect.void))
+            : Effect.void
+        )
+      )
+      const broker = yield* InMemoryKafka.InMemoryBroker
+      yield* advanceUntil(() => attempts >= 2, "10 millis", 1000)
+      assert.strictEqual(yield* broker.committed("g", "events", 0), undefined, "not committed while it fails")
+      yield* advanceUntil(() => attempts >= 3, "50 millis", 1000)
+      assert.strictEqual(yield* InMemoryKafka.awaitCommitted("g", "events", 0, 2n), 2n)
+      yield* Fiber.interrupt(fiber)
+    }).pipe(Effect.provide(setup(1)))
+  )
+
+  it.effect("with the window full and every commit failing (a fenced member), shutdown still ends in its timeout", () =>
+    Effect.gen(function* () {
+      const inner = yield* KafkaClient.KafkaClient
+      let commitsTried = 0
+      const fenced = KafkaClient.KafkaClient.of({
+        ...inner,
+        consumer: (consumerOptions) =>
+          Effect.map(inner.consumer(consumerOptions), (connection) => ({
+            ...connection,
+            commit: () =>
+              Effect.suspend(() => {
+                commitsTried++
+                return Effect.fail(
+                  new KafkaClient.KafkaError({
+                    operation: "commit",
+                    reason: new KafkaClient.BrokerError({
+                      type: "UNKNOWN_MEMBER_ID",
+                      retriable: false,
+                      detail: "fenced"
+                    })
+                  })
+                )
+              })
+          }))
+      })
+      yield* InMemoryKafka.produce(
+        "events",
+        Array.from({ length: 30 }, (_, i) => ({ key: `k${i}`, value: String(i) }))
+      )
+      const consumer = yield* KafkaConsumer.make(
+        options({ maxInFlight: 10, shutdownTimeout: Duration.seconds(1) })
+      ).pipe(Effect.provideService(KafkaClient.KafkaClient, fenced))
+      let handled = 0
+      const fiber = yield* Effect.forkChild(consumer.run(() => Effect.sync(() => handled++)))
+      yield* advanceUntil(() => handled >= 10, "10 millis", 1000)
+      // The window is full of finished, uncommittable records: the commits are tried again on every tick.
+      const tried = commitsTried
+      yield* TestClock.adjust("3 seconds")
+      assert.isAbove(commitsTried, tried, "commits are tried again while the window waits")
+      assert.strictEqual(handled, 10, "no record beyond the window")
+      const stopping = yield* Effect.forkChild(Fiber.interrupt(fiber))
+      yield* advanceUntil(() => stopping.pollUnsafe() !== undefined, "100 millis", 100)
+      assert.isDefined(stopping.pollUnsafe(), "shutdown ended within 10 s of virtual time")
+    }).pipe(Effect.provide(InMemoryKafka.layer({ topics: [{ topic: "events", partitions: 1 }] })))
+  )
 })

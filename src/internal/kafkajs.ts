@@ -443,6 +443,10 @@ export const make = (
                 partitionsConsumedConcurrently: options.partitionsConsumedConcurrently ?? 1,
                 eachBatch: async ({ batch, heartbeat, isStale, isRunning, resolveOffset }) => {
                   if (batch.isEmpty()) return
+                  // kafkajs may rejoin while this call runs: a fetch that finds a partition's leader moved rejoins
+                  // from that broker's fetcher, whatever the other fetchers' batch calls are doing. Any join since
+                  // this call began makes it stale.
+                  const joinsAtStart = joins
                   const result = await Effect.runPromiseWith(callerContext)(
                     handle(toConsumerBatch(batch), {
                       heartbeat: attempt(brokers, "heartbeat", heartbeat).pipe(
@@ -454,7 +458,7 @@ export const make = (
                           })
                         )
                       ),
-                      isStale: Effect.sync(() => rebalancing || isStale()),
+                      isStale: Effect.sync(() => rebalancing || joins !== joinsAtStart || isStale()),
                       isRunning: Effect.sync(isRunning)
                     })
                   )
@@ -507,7 +511,13 @@ const toKafkaJSHeaders = (headers: KafkaClient.Headers) => {
 }
 
 /** The errors kafkajs treats as "the group is rebalancing: rejoin". */
-const rebalancingErrors = new Set(["REBALANCE_IN_PROGRESS", "ILLEGAL_GENERATION", "NOT_COORDINATOR_FOR_GROUP"])
+const rebalancingErrors = new Set([
+  "REBALANCE_IN_PROGRESS",
+  "ILLEGAL_GENERATION",
+  "NOT_COORDINATOR_FOR_GROUP",
+  // fenced: the group has dropped this member, which must join again
+  "UNKNOWN_MEMBER_ID"
+])
 
 const lastHeaderValue = (value: IHeaders[string]): Uint8Array => {
   // Kafka allows a header name more than once; kafkajs gives an array then. The last one wins, as lastHeader().
