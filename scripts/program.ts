@@ -50,3 +50,46 @@ export const start = (
   })
   return { child, exited, output: () => ({ stdout, stderr }) }
 }
+
+/** How a program run ended: its exit code (null when killed by a signal) and all it printed. */
+export interface Run {
+  readonly exitCode: number | null
+  readonly stdout: string
+  readonly stderr: string
+}
+
+/**
+ * Runs a program to its end, as `start` does; `onStderr` sees stderr so far as it comes (to signal the process at
+ * the right moment), and the process is killed if it outlives `timeout` ms (default 60 s) or the caller is
+ * interrupted.
+ */
+export const run = (
+  script: string,
+  options: {
+    readonly args?: ReadonlyArray<string> | undefined
+    readonly env: Record<string, string>
+    readonly stdin?: string | undefined
+    readonly onStderr?: ((soFar: string, program: Program) => void) | undefined
+    readonly timeout?: number | undefined
+  }
+): Effect.Effect<Run> =>
+  Effect.suspend(() => {
+    let soFar = ""
+    const program: Program = start(script, {
+      args: options.args,
+      env: options.env,
+      stdin: options.stdin,
+      onStderr: (chunk) => {
+        soFar += chunk
+        options.onStderr?.(soFar, program)
+      }
+    })
+    return program.exited.pipe(
+      Effect.timeoutOrElse({
+        duration: options.timeout ?? 60_000,
+        orElse: () => Effect.sync(() => program.child.kill("SIGKILL")).pipe(Effect.andThen(program.exited))
+      }),
+      Effect.map((exitCode): Run => ({ exitCode, ...program.output() })),
+      Effect.onInterrupt(() => Effect.sync(() => program.child.kill("SIGKILL")))
+    )
+  })

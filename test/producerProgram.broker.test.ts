@@ -12,43 +12,9 @@ import { createTopic, readTopic, uniqueName } from "./support/kafka.ts"
 const brokers = inject("kafkaBrokers")
 const program = Path.join(import.meta.dirname, "..", "src", "producer.ts")
 
-interface Run {
-  readonly exitCode: number | null
-  readonly stdout: string
-  readonly stderr: string
-}
-
-/**
- * Runs the producer program with `env` and `stdin`; `onStderr` sees stderr as it comes (to signal the process
- * at the right moment), and the process is killed if it outlives `timeout` ms.
- */
-const runProgram = (options: {
-  readonly args?: ReadonlyArray<string>
-  readonly env: Record<string, string>
-  readonly stdin?: string | undefined
-  readonly onStderr?: (soFar: string, pid: number) => void
-  readonly timeout?: number
-}) =>
-  Effect.suspend(() => {
-    let soFar = ""
-    const run: Program.Program = Program.start(program, {
-      args: options.args,
-      env: { LOG_FORMAT: "json", ...options.env },
-      stdin: options.stdin,
-      onStderr: (chunk) => {
-        soFar += chunk
-        if (run.child.pid !== undefined) options.onStderr?.(soFar, run.child.pid)
-      }
-    })
-    return run.exited.pipe(
-      Effect.timeoutOrElse({
-        duration: options.timeout ?? 60_000,
-        orElse: () => Effect.sync(() => run.child.kill("SIGKILL")).pipe(Effect.andThen(run.exited))
-      }),
-      Effect.map((exitCode): Run => ({ exitCode, ...run.output() })),
-      Effect.onInterrupt(() => Effect.sync(() => run.child.kill("SIGKILL")))
-    )
-  })
+/** The producer program run to its end with `env` (JSON logs) and `stdin`. */
+const runProgram = (options: Parameters<typeof Program.run>[1]) =>
+  Program.run(program, { ...options, env: { LOG_FORMAT: "json", ...options.env } })
 
 const event = (id: string, subject: string) =>
   JSON.stringify({
@@ -128,9 +94,9 @@ describe("node dist/producer.js", () => {
           args: ["--count", "0", "--rate", "2000"],
           env: { KAFKA_BROKERS: brokers, KAFKA_PRODUCER_TOPIC: topic },
           // The first progress line means events are flowing: stop it then.
-          onStderr: (soFar, pid) => {
+          onStderr: (soFar, started) => {
             if (soFar.includes("progress: sent") && Deferred.doneUnsafe(signalled, Effect.void)) {
-              process.kill(pid, "SIGTERM")
+              started.child.kill("SIGTERM")
             }
           }
         })

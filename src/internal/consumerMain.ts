@@ -200,9 +200,11 @@ export const main = (argv: ReadonlyArray<string>) =>
       options.command === "replay"
         ? runReplay(options)
         : runProcessor(options).pipe(Effect.provide(Processor.layerConfig))
-    yield* work.pipe(Effect.provide(KafkaProducer.layerConfig))
+    // The flags (above) and every variable are checked before anything connects: a mistake stops start-up at
+    // once (exit 2), whether a broker answers or not.
+    yield* KafkaConfig.all
+    yield* work.pipe(Effect.provide(KafkaProducer.layerConfig), Effect.provide(KafkaClient.layerConfig))
   }).pipe(
-    Effect.provide(KafkaClient.layerConfig),
     // Logger, health, /metrics, OTLP: outside the client, so that connecting is logged and reported.
     Effect.provide(Observability.layerConfig),
     Effect.catchTag("KafkaConfigError", (error) =>

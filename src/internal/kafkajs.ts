@@ -208,17 +208,21 @@ export const make = (
       max: connection.reconnectBackoffMax
     })
 
+    // Waiting for the brokers can be interrupted (SIGTERM while they are away stops the program at once): each
+    // connect below is interruptible and disconnects what it began when interrupted.
     const admin: KafkaJSAdmin = yield* Effect.acquireRelease(
-      retryConnect(
-        Effect.suspend(() => {
-          const admin = kafka.admin()
-          return attempt(brokers, "connect", () => admin.connect()).pipe(
-            Effect.andThen(attempt(brokers, "connect", () => admin.listTopics())),
-            Effect.as(admin),
-            Effect.onError(() => Effect.promise(() => admin.disconnect().catch(() => undefined)))
-          )
-        }),
-        schedule
+      Effect.interruptible(
+        retryConnect(
+          Effect.suspend(() => {
+            const admin = kafka.admin()
+            return attempt(brokers, "connect", () => admin.connect()).pipe(
+              Effect.andThen(attempt(brokers, "connect", () => admin.listTopics())),
+              Effect.as(admin),
+              Effect.onError(() => Effect.promise(() => admin.disconnect().catch(() => undefined)))
+            )
+          }),
+          schedule
+        )
       ),
       (admin) => Effect.promise(() => admin.disconnect().catch(() => undefined))
     )
@@ -304,8 +308,11 @@ export const make = (
             attempt(brokers, "connect producer", () => c.connect()),
             schedule
           )
-        yield* Effect.acquireRelease(connect(client), () =>
-          Effect.promise(() => client.disconnect().catch(() => undefined))
+        yield* Effect.acquireRelease(
+          Effect.interruptible(connect(client)).pipe(
+            Effect.onInterrupt(() => Effect.promise(() => client.disconnect().catch(() => undefined)))
+          ),
+          () => Effect.promise(() => client.disconnect().catch(() => undefined))
         )
         const healthyClient = Effect.suspend(() => {
           if (!tainted) return Effect.succeed(client)
@@ -415,10 +422,12 @@ export const make = (
           }
         })
         yield* Effect.acquireRelease(
-          retryConnect(
-            attempt(brokers, "connect consumer", () => client.connect()),
-            schedule
-          ),
+          Effect.interruptible(
+            retryConnect(
+              attempt(brokers, "connect consumer", () => client.connect()),
+              schedule
+            )
+          ).pipe(Effect.onInterrupt(() => Effect.promise(() => client.disconnect().catch(() => undefined)))),
           // disconnect stops fetching, waits for running batch handlers, and leaves the group.
           () =>
             Effect.promise(() => {

@@ -98,7 +98,23 @@ const describeSchemaError = (error: Schema.SchemaError) => error.message.replace
 
 export const main = (argv: ReadonlyArray<string>) =>
   Effect.gen(function* () {
+    // The flags and every variable are checked before anything connects: a mistake stops start-up at once
+    // (exit 2), whether a broker answers or not.
     const options = yield* parseOptions(argv)
+    yield* KafkaConfig.all
+    yield* produce(options).pipe(Effect.provide(KafkaClient.layerConfig))
+  }).pipe(
+    // Logger, health, /metrics, OTLP: outside the client, so that connecting is logged and reported.
+    Effect.provide(Observability.layerConfig),
+    Effect.catchTag("KafkaConfigError", (error) =>
+      Effect.fail(new ProgramFailed({ message: error.message, exitCode: 2 }))
+    ),
+    Effect.catchTag("KafkaError", (error) => Effect.fail(new ProgramFailed({ message: error.message, exitCode: 1 }))),
+    Effect.provide(Observability.layerLoggerConfig.pipe(Layer.catch(() => Layer.empty)))
+  )
+
+const produce = (options: Options) =>
+  Effect.gen(function* () {
     const producerConfig = yield* KafkaConfig.producer
     const tally = yield* Ref.make<Tally>({ sent: 0, invalid: 0, failed: 0 })
     const startedAt = performance.now()
@@ -236,13 +252,4 @@ export const main = (argv: ReadonlyArray<string>) =>
         exitCode: 1
       })
     }
-  }).pipe(
-    Effect.provide(KafkaClient.layerConfig),
-    // Logger, health, /metrics, OTLP: outside the client, so that connecting is logged and reported.
-    Effect.provide(Observability.layerConfig),
-    Effect.catchTag("KafkaConfigError", (error) =>
-      Effect.fail(new ProgramFailed({ message: error.message, exitCode: 2 }))
-    ),
-    Effect.catchTag("KafkaError", (error) => Effect.fail(new ProgramFailed({ message: error.message, exitCode: 1 }))),
-    Effect.provide(Observability.layerLoggerConfig.pipe(Layer.catch(() => Layer.empty)))
-  )
+  })

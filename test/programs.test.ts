@@ -1,0 +1,78 @@
+/**
+ * Start-up of `node dist/producer.js` and `node dist/consumer.js` with no broker to be had: their flags and
+ * variables are checked before anything connects, and a signal while they wait for the broker stops them.
+ */
+import * as Path from "node:path"
+import { assert, describe, it } from "@effect/vitest"
+import { Deferred, Effect } from "effect"
+import * as Program from "../scripts/program.ts"
+
+const producer = Path.join(Program.root, "src", "producer.ts")
+
+// Nothing listens on port 1: connecting is refused at once, again and again.
+const noBroker = { KAFKA_BROKERS: "127.0.0.1:1", KAFKA_RECONNECT_BACKOFF_MS: "100", LOG_FORMAT: "json" }
+
+const run = (script: string, options: Parameters<typeof Program.run>[1]) =>
+  Program.run(script, { timeout: 30_000, ...options })
+
+// Each test starts Node processes (type stripping, module loading: about a second each here).
+const timeout = 60_000
+
+describe("the programs without a broker", () => {
+  it.live(
+    "bad variables stop start-up with exit 2, every problem named, before any attempt to connect",
+    () =>
+      Effect.gen(function* () {
+        const result = yield* run(producer, {
+          env: { ...noBroker, KAFKA_PRODUCER_ACKS: "bogus", KAFKA_CONSUMER_WORKERS: "0" }
+        })
+        assert.strictEqual(result.exitCode, 2, result.stderr)
+        assert.include(
+          result.stderr,
+          'KAFKA_PRODUCER_ACKS is "bogus"; expected all (or -1), 1 (or leader), 0 (or none)'
+        )
+        assert.include(result.stderr, 'KAFKA_CONSUMER_WORKERS is "0"; expected a whole number from 1 to 1024')
+        assert.notInclude(result.stderr, "not reachable")
+      }),
+    timeout
+  )
+
+  it.live(
+    "a bad flag stops the consumer program with exit 2 and its usage; --help exits 0",
+    () =>
+      Effect.gen(function* () {
+        const bad = yield* run(Program.consumerProgram, { args: ["--transient-failures", "2"], env: noBroker })
+        assert.strictEqual(bad.exitCode, 2, bad.stderr)
+        assert.include(bad.stderr, "--transient-failures must be a share from 0 to 1, got 2")
+        assert.include(bad.stderr, "usage: node dist/consumer.js")
+        const help = yield* run(producer, { args: ["--help"], env: noBroker })
+        assert.strictEqual(help.exitCode, 0, help.stderr)
+        assert.include(help.stderr, "usage: node dist/producer.js")
+        assert.notInclude(help.stderr, "not reachable")
+      }),
+    timeout
+  )
+
+  it.live(
+    "SIGTERM while a program waits for its broker stops it at once, exit 0",
+    () =>
+      Effect.gen(function* () {
+        for (const script of [producer, Program.consumerProgram]) {
+          const signalled = yield* Deferred.make<void>()
+          const result = yield* run(script, {
+            env: noBroker,
+            // The second refused attempt: it is waiting for the broker, in the reconnect Schedule.
+            onStderr: (soFar, program) => {
+              if (soFar.includes("not reachable (attempt 2)") && Deferred.doneUnsafe(signalled, Effect.void)) {
+                program.child.kill("SIGTERM")
+              }
+            }
+          })
+          assert.isTrue(yield* Deferred.isDone(signalled), `${script} waited for the broker`)
+          assert.strictEqual(result.exitCode, 0, `${script}: ${result.stderr}`)
+          assert.notInclude(result.stderr, "second signal")
+        }
+      }),
+    timeout
+  )
+})
