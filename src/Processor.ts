@@ -313,10 +313,15 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
     })
 
   /** Sends the record to its next hop and waits for the ack. */
-  const route = (record: KafkaClient.ConsumedRecord, topic: string, failure: Failure) =>
+  const route = (
+    record: KafkaClient.ConsumedRecord,
+    history: Option.Option<RetryPolicy.History>,
+    topic: string,
+    failure: Failure
+  ) =>
     Effect.gen(function* () {
       const now = yield* Clock.currentTimeMillis
-      const hop = RetryPolicy.nextHop(policy, record, failure, { now, consumerGroup: groupId })
+      const hop = RetryPolicy.nextHop(policy, record, failure, { now, consumerGroup: groupId, history })
       let next = hop
       yield* producer.send(hop).pipe(
         // Too large once the headers are added: dead-letter it without its value rather than stall the partition.
@@ -392,7 +397,7 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
           // No failure in the cause: it is interrupts only (defects became failures in `handler`), so E is never.
           if (Option.isNone(failure)) return yield* Effect.failCause(exit.cause as Cause.Cause<never>)
           if (!failure.value.fatal) counts.retriedInPlace--
-          yield* route(record, topic, failure.value)
+          yield* route(record, history, topic, failure.value)
         }).pipe(
           Effect.annotateLogs(coordinates(record)),
           // A span per record, continuing the producer's trace when the record carries one (W3C traceparent).

@@ -49,6 +49,12 @@ export interface ReplaySummary {
   readonly replayed: number
   /** dead letters without readable history headers: their original topic is unknown, so they are left alone */
   readonly unreadable: number
+  /**
+   * matching dead letters without a value (dropped as too large, or null from the start), left alone: sent back they
+   * would be tombstones (deletes, on a compacted topic) or dead-lettered again. The value of a dropped one is still
+   * in its original topic, at the coordinates of its headers.
+   */
+  readonly withoutValue: number
   /** matched records by original topic */
   readonly byTopic: Readonly<Record<string, number>>
   /** matched records by error tag */
@@ -66,6 +72,7 @@ export const replay = Effect.fn("Replay.replay")(function* (options: ReplayOptio
     matched: 0,
     replayed: 0,
     unreadable: 0,
+    withoutValue: 0,
     byTopic: {},
     byErrorTag: {}
   }
@@ -98,6 +105,10 @@ export const replay = Effect.fn("Replay.replay")(function* (options: ReplayOptio
           continue
         }
         if (!matches(record, history.value)) continue
+        if (record.value === null || RetryPolicy.headers.valueDropped in record.headers) {
+          summary.withoutValue++
+          continue
+        }
         summary.matched++
         increment(summary.byTopic, history.value.originalTopic)
         increment(summary.byErrorTag, history.value.errorTag)

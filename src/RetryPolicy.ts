@@ -160,14 +160,17 @@ export interface Failure {
 /**
  * The record to produce for `record`'s next hop (a retry topic, or the dead-letter topic when `attempt` passed the
  * last retry topic or the failure is fatal): same key, value and original headers, plus the history headers.
+ * `context.history` is the record's history when it comes from a retry topic (`historyOf`), and none when it comes
+ * from a main topic: headers of ours that a main-topic record carries (forwarded as it was by some tool) are not
+ * its history.
  */
 export const nextHop = (
   policy: RetryPolicy,
   record: KafkaClient.ConsumedRecord,
   failure: Failure & { readonly fatal: boolean },
-  context: { readonly now: number; readonly consumerGroup: string }
+  context: { readonly now: number; readonly consumerGroup: string; readonly history: Option.Option<History> }
 ): KafkaClient.ProducerRecord => {
-  const previous = historyOf(record)
+  const previous = context.history
   const attempt = Option.match(previous, { onNone: () => 1, onSome: (history) => history.attempt + 1 })
   const deadLetter = failure.fatal || attempt > policy.retryMax
   const original = Option.getOrElse(previous, () => ({

@@ -1,5 +1,5 @@
 import { assert, describe, it } from "@effect/vitest"
-import { Clock, Duration, Effect, Exit, Fiber, Layer, Schedule, Schema } from "effect"
+import { Clock, Duration, Effect, Exit, Fiber, Layer, Option, Schedule, Schema } from "effect"
 import { TestClock } from "effect/testing"
 import * as InMemoryKafka from "../src/InMemoryKafka.ts"
 import * as KafkaClient from "../src/KafkaClient.ts"
@@ -117,7 +117,20 @@ describe("Processor", () => {
         ])
       )
       const [produced] = yield* InMemoryKafka.produce("orders", [
-        { ...order("o-7", 42), headers: { "trace-id": "abc", "kafka-effect-attempt": "99" } }
+        {
+          ...order("o-7", 42),
+          // A history of ours on a main-topic record (forwarded as it was by some tool) is not its history.
+          headers: {
+            "trace-id": "abc",
+            [RetryPolicy.headers.originalTopic]: "elsewhere",
+            [RetryPolicy.headers.originalPartition]: "5",
+            [RetryPolicy.headers.originalOffset]: "12345",
+            [RetryPolicy.headers.originalTimestamp]: "1",
+            [RetryPolicy.headers.attempt]: "99",
+            [RetryPolicy.headers.firstFailureAt]: "1",
+            [RetryPolicy.headers.consumerGroup]: "g"
+          }
+        }
       ])
       const startedAt = yield* Clock.currentTimeMillis
       yield* advanceWhile(
@@ -381,7 +394,7 @@ describe("Replay", () => {
       policy,
       source,
       { tag, message: "boom", fatal: true },
-      { now: 0, consumerGroup: "g" }
+      { now: 0, consumerGroup: "g", history: Option.none() }
     )
     return { key: hop.key, value: hop.value, headers: hop.headers, partition: 0 }
   }
@@ -420,6 +433,7 @@ describe("Replay", () => {
         matched: 3,
         replayed: 0,
         unreadable: 0,
+        withoutValue: 0,
         byTopic: { orders: 2, payments: 1 },
         byErrorTag: { Timeout: 3 }
       })
@@ -449,6 +463,24 @@ describe("Replay", () => {
       assert.deepStrictEqual(
         (yield* InMemoryKafka.records("orders")).map((record) => text(record.key ?? undefined)),
         ["b", "a"]
+      )
+    }).pipe(Effect.provide(layer))
+  )
+
+  it.effect("dead letters without a value (dropped as too large, or null) are left alone, not sent as tombstones", () =>
+    Effect.gen(function* () {
+      const policy = RetryPolicy.make({ retryTopicPrefix: "orders-retry", retryMax: 3, dlqTopic: "orders-dlq" })
+      const dropped = RetryPolicy.withoutValue(policy, { topic: "orders-dlq", ...deadLetter("big", "Timeout") })
+      yield* InMemoryKafka.produce("orders-dlq", [
+        { key: dropped.key, value: dropped.value, headers: dropped.headers ?? {}, partition: 0 },
+        { ...deadLetter("null", "NullValue"), value: null },
+        deadLetter("kept", "Timeout")
+      ])
+      const summary = yield* replay({})
+      assert.deepStrictEqual([summary.scanned, summary.matched, summary.replayed, summary.withoutValue], [3, 1, 1, 2])
+      assert.deepStrictEqual(
+        (yield* InMemoryKafka.records("orders")).map((record) => text(record.key ?? undefined)),
+        ["kept"]
       )
     }).pipe(Effect.provide(layer))
   )
