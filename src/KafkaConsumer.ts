@@ -183,7 +183,8 @@ export const make = (
                     Effect.annotateLogs(coordinates(record))
                   )
                 ),
-                Effect.retry({ schedule: retrySchedule }),
+                // Tried until it succeeds: once a finite `retrySchedule` is done, every 30 s.
+                Effect.retry({ schedule: Schedule.concat(retrySchedule, Schedule.spaced("30 seconds")) }),
                 Effect.delay(Duration.millis(100))
               )
             ),
@@ -231,11 +232,17 @@ export const make = (
         // its answer would neither give its places back nor offer its offsets again, and kafkajs, still retrying
         // it, could apply it after a later commit of the same partition.
         const commitLock = Semaphore.makeUnsafe(1)
-        const commit = (connection: KafkaClient.ConsumerConnection) =>
-          Effect.suspend(() => {
-            const commits = tracker.takeCommits([...active.values()])
-            if (commits.length === 0) return Effect.void
-            return connection.commit(commits).pipe(
+        /** Commits the progress of the active partitions still assigned; succeeds with false when that failed. */
+        const commitNow = (connection: KafkaClient.ConsumerConnection) =>
+          Effect.gen(function* () {
+            // A partition this member no longer has (kafkajs rejoined while a batch call for it still runs) is
+            // left out: the group accepts a commit of the current generation for any partition.
+            const { partitions } = yield* connection.assignment
+            const assigned = new Set(partitions.map((tp) => activeKey(tp.topic, tp.partition)))
+            const owned = [...active].filter(([key]) => assigned.has(key)).map(([, entry]) => entry)
+            const commits = tracker.takeCommits(owned)
+            if (commits.length === 0) return true
+            return yield* connection.commit(commits).pipe(
               Effect.tap(() => Effect.sync(() => release(commits.reduce((n, c) => n + c.records, 0)))),
               Effect.tap(() => Metric.update(commitCounter, 1)),
               Effect.tap(() => Effect.suspend(() => Metric.update(inFlightGauge, uncommitted))),
@@ -246,13 +253,20 @@ export const make = (
                   })
                 )
               ),
+              Effect.as(true),
               Effect.catch((error) =>
-                Effect.sync(() => tracker.rollback(commits)).pipe(
-                  Effect.andThen(Effect.logWarning(`commit failed, will try again: ${error.message}`))
+                // Offered again by the next takeCommits; the places of a partition forgotten meanwhile go back now.
+                Effect.sync(() => release(tracker.rollback(commits))).pipe(
+                  Effect.andThen(Effect.logWarning(`commit failed, will try again: ${error.message}`)),
+                  Effect.as(false)
                 )
               )
             )
-          }).pipe(Effect.uninterruptible, commitLock.withPermit)
+          }).pipe(Effect.uninterruptible)
+        const commit = (connection: KafkaClient.ConsumerConnection) => commitLock.withPermit(commitNow(connection))
+        /** A commit unless one is running, which covers every active partition: the heartbeat never waits for it. */
+        const commitIfIdle = (connection: KafkaClient.ConsumerConnection) =>
+          commitLock.withPermitsIfAvailable(1)(commitNow(connection))
 
         /** How many records from `index` on (at most `limit`) are due now. */
         const dueRecords = (records: ReadonlyArray<KafkaClient.ConsumedRecord>, index: number, limit: number) =>
@@ -330,14 +344,16 @@ export const make = (
               let resumeAt: bigint | undefined
               let paused = false
               const allDone = Deferred.makeUnsafe<void>()
-              // Heartbeat and commit progress every tick for as long as the batch call runs, submitting included.
+              // Heartbeat, and commit progress, every tick for as long as the batch call runs, submitting included:
+              // in two loops, so that a slow commit never holds up the heartbeat (it could cost the member its
+              // session).
               yield* session.heartbeat.pipe(
                 Effect.catch((error) => Effect.logWarning(`heartbeat failed: ${error.message}`)),
-                Effect.andThen(commit(connection)),
                 Effect.delay(tick),
                 Effect.forever,
                 Effect.forkScoped
               )
+              yield* commitIfIdle(connection).pipe(Effect.delay(tick), Effect.forever, Effect.forkScoped)
               const records = batch.records
               // Taken once per batch call: after `forget` (the next batch call of this partition) it is detached,
               // so a record of this call that finishes late cannot mark the next call's records finished.
@@ -424,9 +440,15 @@ export const make = (
                   `shutdown timeout: ${remaining} records of ${batch.topic}[${batch.partition}] did not finish and will be redelivered`
                 )
               }
-              yield* commit(connection)
-              // Whatever the commit did not cover (it failed; records that did not finish) will be fetched again:
-              // its places go back now, as the partition may not come back to this member.
+              // The last commit of the call, tried again on every tick until it succeeds, unless the member stops or
+              // must rejoin: kafkajs moves past the batch when the call returns, so progress left uncommitted would
+              // wait for the partition's next records to be committed (and be handled again after a rebalance).
+              while (!(yield* commit(connection))) {
+                if ((yield* Deferred.isDone(stopping)) || (yield* session.isStale)) break
+                yield* Effect.sleep(tick)
+              }
+              // Whatever is still uncommitted (the member stops or rejoins; records that did not finish) is the next
+              // owner's to handle again: its places go back now, as the partition may not come back to this member.
               release(tracker.forget(batch.topic, batch.partition))
               // What is left of the partition after what this call took, as of the fetch.
               const next = resumeAt ?? (records.at(-1)?.offset ?? first.offset) + 1n

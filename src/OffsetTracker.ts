@@ -39,8 +39,11 @@ export interface OffsetTracker {
   readonly takeCommits: (
     partitions?: ReadonlyArray<{ readonly topic: string; readonly partition: number }>
   ) => Array<Commit>
-  /** forgets that these offsets were committed, so the next `takeCommits` offers them again */
-  readonly rollback: (commits: ReadonlyArray<Commit>) => void
+  /**
+   * forgets that these offsets were committed, so the next `takeCommits` offers them again; returns how many of their
+   * records belong to partitions forgotten meanwhile, which nothing will offer again
+   */
+  readonly rollback: (commits: ReadonlyArray<Commit>) => number
   /**
    * Forgets a partition (it was revoked, or starts afresh): its unfinished records will be delivered again.
    * Returns how many of its delivered records had not been handed out by `takeCommits`.
@@ -210,12 +213,17 @@ export const make = (): OffsetTracker => {
     inFlight: () => counter.inFlight,
     takeCommits,
     rollback: (commits) => {
+      let forgotten = 0
       for (const { topic, partition, records } of commits) {
         const state = partitions.get(keyOf(topic, partition))
-        if (state === undefined) continue
+        if (state === undefined) {
+          forgotten += records
+          continue
+        }
         state.committed = undefined
         state.settled += records
       }
+      return forgotten
     },
     forget: (topic, partition) => {
       const state = partitions.get(keyOf(topic, partition))

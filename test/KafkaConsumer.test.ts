@@ -1,5 +1,5 @@
 import { assert, describe, it } from "@effect/vitest"
-import { Deferred, Duration, Effect, Fiber, Layer } from "effect"
+import { Deferred, Duration, Effect, Fiber, Layer, Schedule } from "effect"
 import { TestClock } from "effect/testing"
 import * as InMemoryKafka from "../src/InMemoryKafka.ts"
 import * as KafkaClient from "../src/KafkaClient.ts"
@@ -29,6 +29,15 @@ const advanceUntil = (done: () => boolean, step: Duration.Input = "10 millis", m
   Effect.gen(function* () {
     for (let i = 0; i < maxSteps && !done(); i++) yield* TestClock.adjust(step)
   })
+
+/** The in-memory client, each of whose consumer connections `change` alters (to script its failures). */
+const withConnections =
+  (change: (connection: KafkaClient.ConsumerConnection) => KafkaClient.ConsumerConnection) =>
+  (inner: KafkaClient.KafkaClient["Service"]) =>
+    KafkaClient.KafkaClient.of({
+      ...inner,
+      consumer: (consumerOptions) => Effect.map(inner.consumer(consumerOptions), change)
+    })
 
 describe("KafkaConsumer", () => {
   it.effect("per-key order holds under random handler latencies: 10,000 records, 1,000 keys", () =>
@@ -271,27 +280,23 @@ describe("KafkaConsumer", () => {
     Effect.gen(function* () {
       const inner = yield* KafkaClient.KafkaClient
       let commitsTried = 0
-      const fenced = KafkaClient.KafkaClient.of({
-        ...inner,
-        consumer: (consumerOptions) =>
-          Effect.map(inner.consumer(consumerOptions), (connection) => ({
-            ...connection,
-            commit: () =>
-              Effect.suspend(() => {
-                commitsTried++
-                return Effect.fail(
-                  new KafkaClient.KafkaError({
-                    operation: "commit",
-                    reason: new KafkaClient.BrokerError({
-                      type: "UNKNOWN_MEMBER_ID",
-                      retriable: false,
-                      detail: "fenced"
-                    })
-                  })
-                )
+      const fenced = withConnections((connection) => ({
+        ...connection,
+        commit: () =>
+          Effect.suspend(() => {
+            commitsTried++
+            return Effect.fail(
+              new KafkaClient.KafkaError({
+                operation: "commit",
+                reason: new KafkaClient.BrokerError({
+                  type: "UNKNOWN_MEMBER_ID",
+                  retriable: false,
+                  detail: "fenced"
+                })
               })
-          }))
-      })
+            )
+          })
+      }))(inner)
       yield* InMemoryKafka.produce(
         "events",
         Array.from({ length: 30 }, (_, i) => ({ key: `k${i}`, value: String(i) }))
@@ -310,6 +315,115 @@ describe("KafkaConsumer", () => {
       const stopping = yield* Effect.forkChild(Fiber.interrupt(fiber))
       yield* advanceUntil(() => stopping.pollUnsafe() !== undefined, "100 millis", 100)
       assert.isDefined(stopping.pollUnsafe(), "shutdown ended within 10 s of virtual time")
+    }).pipe(Effect.provide(InMemoryKafka.layer({ topics: [{ topic: "events", partitions: 1 }] })))
+  )
+
+  it.effect(
+    "with a finite retrySchedule a failing record is still tried until it succeeds, never committed before",
+    () =>
+      Effect.gen(function* () {
+        yield* InMemoryKafka.produce("events", [{ key: "a", value: "flaky" }])
+        let attempts = 0
+        const fiber = yield* Effect.forkChild(
+          KafkaConsumer.run(() =>
+            Effect.suspend(() => (++attempts < 4 ? Effect.fail("transient" as const) : Effect.void))
+          )
+        )
+        const broker = yield* InMemoryKafka.InMemoryBroker
+        // One retry by the schedule, then every 30 s.
+        yield* advanceUntil(() => attempts >= 3, "1 second", 200)
+        yield* TestClock.adjust("5 seconds")
+        assert.strictEqual(attempts, 3)
+        const committed = yield* broker.committed("g", "events", 0)
+        assert.isTrue(committed === undefined || committed === 0n, `not committed past it while it fails: ${committed}`)
+        yield* advanceUntil(() => attempts >= 4, "1 second", 200)
+        assert.strictEqual(yield* InMemoryKafka.awaitCommitted("g", "events", 0, 1n), 1n)
+        yield* Fiber.interrupt(fiber)
+      }).pipe(Effect.provide(setup(1, { retrySchedule: Schedule.recurs(1) })))
+  )
+
+  it.effect("a batch's last commit that fails is tried again until it succeeds, with no new records", () =>
+    Effect.gen(function* () {
+      const inner = yield* KafkaClient.KafkaClient
+      let failing = true
+      const flaky = withConnections((connection) => ({
+        ...connection,
+        commit: (offsets) =>
+          failing
+            ? Effect.fail(
+                new KafkaClient.KafkaError({
+                  operation: "commit",
+                  reason: new KafkaClient.BrokerError({
+                    type: "COORDINATOR_NOT_AVAILABLE",
+                    retriable: true,
+                    detail: ""
+                  })
+                })
+              )
+            : connection.commit(offsets)
+      }))(inner)
+      yield* InMemoryKafka.produce("events", [
+        { key: "a", value: "1" },
+        { key: "b", value: "2" }
+      ])
+      const consumer = yield* KafkaConsumer.make(options()).pipe(Effect.provideService(KafkaClient.KafkaClient, flaky))
+      let handled = 0
+      const fiber = yield* Effect.forkChild(consumer.run(() => Effect.sync(() => handled++)))
+      yield* advanceUntil(() => handled >= 2, "10 millis", 1000)
+      yield* TestClock.adjust("5 seconds")
+      const broker = yield* InMemoryKafka.InMemoryBroker
+      assert.strictEqual(yield* broker.committed("g", "events", 0), undefined, "nothing committed while commits fail")
+      failing = false
+      yield* TestClock.adjust("2 seconds")
+      assert.strictEqual(yield* broker.committed("g", "events", 0), 2n, "committed once the coordinator is back")
+      yield* Fiber.interrupt(fiber)
+    }).pipe(Effect.provide(InMemoryKafka.layer({ topics: [{ topic: "events", partitions: 1 }] })))
+  )
+
+  it.effect("a slow commit does not hold up the heartbeats of a running batch", () =>
+    Effect.gen(function* () {
+      const inner = yield* KafkaClient.KafkaClient
+      let heartbeats = 0
+      let slow = true
+      const slowCommits = withConnections((connection) => ({
+        ...connection,
+        run: (handle) =>
+          connection.run((batch, session) =>
+            handle(batch, {
+              ...session,
+              heartbeat: Effect.andThen(
+                Effect.sync(() => heartbeats++),
+                session.heartbeat
+              )
+            })
+          ),
+        // The first commit takes a minute (a coordinator retrying, say); later ones are quick.
+        commit: (offsets) =>
+          Effect.suspend(() => {
+            if (!slow) return connection.commit(offsets)
+            slow = false
+            return Effect.andThen(Effect.sleep("1 minute"), connection.commit(offsets))
+          })
+      }))(inner)
+      yield* InMemoryKafka.produce("events", [
+        { key: "a", value: "quick" },
+        { key: "b", value: "long" }
+      ])
+      const consumer = yield* KafkaConsumer.make(options({ heartbeatInterval: Duration.seconds(1) })).pipe(
+        Effect.provideService(KafkaClient.KafkaClient, slowCommits)
+      )
+      const fiber = yield* Effect.forkChild(
+        consumer.run((record) => (text(record.value) === "long" ? Effect.sleep("2 minutes") : Effect.void))
+      )
+      // The quick record's progress is committed on the first tick, slowly; the long record keeps the batch open.
+      yield* TestClock.adjust("2 seconds")
+      const before = heartbeats
+      yield* TestClock.adjust("30 seconds")
+      assert.isAtLeast(heartbeats - before, 25, `heartbeats went on during the slow commit (${heartbeats - before})`)
+      // Shutdown waits for the long record (up to the shutdown timeout) and the slow commit, in virtual time.
+      const stopping = yield* Effect.forkChild(Fiber.interrupt(fiber))
+      yield* TestClock.adjust("3 minutes")
+      yield* Fiber.join(stopping)
     }).pipe(Effect.provide(InMemoryKafka.layer({ topics: [{ topic: "events", partitions: 1 }] })))
   )
 })

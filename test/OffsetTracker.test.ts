@@ -42,8 +42,22 @@ describe("OffsetTracker", () => {
         { topic: "t", partition: 1, offset: 0n, records: 0 }
       ])
       assert.deepStrictEqual(tracker.takeCommits(), [], "nothing moved")
-      tracker.rollback(first)
+      assert.strictEqual(tracker.rollback(first), 0, "every partition is still tracked")
       assert.strictEqual(tracker.takeCommits().length, 2, "a failed commit is offered again")
+    })
+  )
+
+  it.effect("a rollback for a partition forgotten meanwhile returns its records, which nothing will offer again", () =>
+    Effect.sync(() => {
+      const tracker = OffsetTracker.make()
+      tracker.delivered("t", 0, 0n)
+      tracker.delivered("t", 0, 1n)
+      tracker.finished("t", 0, 0n)
+      tracker.finished("t", 0, 1n)
+      const commits = tracker.takeCommits()
+      assert.strictEqual(tracker.forget("t", 0), 0, "all of it was handed to the commit")
+      assert.strictEqual(tracker.rollback(commits), 2, "the commit failed: its two records' places go back")
+      assert.deepStrictEqual(tracker.takeCommits(), [])
     })
   )
 

@@ -4,9 +4,10 @@
  * stdout, `processed <partition> <offset> <key> <value>`. Logs (assignments, commits at debug) go to stderr as
  * JSON. SIGTERM shuts it down gracefully.
  *
- * With PROGRESS_EVERY=n it prints only `count <total>` every n records: a line per record would pile up in this
- * process's stdout buffer when the reader is slower, which is not what a memory benchmark should measure.
+ * With PROGRESS_EVERY=n it prints only `count <total>` every n records: a line per record would hold the handlers up
+ * whenever the reader is slower, which is not what a memory benchmark should measure.
  */
+import * as Fs from "node:fs"
 import { Duration, Effect, Layer } from "effect"
 import { run } from "../../src/internal/main.ts"
 import * as KafkaClient from "../../src/KafkaClient.ts"
@@ -18,6 +19,24 @@ const progressEvery = Number(process.env.PROGRESS_EVERY ?? "0")
 const text = (bytes: Uint8Array | null) => (bytes === null ? "" : new TextDecoder().decode(bytes))
 let handled = 0
 
+/**
+ * Writes a line to stdout before returning. process.stdout on a pipe is asynchronous on POSIX: lines it still
+ * buffered when the process is SIGKILLed would be lost although their records were handled, and maybe committed,
+ * which a test would count as records lost. fd 1 is left blocking (process.stdout is never opened); EAGAIN, should
+ * it be non-blocking after all, is waited out.
+ */
+const writeLine = (line: string) => {
+  const bytes = Buffer.from(`${line}\n`)
+  let written = 0
+  while (written < bytes.length) {
+    try {
+      written += Fs.writeSync(1, bytes, written)
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== "EAGAIN") throw error
+    }
+  }
+}
+
 const report = (record: {
   readonly partition: number
   readonly offset: bigint
@@ -26,9 +45,9 @@ const report = (record: {
 }) => {
   handled++
   if (progressEvery > 0) {
-    if (handled % progressEvery === 0) process.stdout.write(`count ${handled}\n`)
+    if (handled % progressEvery === 0) writeLine(`count ${handled}`)
   } else {
-    process.stdout.write(`processed ${record.partition} ${record.offset} ${text(record.key)} ${text(record.value)}\n`)
+    writeLine(`processed ${record.partition} ${record.offset} ${text(record.key)} ${text(record.value)}`)
   }
 }
 
