@@ -37,6 +37,7 @@ interface StoredRecord {
   readonly key: Uint8Array | null
   readonly value: Uint8Array | null
   readonly headers: Readonly<Record<string, Uint8Array>>
+  readonly repeatedHeaders?: Readonly<Record<string, ReadonlyArray<Uint8Array>>>
   readonly timestamp: number
 }
 
@@ -215,14 +216,25 @@ export const make = (options: InMemoryKafkaOptions = {}) =>
         const metadata = placed.map(({ topic, partition, record }): KafkaClient.RecordMetadata => {
           const log = topic.partitions[partition] as Array<StoredRecord>
           const offset = BigInt(log.length)
+          // As Kafka stores them: a name may occur more than once (see ConsumedRecord.repeatedHeaders).
           const headers: Record<string, Uint8Array> = {}
-          for (const [name, value] of Object.entries(record.headers ?? {}))
-            headers[name] = bytes(value) ?? new Uint8Array()
+          let repeated: Record<string, ReadonlyArray<Uint8Array>> | undefined
+          for (const [name, value] of Object.entries(record.headers ?? {})) {
+            const values = typeof value === "string" || value instanceof Uint8Array ? [value] : value
+            const all = values.map((one) => bytes(one) ?? new Uint8Array())
+            if (all.length === 0) continue
+            headers[name] = all[all.length - 1] as Uint8Array
+            if (all.length > 1) {
+              repeated ??= {}
+              repeated[name] = all
+            }
+          }
           log.push({
             offset,
             key: bytes(record.key),
             value: bytes(record.value),
             headers,
+            ...(repeated !== undefined && { repeatedHeaders: repeated }),
             timestamp: record.timestamp ?? now
           })
           return { topic: topic.name, partition, offset }

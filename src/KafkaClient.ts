@@ -113,7 +113,11 @@ export class KafkaError extends Schema.TaggedError<KafkaError>()("KafkaError", {
 // The port
 // ---------------------------------------------------------------------------------------------------------------
 
-export type Headers = Readonly<Record<string, string | Uint8Array>>
+/** A header's value: text (sent as UTF-8) or bytes. */
+export type HeaderValue = string | Uint8Array
+
+/** Record headers by name; a name that occurs more than once has all its values, in order. */
+export type Headers = Readonly<Record<string, HeaderValue | ReadonlyArray<HeaderValue>>>
 
 /** A record to produce. A `null` key spreads records over partitions; a key pins them to one. */
 export interface ProducerRecord {
@@ -203,7 +207,10 @@ export interface ConsumedRecord {
   readonly offset: bigint
   readonly key: Uint8Array | null
   readonly value: Uint8Array | null
+  /** each header's value; of a name that occurs more than once, the last (as Java's `lastHeader`) */
   readonly headers: Readonly<Record<string, Uint8Array>>
+  /** every value, in order, of each header name that occurs more than once; absent when none does */
+  readonly repeatedHeaders?: Readonly<Record<string, ReadonlyArray<Uint8Array>>> | undefined
   /** epoch milliseconds */
   readonly timestamp: number
 }

@@ -119,7 +119,10 @@ const textBytes = (value: string | Uint8Array | null | undefined) =>
 const recordBytes = (record: KafkaClient.ProducerRecord) => {
   let bytes = 24 + textBytes(record.key) + textBytes(record.value)
   if (record.headers !== undefined) {
-    for (const [name, value] of Object.entries(record.headers)) bytes += 8 + name.length + textBytes(value)
+    for (const [name, value] of Object.entries(record.headers)) {
+      if (typeof value === "string" || value instanceof Uint8Array) bytes += 8 + name.length + textBytes(value)
+      else for (const one of value) bytes += 8 + name.length + textBytes(one)
+    }
   }
   return bytes
 }

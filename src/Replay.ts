@@ -117,7 +117,7 @@ export const replay = Effect.fn("Replay.replay")(function* (options: ReplayOptio
           key: record.key,
           value: record.value,
           headers: {
-            ...RetryPolicy.originalHeaders(record),
+            ...RetryPolicy.forwardedHeaders(record),
             [replayedFromHeader]: `${record.topic}/${record.partition}/${record.offset}`
           }
         })

@@ -151,6 +151,15 @@ export const originalHeaders = (record: KafkaClient.ConsumedRecord): Record<stri
   return kept
 }
 
+/** The record's own headers as a next hop carries them: every value of a name that occurs more than once. */
+export const forwardedHeaders = (
+  record: KafkaClient.ConsumedRecord
+): Record<string, Uint8Array | ReadonlyArray<Uint8Array>> => {
+  const kept: Record<string, Uint8Array | ReadonlyArray<Uint8Array>> = originalHeaders(record)
+  for (const [name, values] of Object.entries(record.repeatedHeaders ?? {})) if (!ours.has(name)) kept[name] = values
+  return kept
+}
+
 /** A failure to record on the next hop. */
 export interface Failure {
   readonly tag: string
@@ -196,7 +205,7 @@ export const nextHop = (
     topic: deadLetter ? policy.dlqTopic : retryTopic(policy, attempt),
     key: record.key,
     value: record.value,
-    headers: { ...originalHeaders(record), ...added }
+    headers: { ...forwardedHeaders(record), ...added }
   }
 }
 

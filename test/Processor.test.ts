@@ -122,6 +122,7 @@ describe("Processor", () => {
           // A history of ours on a main-topic record (forwarded as it was by some tool) is not its history.
           headers: {
             "trace-id": "abc",
+            "x-twice": ["one", "two"],
             [RetryPolicy.headers.originalTopic]: "elsewhere",
             [RetryPolicy.headers.originalPartition]: "5",
             [RetryPolicy.headers.originalOffset]: "12345",
@@ -148,6 +149,11 @@ describe("Processor", () => {
       assert.strictEqual(text(record.key ?? undefined), "o-7")
       assert.deepStrictEqual(JSON.parse(text(record.value ?? undefined) ?? ""), { id: "o-7", amount: 42 })
       assert.strictEqual(h("trace-id"), "abc", "original headers are kept")
+      assert.deepStrictEqual(
+        (record.repeatedHeaders?.["x-twice"] ?? []).map((value) => text(value)),
+        ["one", "two"],
+        "a header that occurs twice is kept twice, in order"
+      )
       assert.strictEqual(h(RetryPolicy.headers.originalTopic), "orders")
       assert.strictEqual(h(RetryPolicy.headers.originalPartition), String(produced?.partition))
       assert.strictEqual(h(RetryPolicy.headers.originalOffset), String(produced?.offset))

@@ -514,8 +514,13 @@ const toBuffer = (value: string | Uint8Array | null): Buffer | null =>
   value === null ? null : typeof value === "string" ? Buffer.from(value, "utf8") : Buffer.from(value)
 
 const toKafkaJSHeaders = (headers: KafkaClient.Headers) => {
-  const out: Record<string, Buffer> = {}
-  for (const [name, value] of Object.entries(headers)) out[name] = toBuffer(value) ?? Buffer.alloc(0)
+  const out: Record<string, Buffer | Array<Buffer>> = {}
+  for (const [name, value] of Object.entries(headers)) {
+    out[name] =
+      typeof value === "string" || value instanceof Uint8Array
+        ? (toBuffer(value) ?? Buffer.alloc(0))
+        : value.map((one) => toBuffer(one) ?? Buffer.alloc(0))
+  }
   return out
 }
 
@@ -528,11 +533,13 @@ const rebalancingErrors = new Set([
   "UNKNOWN_MEMBER_ID"
 ])
 
-const lastHeaderValue = (value: IHeaders[string]): Uint8Array => {
-  // Kafka allows a header name more than once; kafkajs gives an array then. The last one wins, as lastHeader().
-  const last = Array.isArray(value) ? value.at(-1) : value
-  return last === undefined ? new Uint8Array(0) : typeof last === "string" ? Buffer.from(last, "utf8") : last
-}
+const headerBytes = (value: Buffer | string | undefined): Uint8Array =>
+  value === undefined ? new Uint8Array(0) : typeof value === "string" ? Buffer.from(value, "utf8") : value
+
+// Kafka allows a header name more than once; kafkajs gives an array then. `headers` holds the last, as lastHeader();
+// `repeatedHeaders` all of them.
+const lastHeaderValue = (value: IHeaders[string]): Uint8Array =>
+  headerBytes(Array.isArray(value) ? value.at(-1) : value)
 
 /** The headers of the many records that have none: one frozen object instead of one per record. */
 const noHeaders: Readonly<Record<string, Uint8Array>> = Object.freeze({})
@@ -543,10 +550,16 @@ const toConsumerBatch = (batch: KafkaJSBatch): KafkaClient.ConsumerBatch => {
   for (let i = 0; i < messages.length; i++) {
     const message = messages[i] as KafkaJSBatch["messages"][number]
     let headers: Record<string, Uint8Array> | undefined
+    let repeated: Record<string, ReadonlyArray<Uint8Array>> | undefined
     const received = message.headers ?? {}
     for (const name in received) {
       headers ??= {}
-      headers[name] = lastHeaderValue(received[name])
+      const value = received[name]
+      headers[name] = lastHeaderValue(value)
+      if (Array.isArray(value) && value.length > 1) {
+        repeated ??= {}
+        repeated[name] = value.map(headerBytes)
+      }
     }
     records[i] = {
       topic: batch.topic,
@@ -555,6 +568,7 @@ const toConsumerBatch = (batch: KafkaJSBatch): KafkaClient.ConsumerBatch => {
       key: message.key ?? null,
       value: message.value ?? null,
       headers: headers ?? noHeaders,
+      ...(repeated !== undefined && { repeatedHeaders: repeated }),
       timestamp: Number(message.timestamp)
     }
   }

@@ -177,7 +177,12 @@ export const contractSuite = (name: string, layer: () => Layer.Layer<KafkaClient
         const topic = yield* createTopic(1)
         const binary = new Uint8Array([0, 1, 2, 253, 254, 255])
         yield* send([
-          { topic, key: "k", value: "with headers", headers: { "x-text": "é ✓", "x-binary": binary, "x-empty": "" } },
+          {
+            topic,
+            key: "k",
+            value: "with headers",
+            headers: { "x-text": "é ✓", "x-binary": binary, "x-empty": "", "x-twice": ["first", "second"] }
+          },
           { topic, key: null, value: "null key" },
           { topic, key: "tombstone", value: null }
         ])
@@ -186,6 +191,14 @@ export const contractSuite = (name: string, layer: () => Layer.Layer<KafkaClient
         assert.strictEqual(text(first?.headers["x-text"] ?? null), "é ✓")
         assert.deepStrictEqual([...(first?.headers["x-binary"] ?? [])], [...binary])
         assert.strictEqual(first?.headers["x-empty"]?.length, 0)
+        // A name that occurs twice: the last value in `headers`, both in order in `repeatedHeaders`.
+        assert.strictEqual(text(first?.headers["x-twice"] ?? null), "second")
+        assert.deepStrictEqual(
+          (first?.repeatedHeaders?.["x-twice"] ?? []).map((value) => text(value)),
+          ["first", "second"]
+        )
+        assert.deepStrictEqual(Object.keys(first?.repeatedHeaders ?? {}), ["x-twice"])
+        assert.isUndefined(second?.repeatedHeaders)
         assert.isNull(second?.key ?? null)
         assert.strictEqual(text(second?.value ?? null), "null key")
         assert.strictEqual(text(third?.key ?? null), "tombstone")
