@@ -28,7 +28,7 @@
  * ```
  */
 import {
-  Cause,
+  type Cause,
   Clock,
   Context,
   Deferred,
@@ -43,6 +43,7 @@ import {
   Stream
 } from "effect"
 import * as KafkaConfig from "./Config.ts"
+import { prettyCause } from "./internal/cause.ts"
 import * as ChangeSignal from "./internal/changeSignal.ts"
 import { coordinates } from "./internal/records.ts"
 import * as KafkaClient from "./KafkaClient.ts"
@@ -171,7 +172,7 @@ export const make = (
         // An interruption raised inside a handler (it interrupted itself, or joined an interrupted fiber) is a
         // failure like any other: the pool's own shutdown interrupts the worker from outside, which no catch sees.
         const retryFailed = (record: KafkaClient.ConsumedRecord, first: Cause.Cause<E>) =>
-          Effect.logError("handler failed; the record will be tried again", Cause.pretty(first)).pipe(
+          Effect.logError("handler failed; the record will be tried again", prettyCause(first)).pipe(
             Effect.annotateLogs(coordinates(record)),
             Effect.andThen(
               // Suspended: a handler that throws instead of returning an effect must not throw here.
@@ -179,7 +180,7 @@ export const make = (
                 // Defects count as failures too: the record is tried again, the pool never crashes.
                 Effect.sandbox,
                 Effect.tapError((cause) =>
-                  Effect.logError("handler failed again", Cause.pretty(cause)).pipe(
+                  Effect.logError("handler failed again", prettyCause(cause)).pipe(
                     Effect.annotateLogs(coordinates(record))
                   )
                 ),

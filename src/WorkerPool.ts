@@ -14,7 +14,8 @@
  * yield* pool.submit("user-1", Effect.log("handled in order for user-1"))
  * ```
  */
-import { Cause, Effect, Fiber, Queue, type Scope, Semaphore } from "effect"
+import { Effect, Fiber, Queue, type Scope, Semaphore } from "effect"
+import { prettyCause } from "./internal/cause.ts"
 
 export interface WorkerPoolOptions {
   readonly workers: number
@@ -82,7 +83,7 @@ export const make = (options: WorkerPoolOptions): Effect.Effect<WorkerPool, neve
           return Effect.forEach(
             jobs,
             (job) =>
-              Effect.catchCause(job.run, (cause) => Effect.logError("a worker pool job failed", Cause.pretty(cause))),
+              Effect.catchCause(job.run, (cause) => Effect.logError("a worker pool job failed", prettyCause(cause))),
             { discard: true }
           ).pipe(
             Effect.ensuring(

@@ -426,4 +426,31 @@ describe("KafkaConsumer", () => {
       yield* Fiber.join(stopping)
     }).pipe(Effect.provide(InMemoryKafka.layer({ topics: [{ topic: "events", partitions: 1 }] })))
   )
+
+  it.effect("a failure that cannot be printed (its message getter throws) is retried like any other", () =>
+    Effect.gen(function* () {
+      yield* InMemoryKafka.produce("events", [
+        { key: "a", value: "hostile" },
+        { key: "a", value: "after" }
+      ])
+      const hostile = {
+        get message(): string {
+          throw new Error("no message")
+        }
+      }
+      let attempts = 0
+      const handled: Array<string> = []
+      const fiber = yield* Effect.forkChild(
+        KafkaConsumer.run((record) =>
+          text(record.value) === "hostile" && ++attempts < 2
+            ? Effect.fail(hostile)
+            : Effect.sync(() => handled.push(text(record.value)))
+        )
+      )
+      yield* advanceUntil(() => handled.length >= 2, "50 millis", 1000)
+      assert.deepStrictEqual(handled, ["hostile", "after"])
+      assert.strictEqual(yield* InMemoryKafka.awaitCommitted("g", "events", 0, 2n), 2n)
+      yield* Fiber.interrupt(fiber)
+    }).pipe(Effect.provide(setup(1, { workers: 1 })))
+  )
 })
