@@ -220,7 +220,9 @@ export const make = (options: InMemoryKafkaOptions = {}) =>
           const headers: Record<string, Uint8Array> = {}
           let repeated: Record<string, ReadonlyArray<Uint8Array>> | undefined
           for (const [name, value] of Object.entries(record.headers ?? {})) {
-            const values = typeof value === "string" || value instanceof Uint8Array ? [value] : value
+            const values: ReadonlyArray<KafkaClient.HeaderValue> = Array.isArray(value)
+              ? value
+              : [value as KafkaClient.HeaderValue]
             const all = values.map((one) => bytes(one) ?? new Uint8Array())
             if (all.length === 0) continue
             headers[name] = all[all.length - 1] as Uint8Array

@@ -450,7 +450,9 @@ export const make = (
               }
               // Whatever is still uncommitted (the member stops or rejoins; records that did not finish) is the next
               // owner's to handle again: its places go back now, as the partition may not come back to this member.
-              release(tracker.forget(batch.topic, batch.partition))
+              // Only the partition's last running call forgets it: a call that overlapped a newer one (kafkajs does not
+              // run two for one partition, but nothing here relies on it) must not drop the newer call's state.
+              if (entry.calls === 1) release(tracker.forget(batch.topic, batch.partition))
               // What is left of the partition after what this call took, as of the fetch.
               const next = resumeAt ?? (records.at(-1)?.offset ?? first.offset) + 1n
               yield* Metric.update(

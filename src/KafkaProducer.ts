@@ -120,8 +120,8 @@ const recordBytes = (record: KafkaClient.ProducerRecord) => {
   let bytes = 24 + textBytes(record.key) + textBytes(record.value)
   if (record.headers !== undefined) {
     for (const [name, value] of Object.entries(record.headers)) {
-      if (typeof value === "string" || value instanceof Uint8Array) bytes += 8 + name.length + textBytes(value)
-      else for (const one of value) bytes += 8 + name.length + textBytes(one)
+      if (Array.isArray(value)) for (const one of value) bytes += 8 + name.length + textBytes(one)
+      else bytes += 8 + name.length + textBytes(value as KafkaClient.HeaderValue)
     }
   }
   return bytes

@@ -516,10 +516,10 @@ const toBuffer = (value: string | Uint8Array | null): Buffer | null =>
 const toKafkaJSHeaders = (headers: KafkaClient.Headers) => {
   const out: Record<string, Buffer | Array<Buffer>> = {}
   for (const [name, value] of Object.entries(headers)) {
-    out[name] =
-      typeof value === "string" || value instanceof Uint8Array
-        ? (toBuffer(value) ?? Buffer.alloc(0))
-        : value.map((one) => toBuffer(one) ?? Buffer.alloc(0))
+    // Arrays first: a Uint8Array from another realm fails instanceof, and walking its bytes would be wrong.
+    out[name] = Array.isArray(value)
+      ? value.map((one: KafkaClient.HeaderValue) => toBuffer(one) ?? Buffer.alloc(0))
+      : (toBuffer(value as KafkaClient.HeaderValue) ?? Buffer.alloc(0))
   }
   return out
 }
