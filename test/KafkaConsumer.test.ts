@@ -201,23 +201,19 @@ describe("KafkaConsumer", () => {
       const inner = yield* KafkaClient.KafkaClient
       let connections = 0
       // The first connection reports a crash at once, as kafkajs does when it gives up.
-      const crashing = KafkaClient.KafkaClient.of({
-        ...inner,
-        consumer: (consumerOptions) =>
-          Effect.map(inner.consumer(consumerOptions), (connection) =>
-            ++connections === 1
-              ? {
-                  ...connection,
-                  crashed: Effect.fail(
-                    new KafkaClient.KafkaError({
-                      operation: "consume",
-                      reason: new KafkaClient.ConnectionFailed({ brokers: "b", detail: "gone" })
-                    })
-                  )
-                }
-              : connection
-          )
-      })
+      const crashing = withConnections((connection) =>
+        ++connections === 1
+          ? {
+              ...connection,
+              crashed: Effect.fail(
+                new KafkaClient.KafkaError({
+                  operation: "consume",
+                  reason: new KafkaClient.ConnectionFailed({ brokers: "b", detail: "gone" })
+                })
+              )
+            }
+          : connection
+      )(inner)
       const consumer = yield* KafkaConsumer.make(options()).pipe(
         Effect.provideService(KafkaClient.KafkaClient, crashing)
       )
