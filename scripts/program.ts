@@ -22,8 +22,9 @@ export const start = (
     readonly args?: ReadonlyArray<string> | undefined
     readonly env: Record<string, string>
     readonly onStderr?: ((chunk: string) => void) | undefined
-    /** written to the program's stdin, which is then closed; without it stdin is /dev/null */
+    /** written to the program's stdin, which is then closed (unless `keepStdinOpen`); without it /dev/null */
     readonly stdin?: string | undefined
+    readonly keepStdinOpen?: boolean | undefined
   }
 ): Program => {
   const child = spawn(
@@ -34,7 +35,12 @@ export const start = (
       stdio: [options.stdin === undefined ? "ignore" : "pipe", "pipe", "pipe"]
     }
   )
-  if (options.stdin !== undefined) child.stdin?.end(options.stdin)
+  // A program that exits without reading all of it breaks the pipe: that is its business, not a crash of ours.
+  child.stdin?.on("error", () => {})
+  if (options.stdin !== undefined) {
+    if (options.keepStdinOpen) child.stdin?.write(options.stdin)
+    else child.stdin?.end(options.stdin)
+  }
   let stdout = ""
   let stderr = ""
   child.stdout?.on("data", (chunk) => {
@@ -69,6 +75,7 @@ export const run = (
     readonly args?: ReadonlyArray<string> | undefined
     readonly env: Record<string, string>
     readonly stdin?: string | undefined
+    readonly keepStdinOpen?: boolean | undefined
     readonly onStderr?: ((soFar: string, program: Program) => void) | undefined
     readonly timeout?: number | undefined
   }
@@ -79,6 +86,7 @@ export const run = (
       args: options.args,
       env: options.env,
       stdin: options.stdin,
+      keepStdinOpen: options.keepStdinOpen,
       onStderr: (chunk) => {
         soFar += chunk
         options.onStderr?.(soFar, program)

@@ -71,7 +71,10 @@ export class KafkaProducer extends Context.Service<
     readonly sendAll: (
       records: Iterable<OutgoingRecord>
     ) => Effect.Effect<ReadonlyArray<KafkaClient.RecordMetadata>, ProduceError>
-    /** Waits until every record sent before this call is acked or failed. */
+    /**
+     * Sends what waits at once, without lingering (as the Java client's `flush`), and waits until every record
+     * sent before this call is acked or failed. Records sent while it waits do not linger either.
+     */
     readonly flush: Effect.Effect<void>
   }
 >()("kafka-effect/KafkaProducer") {}
@@ -154,6 +157,10 @@ interface Lane {
   lastEnqueued: Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError> | undefined
   /** when the oldest record waiting in the queue was enqueued (epoch ms); undefined when none waits */
   waitingSince: number | undefined
+  /** flushes in progress: while there are any, batches leave without lingering */
+  flushes: number
+  /** completed by a flush to end a linger in progress */
+  wakeUp: Deferred.Deferred<void> | undefined
 }
 
 /** What the producer knows of a topic to choose each record's partition and lane. */
@@ -185,7 +192,9 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
           inFlight: [],
           carried: [],
           lastEnqueued: undefined,
-          waitingSince: undefined
+          waitingSince: undefined,
+          flushes: 0,
+          wakeUp: undefined
         }
         return lane
       }),
@@ -290,16 +299,20 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
       const oldest = lane.waitingSince
       yield* taken(lane)
       const missing = options.batchSize - batch.length
-      if (missing === 0 || lingerMillis <= 0) return withinBytes(lane, batch)
+      if (missing === 0 || lingerMillis <= 0 || lane.flushes > 0) return withinBytes(lane, batch)
       const lingered = oldest === undefined ? 0 : (yield* Clock.currentTimeMillis) - oldest
       if (lingered >= lingerMillis) {
         return withinBytes(lane, batch)
       }
-      // takeBetween takes atomically, so losing the race against the linger timer takes nothing.
+      // takeBetween takes atomically, so losing the race against the linger timer (or a flush) takes nothing.
       // A queue ended while lingering (the scope is closing) has nothing more to give: send what we hold.
+      const wakeUp = Deferred.makeUnsafe<void>()
+      lane.wakeUp = wakeUp
       const rest = yield* Queue.takeBetween(lane.queue, missing, missing).pipe(
         Effect.timeoutOption(Duration.millis(lingerMillis - lingered)),
-        Effect.catch(() => Effect.succeedNone)
+        Effect.catch(() => Effect.succeedNone),
+        Effect.raceFirst(Effect.as(Deferred.await(wakeUp), Option.none<Array<Pending>>())),
+        Effect.ensuring(Effect.sync(() => (lane.wakeUp = undefined)))
       )
       if (Option.isSome(rest)) {
         yield* taken(lane)
@@ -464,13 +477,19 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
     })
 
   // Each lane completes its records in queue order, so its last record enqueued is its last to complete.
-  const flush = Effect.suspend(() =>
-    Effect.forEach(
-      lanes,
-      (lane) => (lane.lastEnqueued === undefined ? Effect.void : Effect.ignore(Deferred.await(lane.lastEnqueued))),
-      { discard: true }
+  const flushLane = (lane: Lane) => {
+    const last = lane.lastEnqueued
+    if (last === undefined) return Effect.void
+    return Effect.acquireUseRelease(
+      Effect.sync(() => {
+        lane.flushes++
+        if (lane.wakeUp !== undefined) Deferred.doneUnsafe(lane.wakeUp, Effect.void)
+      }),
+      () => Effect.ignore(Deferred.await(last)),
+      () => Effect.sync(() => lane.flushes--)
     )
-  )
+  }
+  const flush = Effect.suspend(() => Effect.forEach(lanes, flushLane, { concurrency: "unbounded", discard: true }))
 
   return KafkaProducer.of({ send, sendAll, flush })
 })
@@ -511,6 +530,12 @@ export const send = (record: OutgoingRecord): Effect.Effect<KafkaClient.RecordMe
     const producer = yield* KafkaProducer
     return yield* producer.send(record)
   })
+
+/** Flushes the KafkaProducer in context: what lingers leaves at once; waits for everything sent so far. */
+export const flush: Effect.Effect<void, never, KafkaProducer> = Effect.gen(function* () {
+  const producer = yield* KafkaProducer
+  return yield* producer.flush
+})
 
 /** Sends many records with the KafkaProducer in context. */
 export const sendAll = (

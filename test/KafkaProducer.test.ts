@@ -284,6 +284,30 @@ describe("Producer", () => {
     })
   )
 
+  it.effect("flush sends what lingers at once; records sent after it linger again", () =>
+    Effect.gen(function* () {
+      const { scripted, producer } = yield* setup({ linger: Duration.hours(1) })
+      const lingering = yield* Effect.forkChild(producer.sendAll([{ value: "a" }, { value: "b" }]))
+      yield* TestClock.adjust("1 millis")
+      assert.strictEqual((yield* scripted.recorded).requests.length, 0, "lingering")
+      const flushing = yield* Effect.forkChild(producer.flush)
+      yield* TestClock.adjust("1 millis")
+      assert.deepStrictEqual(
+        (yield* scripted.recorded).requests.map((request) => request.map((r) => r.value)),
+        [["a", "b"]],
+        "sent by the flush, an hour before the linger ends"
+      )
+      yield* Fiber.join(flushing)
+      yield* Fiber.join(lingering)
+      const later = yield* Effect.forkChild(producer.send({ value: "c" }))
+      yield* TestClock.adjust("59 minutes")
+      assert.strictEqual((yield* scripted.recorded).requests.length, 1, "c lingers: the flush is over")
+      yield* TestClock.adjust("1 minutes")
+      yield* Fiber.join(later)
+      assert.strictEqual((yield* scripted.recorded).requests.length, 2)
+    })
+  )
+
   it.effect("typed topics encode values with their Schema", () =>
     Effect.gen(function* () {
       const { Schema } = yield* Effect.promise(() => import("effect"))

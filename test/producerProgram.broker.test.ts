@@ -61,6 +61,36 @@ describe("node dist/producer.js", () => {
     })
   )
 
+  it.live(
+    "SIGTERM while sends linger: reading stops, the sends started finish and are counted, an invalid line still exits 1",
+    () =>
+      Effect.gen(function* () {
+        const topic = uniqueName("program-stop")
+        yield* createTopic(brokers, topic, 3)
+        const valid = Array.from({ length: 50 }, (_, i) => event(`s${i}`, `subject-${i % 7}`))
+        const signalled = yield* Deferred.make<void>()
+        const run = yield* runProgram({
+          // A linger of a minute: the 50 records wait in the producer when the signal comes; stdin stays open, so
+          // the program is waiting for more lines too.
+          env: { KAFKA_BROKERS: brokers, KAFKA_PRODUCER_TOPIC: topic, KAFKA_PRODUCER_LINGER_MS: "60000" },
+          stdin: `${valid.join("\n")}\n{not json\n`,
+          keepStdinOpen: true,
+          // Lines are decoded in order and each valid one's send is started before the next is decoded: line 51's
+          // report means the 50 sends are under way.
+          onStderr: (soFar, started) => {
+            if (soFar.includes("line 51: invalid event") && Deferred.doneUnsafe(signalled, Effect.void)) {
+              started.child.kill("SIGTERM")
+            }
+          },
+          timeout: 30_000
+        })
+        assert.isTrue(yield* Deferred.isDone(signalled), run.stderr)
+        assert.strictEqual(run.exitCode, 1, run.stderr)
+        assert.match(run.stdout, /summary: sent 50, invalid 1, failed 0/)
+        assert.lengthOf(yield* readTopic(brokers, topic), 50)
+      })
+  )
+
   it.live("all lines valid: exit code 0", () =>
     Effect.gen(function* () {
       const topic = uniqueName("program-ok")

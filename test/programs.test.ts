@@ -54,6 +54,47 @@ describe("the programs without a broker", () => {
   )
 
   it.live(
+    "flags that would be misread stop start-up: an empty count, a replay flag without replay, epoch seconds",
+    () =>
+      Effect.gen(function* () {
+        // `--count ""` (an unset shell variable) was 0: generate until stopped.
+        const emptyCount = yield* run(producer, { args: ["--count", ""], env: noBroker })
+        assert.strictEqual(emptyCount.exitCode, 2, emptyCount.stderr)
+        assert.include(emptyCount.stderr, '--count must be a whole number ≥ 0, got ""')
+        // --dry-run without `replay` started the processor for real.
+        const dryRun = yield* run(Program.consumerProgram, { args: ["--dry-run"], env: noBroker })
+        assert.strictEqual(dryRun.exitCode, 2, dryRun.stderr)
+        assert.include(dryRun.stderr, "--dry-run is not a flag of the processor (did you mean replay?)")
+        // Epoch seconds, read as milliseconds, were January 1970: every dead letter replayed.
+        const seconds = yield* run(Program.consumerProgram, {
+          args: ["replay", "--since", "1700000000"],
+          env: noBroker
+        })
+        assert.strictEqual(seconds.exitCode, 2, seconds.stderr)
+        assert.include(seconds.stderr, "--since must be an ISO-8601 time")
+        // --help is answered whatever the environment holds.
+        const help = yield* run(producer, { args: ["--help"], env: { ...noBroker, LOG_LEVEL: "verbose" } })
+        assert.strictEqual(help.exitCode, 0, help.stderr)
+        assert.include(help.stderr, "usage: node dist/producer.js")
+      }),
+    timeout
+  )
+
+  it.live(
+    "a bad LOG_LEVEL is reported with every other problem, not alone",
+    () =>
+      Effect.gen(function* () {
+        const result = yield* run(producer, {
+          env: { ...noBroker, LOG_LEVEL: "verbose", KAFKA_PRODUCER_ACKS: "2" }
+        })
+        assert.strictEqual(result.exitCode, 2, result.stderr)
+        assert.include(result.stderr, 'LOG_LEVEL is "verbose"')
+        assert.include(result.stderr, 'KAFKA_PRODUCER_ACKS is "2"')
+      }),
+    timeout
+  )
+
+  it.live(
     "SIGTERM while a program waits for its broker stops it at once, exit 0",
     () =>
       Effect.gen(function* () {

@@ -32,7 +32,7 @@ const usage = `usage: node dist/consumer.js [--transient-failures R] [--permanen
   replay                  re-publish dead letters to their original topic; filters:
     --error-tag TAG       only this error tag (repeatable)
     --topic TOPIC         only records first produced to this topic (repeatable)
-    --since TIME          only dead-lettered at or after TIME (ISO-8601 or epoch milliseconds)
+    --since TIME          only dead-lettered at or after TIME (ISO-8601, or epoch milliseconds: 13 digits)
     --until TIME          only dead-lettered before TIME
     --max N               at most N records
     --dry-run             count what would be replayed, send nothing`
@@ -67,24 +67,45 @@ const parseOptions = (argv: ReadonlyArray<string>): Effect.Effect<Options, Progr
       })
       if (values.help) throw new Error("help")
       const share = (name: string, raw: string) => {
-        const n = Number(raw)
+        const n = raw.trim() === "" ? Number.NaN : Number(raw)
         if (!(n >= 0 && n <= 1)) throw new Error(`--${name} must be a share from 0 to 1, got ${raw}`)
         return n
       }
       const whole = (name: string, raw: string, min: number) => {
-        const n = Number(raw)
-        if (!Number.isInteger(n) || n < min) throw new Error(`--${name} must be a whole number ≥ ${min}, got ${raw}`)
+        const n = /^\d{1,15}$/.test(raw) ? Number(raw) : Number.NaN
+        if (!(n >= min)) throw new Error(`--${name} must be a whole number ≥ ${min}, got ${JSON.stringify(raw)}`)
         return n
       }
+      // A replay cannot be undone, so a time must say what it means: an ISO-8601 date or date-time, or epoch
+      // milliseconds of 13 digits. Epoch seconds (10 digits) or a basic date such as 20261128, read as
+      // milliseconds, would be days after 1970 and replay everything.
+      const isoTime = /^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:?\d{2})?)?$/i
       const time = (name: string, raw: string | undefined) => {
         if (raw === undefined) return undefined
-        const n = /^\d+$/.test(raw) ? Number(raw) : Date.parse(raw)
-        if (!Number.isFinite(n)) throw new Error(`--${name} must be an ISO-8601 time or epoch milliseconds, got ${raw}`)
+        const n = /^\d{13}$/.test(raw) ? Number(raw) : isoTime.test(raw) ? Date.parse(raw) : Number.NaN
+        if (!Number.isFinite(n)) {
+          throw new Error(
+            `--${name} must be an ISO-8601 time (2026-11-28T10:00:00Z) or epoch milliseconds (13 digits), got ${JSON.stringify(raw)}`
+          )
+        }
         return n
       }
       const [command, ...rest] = positionals
       if (rest.length > 0 || (command !== undefined && command !== "replay")) {
         throw new Error(`unknown command ${positionals.join(" ")}`)
+      }
+      // A flag of the other command is a mistake, not something to ignore: `--dry-run` without `replay` would
+      // otherwise start the processor for real.
+      const given = (names: ReadonlyArray<keyof typeof values>) =>
+        names.filter((name) => argv.some((arg) => arg === `--${name}` || arg.startsWith(`--${name}=`)))
+      const misplaced =
+        command === "replay"
+          ? given(["transient-failures", "permanent-failures", "work-ms"])
+          : given(["error-tag", "topic", "since", "until", "max", "dry-run"])
+      if (misplaced.length > 0) {
+        throw new Error(
+          `${misplaced.map((name) => `--${name}`).join(", ")} ${misplaced.length === 1 ? "is" : "are"} not a flag of ${command === "replay" ? "replay" : "the processor (did you mean replay?)"}`
+        )
       }
       if (command === "replay") {
         return {
@@ -203,10 +224,13 @@ export const main = (argv: ReadonlyArray<string>) =>
     // The flags (above) and every variable are checked before anything connects: a mistake stops start-up at
     // once (exit 2), whether a broker answers or not.
     yield* KafkaConfig.all
-    yield* work.pipe(Effect.provide(KafkaProducer.layerConfig), Effect.provide(KafkaClient.layerConfig))
+    yield* work.pipe(
+      Effect.provide(KafkaProducer.layerConfig),
+      Effect.provide(KafkaClient.layerConfig),
+      // Logger, health, /metrics, OTLP: outside the client, so that connecting is logged and reported.
+      Effect.provide(Observability.layerConfig)
+    )
   }).pipe(
-    // Logger, health, /metrics, OTLP: outside the client, so that connecting is logged and reported.
-    Effect.provide(Observability.layerConfig),
     Effect.catchTag("KafkaConfigError", (error) =>
       Effect.fail(new ProgramFailed({ message: error.message, exitCode: 2 }))
     ),

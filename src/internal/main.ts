@@ -2,11 +2,14 @@
  * How our programs run: `NodeRuntime.runMain` with our exit codes.
  *
  * - SIGINT/SIGTERM interrupt the program; its scopes close (flush, commit, disconnect) and the process exits 0,
- *   since stopping on request is success. A second signal while that runs exits at once with 130.
+ *   since stopping on request is success — or with `process.exitCode` when the program set it: the producer
+ *   program's verdict on its input (invalid lines, failed sends) holds however the run ended. A second signal
+ *   while that runs exits at once with 128 + the signal's number (130 for SIGINT, 143 for SIGTERM).
  * - A `ProgramFailed` exits with its code after printing its message, without a stack trace: it is an expected
  *   outcome (invalid input lines, say), not a crash.
  * - Anything else fails as Effect reports it, with exit code 1.
  */
+import * as Os from "node:os"
 import { NodeRuntime } from "@effect/platform-node"
 import { Cause, Data, type Effect, Exit, Runtime } from "effect"
 
@@ -17,11 +20,11 @@ export class ProgramFailed extends Data.TaggedError("ProgramFailed")<{
 
 export const run = <E>(program: Effect.Effect<void, E>): void => {
   let signals = 0
-  const onSignal = () => {
+  const onSignal = (signal: NodeJS.Signals) => {
     signals++
     if (signals >= 2) {
       process.stderr.write("second signal: exiting now without waiting for shutdown\n")
-      process.exit(130)
+      process.exit(128 + (Os.constants.signals[signal] ?? 2))
     }
   }
   process.on("SIGINT", onSignal)
@@ -29,7 +32,9 @@ export const run = <E>(program: Effect.Effect<void, E>): void => {
   NodeRuntime.runMain(program, {
     disableErrorReporting: true,
     teardown: (exit, onExit) => {
-      if (Exit.isSuccess(exit) || Cause.hasInterruptsOnly(exit.cause)) return onExit(0)
+      if (Exit.isSuccess(exit) || Cause.hasInterruptsOnly(exit.cause)) {
+        return onExit(typeof process.exitCode === "number" ? process.exitCode : 0)
+      }
       const failed = Cause.squash(exit.cause)
       if (failed instanceof ProgramFailed) {
         process.stderr.write(`${failed.message}\n`)

@@ -7,12 +7,12 @@
  *   stopped) at `--rate` per second (0: as fast as the broker takes them).
  *
  * Progress goes to stderr (a live line on a terminal, a log line every 5 s otherwise); the summary (sent,
- * invalid, failed, msgs/s) goes to stdout. SIGINT/SIGTERM stop reading, flush what is pending and exit 0.
+ * invalid, failed, msgs/s) goes to stdout. SIGINT/SIGTERM stop reading (or generating); the sends already started
+ * finish — acked or failed, each counted — and the exit code is 0 unless a line was invalid or a send failed.
  */
 import * as Fs from "node:fs"
-import * as Readline from "node:readline"
 import { parseArgs } from "node:util"
-import { Duration, Effect, Layer, Ref, Schedule, type Schema, Stream } from "effect"
+import { Cause, Deferred, Duration, Effect, Exit, Fiber, Layer, Ref, Schedule, type Schema, Stream } from "effect"
 import * as KafkaConfig from "../Config.ts"
 import * as Event from "../Event.ts"
 import * as KafkaClient from "../KafkaClient.ts"
@@ -56,9 +56,10 @@ const parseOptions = (argv: ReadonlyArray<string>): Effect.Effect<Options, Progr
         }
       })
       if (values.help) throw new Error("help")
+      // Digits only: Number() would take "" (an unset shell variable) as 0, which means "until stopped" here.
       const whole = (name: string, raw: string, min: number) => {
-        const n = Number(raw)
-        if (!Number.isInteger(n) || n < min) throw new Error(`--${name} must be a whole number ≥ ${min}, got ${raw}`)
+        const n = /^\d{1,15}$/.test(raw) ? Number(raw) : Number.NaN
+        if (!(n >= min)) throw new Error(`--${name} must be a whole number ≥ ${min}, got ${JSON.stringify(raw)}`)
         return n
       }
       return {
@@ -96,16 +97,60 @@ interface Tally {
 
 const describeSchemaError = (error: Schema.SchemaError) => error.message.replace(/\s+/g, " ").trim()
 
+/**
+ * How many events tick `tick` (from 0) of 100 ms sends at `rate` per second: floor(rate·(k+1)/10) − floor(rate·k/10),
+ * so any rate comes out exact over each second (3/s sends 0,0,0,1,0,0,1,0,0,1), not rounded to a multiple of 10.
+ */
+export const dueInTick = (rate: number, tick: number) =>
+  Math.floor((rate * (tick + 1)) / 10) - Math.floor((rate * tick) / 10)
+
+/** A line of input (numbered from 1): its text, or why it has none. */
+type Line = { readonly number: number; readonly text: string } | { readonly number: number; readonly invalid: string }
+
+/**
+ * The lines of `input`, ended by \n or \r\n, each decoded as strict UTF-8 (a byte-order mark dropped): a line that
+ * is not UTF-8 is reported as such rather than sent with replacement characters (readline's decoding would turn
+ * two different non-UTF-8 subjects into one key).
+ */
+export async function* lines(input: AsyncIterable<Uint8Array>): AsyncGenerator<Line> {
+  const utf8 = new TextDecoder("utf-8", { fatal: true })
+  let parts: Array<Uint8Array> = []
+  let number = 0
+  const line = (): Line => {
+    number++
+    let bytes = parts.length === 1 ? (parts[0] as Uint8Array) : Buffer.concat(parts)
+    parts = []
+    if (bytes[bytes.length - 1] === 13) bytes = bytes.subarray(0, bytes.length - 1)
+    try {
+      return { number, text: utf8.decode(bytes) }
+    } catch {
+      return { number, invalid: "not valid UTF-8" }
+    }
+  }
+  for await (const chunk of input) {
+    let start = 0
+    for (let end = chunk.indexOf(10); end !== -1; end = chunk.indexOf(10, start)) {
+      parts.push(chunk.subarray(start, end))
+      start = end + 1
+      yield line()
+    }
+    if (start < chunk.length) parts.push(chunk.subarray(start))
+  }
+  if (parts.length > 0) yield line()
+}
+
 export const main = (argv: ReadonlyArray<string>) =>
   Effect.gen(function* () {
     // The flags and every variable are checked before anything connects: a mistake stops start-up at once
     // (exit 2), whether a broker answers or not.
     const options = yield* parseOptions(argv)
     yield* KafkaConfig.all
-    yield* produce(options).pipe(Effect.provide(KafkaClient.layerConfig))
+    yield* produce(options).pipe(
+      Effect.provide(KafkaClient.layerConfig),
+      // Logger, health, /metrics, OTLP: outside the client, so that connecting is logged and reported.
+      Effect.provide(Observability.layerConfig)
+    )
   }).pipe(
-    // Logger, health, /metrics, OTLP: outside the client, so that connecting is logged and reported.
-    Effect.provide(Observability.layerConfig),
     Effect.catchTag("KafkaConfigError", (error) =>
       Effect.fail(new ProgramFailed({ message: error.message, exitCode: 2 }))
     ),
@@ -140,64 +185,69 @@ const produce = (options: Options) =>
         })
       )
 
-    // The reader is made only when the stream runs: readline reads at once, and lines it emits before the
-    // iterator exists are lost.
-    const fromStdin = Stream.suspend(() =>
-      Stream.fromAsyncIterable(
-        Readline.createInterface({ input: process.stdin, crlfDelay: Number.POSITIVE_INFINITY }),
-        (cause) => new ProgramFailed({ message: `reading stdin failed: ${String(cause)}`, exitCode: 1 })
+    const invalidLine = (number: number, reason: string) =>
+      Ref.update(tally, (t) => ({ ...t, invalid: t.invalid + 1 })).pipe(
+        Effect.andThen(Effect.sync(() => process.stderr.write(`line ${number}: invalid event: ${reason}\n`))),
+        Effect.as(undefined)
       )
-    ).pipe(
-      Stream.zipWithIndex,
-      Stream.filter(([line]) => line.trim() !== ""),
-      Stream.mapEffect(
-        ([line, index]) =>
-          Event.decode(line).pipe(
-            Effect.matchEffect({
-              onSuccess: (event) => Effect.succeed<Event.Event | undefined>(event),
-              onFailure: (error) =>
-                Ref.update(tally, (t) => ({ ...t, invalid: t.invalid + 1 })).pipe(
-                  Effect.andThen(
-                    Effect.sync(() =>
-                      process.stderr.write(`line ${index + 1}: invalid event: ${describeSchemaError(error)}\n`)
-                    )
-                  ),
-                  Effect.as(undefined)
-                )
-            })
-          ),
-        { concurrency: 1 }
-      ),
-      Stream.filter((event): event is Event.Event => event !== undefined),
-      // Many sends in flight, so the producer can batch them. Their fibers start, and so enqueue, in line order
-      // (forks and queue offers are FIFO), and the producer keeps that order per partition.
-      Stream.mapEffect(send, { concurrency: producerConfig.batchSize * 2 }),
-      Stream.runDrain
-    )
 
-    const generated = Effect.gen(function* () {
-      const sequence = yield* Ref.make(0)
-      const tick = Duration.millis(100)
-      const perTick = options.rate === 0 ? producerConfig.batchSize * 4 : Math.max(1, Math.round(options.rate / 10))
-      const left = Ref.get(sequence).pipe(
-        Effect.map((n) => (options.count === 0 ? perTick : Math.min(perTick, options.count - n)))
+    // Reading stops when `stop` completes, at once even while waiting for a line; the sends already started go on.
+    const fromStdin = (stop: Effect.Effect<void>) =>
+      Stream.fromAsyncIterable(
+        lines(process.stdin),
+        (cause) => new ProgramFailed({ message: `reading stdin failed: ${String(cause)}`, exitCode: 1 })
+      ).pipe(
+        Stream.interruptWhen(stop),
+        // A line being read when reading stops is not waited for: stdin is closed, which ends the reader.
+        Stream.ensuring(Effect.sync(() => process.stdin.destroy())),
+        Stream.filter((line) => !("text" in line) || line.text.trim() !== ""),
+        Stream.mapEffect(
+          (line) =>
+            "invalid" in line
+              ? invalidLine(line.number, line.invalid)
+              : Event.decode(line.text).pipe(
+                  Effect.matchEffect({
+                    onSuccess: (event) => Effect.succeed<Event.Event | undefined>(event),
+                    onFailure: (error) => invalidLine(line.number, describeSchemaError(error))
+                  })
+                ),
+          { concurrency: 1 }
+        ),
+        Stream.filter((event): event is Event.Event => event !== undefined),
+        // Many sends in flight, so the producer can batch them. Their fibers start, and so enqueue, in line order
+        // (forks and queue offers are FIFO), and the producer keeps that order per partition.
+        Stream.mapEffect(send, { concurrency: producerConfig.batchSize * 2 }),
+        Stream.runDrain
       )
-      const oneTick = Effect.gen(function* () {
-        const n = yield* left
-        const first = yield* Ref.getAndUpdate(sequence, (s) => s + n)
-        yield* Effect.forEach(
-          Array.from({ length: n }, (_, i) => first + i),
-          (i) =>
-            Effect.flatMap(Event.sample({ source: options.source, subjects: options.subjects, sequence: i }), send),
-          { concurrency: "unbounded", discard: true }
+
+    // A tick's sends run to their end once started; `stop` ends the ticking between two ticks.
+    const generated = (stop: Effect.Effect<void>) =>
+      Effect.gen(function* () {
+        const tick = Duration.millis(100)
+        const maxTick = producerConfig.batchSize * 4
+        let ticks = 0
+        let generatedSoFar = 0
+        const oneTick = Effect.suspend(() => {
+          const due = options.rate === 0 ? maxTick : dueInTick(options.rate, ticks)
+          const n = options.count === 0 ? due : Math.min(due, options.count - generatedSoFar)
+          const first = generatedSoFar
+          ticks++
+          generatedSoFar += n
+          return Effect.forEach(
+            Array.from({ length: n }, (_, i) => first + i),
+            (i) =>
+              Effect.flatMap(Event.sample({ source: options.source, subjects: options.subjects, sequence: i }), send),
+            { concurrency: "unbounded", discard: true }
+          ).pipe(Effect.as(options.count === 0 || generatedSoFar < options.count))
+        })
+        yield* Effect.raceFirst(
+          Effect.repeat(Effect.uninterruptible(oneTick), {
+            schedule: options.rate === 0 ? Schedule.forever : Schedule.fixed(tick),
+            while: (more) => more
+          }),
+          stop
         )
-        return yield* left
       })
-      yield* Effect.repeat(oneTick, {
-        schedule: options.rate === 0 ? Schedule.forever : Schedule.fixed(tick),
-        until: (remaining) => remaining <= 0
-      })
-    })
 
     const progressLine = Effect.gen(function* () {
       const t = yield* Ref.get(tally)
@@ -230,6 +280,9 @@ const produce = (options: Options) =>
         ? `reading NDJSON events from stdin for ${producerConfig.topic}`
         : `generating ${options.count === 0 ? "unbounded" : options.count} events at ${options.rate === 0 ? "max" : options.rate}/s for ${producerConfig.topic}`
     )
+    // A signal interrupts this fiber. Reading (or generating) then stops, but not the sends it started: they run
+    // to their end, acked or failed, and are counted, so the summary and the exit code tell what happened to
+    // every event read. (Cut off, their records would still be flushed when the producer closes, uncounted.)
     const work = Effect.scoped(
       Effect.gen(function* () {
         yield* Effect.forkScoped(
@@ -237,19 +290,34 @@ const produce = (options: Options) =>
             Effect.delay(tty ? "1 second" : "5 seconds")
           )
         )
-        yield* mode === "stdin" ? fromStdin : generated
+        const stopping = yield* Deferred.make<void>()
+        const stop = Deferred.await(stopping)
+        yield* Effect.uninterruptibleMask((restore) =>
+          Effect.gen(function* () {
+            const producing = yield* Effect.forkChild(
+              Effect.interruptible(mode === "stdin" ? fromStdin(stop) : generated(stop))
+            )
+            let exit = yield* Effect.exit(restore(Fiber.join(producing)))
+            if (Exit.isFailure(exit) && Cause.hasInterrupts(exit.cause)) {
+              yield* Deferred.succeed(stopping, undefined)
+              // What lingers leaves now (records enqueued while the flush runs do not linger either).
+              yield* KafkaProducer.flush
+              exit = yield* Fiber.await(producing)
+            }
+            // Every send has ended: the tally is final. The verdict is the exit code, set here rather than failed:
+            // once a signal has interrupted the program, a failure is dropped by the first error handler it passes
+            // (Effect gives an interrupted fiber's handlers no say), and invalid lines or failed sends would exit 0.
+            const t = yield* Effect.andThen(Effect.ignore(summary), Ref.get(tally))
+            if (t.invalid > 0 || t.failed > 0) {
+              yield* Effect.sync(() => {
+                process.stderr.write(`${t.invalid} invalid line(s) and ${t.failed} failed send(s)\n`)
+                process.exitCode = 1
+              })
+            }
+            return yield* exit
+          })
+        )
       })
     )
-    // The summary prints however the work ends, interrupted by a signal included, after the producer flushed.
-    const t = yield* work.pipe(
-      Effect.provide(KafkaProducer.layerConfig),
-      Effect.ensuring(Effect.ignore(summary)),
-      Effect.andThen(Ref.get(tally))
-    )
-    if (t.invalid > 0 || t.failed > 0) {
-      return yield* new ProgramFailed({
-        message: `${t.invalid} invalid line(s) and ${t.failed} failed send(s)`,
-        exitCode: 1
-      })
-    }
+    yield* work.pipe(Effect.provide(KafkaProducer.layerConfig))
   })
