@@ -25,10 +25,17 @@ export class ConfigProblem extends Schema.Class<ConfigProblem>("kafka-effect/Con
   variable: Schema.String,
   /** the raw value, or "(secret)" for secrets, or undefined when the variable was unset */
   value: Schema.UndefinedOr(Schema.String),
-  expected: Schema.String
+  expected: Schema.String,
+  /** the default in force, for an unset variable that conflicts with another one */
+  defaultValue: Schema.optional(Schema.String)
 }) {
   override toString() {
-    const got = this.value === undefined ? "is not set" : `is ${JSON.stringify(this.value)}`
+    const got =
+      this.value !== undefined
+        ? `is ${JSON.stringify(this.value)}`
+        : this.defaultValue !== undefined
+          ? `is not set, so ${this.defaultValue} (its default)`
+          : "is not set"
     return `${this.variable} ${got}; expected ${this.expected}`
   }
 }
@@ -127,8 +134,9 @@ class Reader {
     this.env = env
   }
 
-  raw(variable: string): string | undefined {
-    const value = this.env.get(variable)?.trim()
+  /** The value as set, trimmed unless `trim` is false (secrets are taken as they are); empty counts as unset. */
+  raw(variable: string, trim = true): string | undefined {
+    const value = trim ? this.env.get(variable)?.trim() : this.env.get(variable)
     return value === "" ? undefined : value
   }
 
@@ -143,7 +151,7 @@ class Reader {
   }
 
   optional<A>(variable: string, parse: Parse<A>, expected: string, options?: { readonly secret?: boolean }) {
-    const raw = this.raw(variable)
+    const raw = this.raw(variable, options?.secret !== true)
     if (raw === undefined) return Option.none<A>()
     const parsed = parse(raw)
     if (Option.isNone(parsed)) this.problem(variable, options?.secret ? "(secret)" : raw, expected)
@@ -152,6 +160,16 @@ class Reader {
 
   problem(variable: string, value: string | undefined, expected: string) {
     this.problems.push(new ConfigProblem({ variable, value, expected }))
+  }
+
+  /** A combination problem: `variable`, as set or else at its default `effective`, conflicts with another. */
+  conflict(variable: string, effective: unknown, expected: string) {
+    const value = this.raw(variable)
+    this.problems.push(
+      value === undefined
+        ? new ConfigProblem({ variable, value, expected, defaultValue: String(effective) })
+        : new ConfigProblem({ variable, value, expected })
+    )
   }
 
   done<A>(value: A): Effect.Effect<A, KafkaConfigError> {
@@ -191,7 +209,9 @@ const oneOf =
     return Object.hasOwn(choices, key) ? Option.some(choices[key] as A) : Option.none()
   }
 
-const hostPort = /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})$/
+// No bracketed IPv6 literals: kafkajs splits a broker address at every colon, so [::1]:9092 would become host "["
+// and port 0, and start-up would wait for ever for a broker it cannot reach.
+const hostPort = /^([A-Za-z0-9._-]+):(\d{1,5})$/
 
 const brokerList: Parse<ReadonlyArray<string>> = (raw) => {
   const brokers = raw.split(",").map((broker) => broker.trim())
@@ -287,7 +307,7 @@ const readConnection = (r: Reader): ConnectionConfig => {
     "KAFKA_BROKERS",
     ["localhost:9092"],
     brokerList,
-    "a comma-separated list of host:port with ports 1-65535, e.g. kafka-1:9092,kafka-2:9092"
+    "a comma-separated list of host:port with ports 1-65535, e.g. kafka-1:9092,kafka-2:9092 (a host name or IPv4 address: kafkajs cannot take IPv6 literals, give the host a name)"
   )
   const clientId = r.field("KAFKA_CLIENT_ID", "kafka-effect", text, "a client id")
 
@@ -337,9 +357,9 @@ const readConnection = (r: Reader): ConnectionConfig => {
   const reconnectBackoff = r.field("KAFKA_RECONNECT_BACKOFF_MS", Duration.millis(200), millis(1), msForm(1))
   const reconnectBackoffMax = r.field("KAFKA_RECONNECT_BACKOFF_MAX_MS", Duration.seconds(30), millis(1), msForm(1))
   if (Duration.isGreaterThan(reconnectBackoff, reconnectBackoffMax)) {
-    r.problem(
+    r.conflict(
       "KAFKA_RECONNECT_BACKOFF_MAX_MS",
-      r.raw("KAFKA_RECONNECT_BACKOFF_MAX_MS"),
+      Duration.toMillis(reconnectBackoffMax),
       `at least KAFKA_RECONNECT_BACKOFF_MS (${Duration.toMillis(reconnectBackoff)})`
     )
   }
@@ -366,17 +386,17 @@ const readProducer = (r: Reader): ProducerConfig => {
   const retries = r.field("KAFKA_PRODUCER_RETRIES", 3, integer(0, 1000), "a whole number from 0 to 1000")
   const idempotent = r.field("KAFKA_PRODUCER_IDEMPOTENT", true, boolean, booleanForm)
   if (idempotent && acks !== -1) {
-    r.problem(
+    r.conflict(
       "KAFKA_PRODUCER_ACKS",
-      r.raw("KAFKA_PRODUCER_ACKS"),
-      "all when KAFKA_PRODUCER_IDEMPOTENT is true (an idempotent producer needs every in-sync replica's ack)"
+      acks,
+      `all when KAFKA_PRODUCER_IDEMPOTENT is true${r.raw("KAFKA_PRODUCER_IDEMPOTENT") === undefined ? " (its default; set it to false for other acks)" : ""} (an idempotent producer needs every in-sync replica's ack)`
     )
   }
   if (idempotent && retries === 0) {
-    r.problem(
+    r.conflict(
       "KAFKA_PRODUCER_RETRIES",
-      r.raw("KAFKA_PRODUCER_RETRIES"),
-      "at least 1 when KAFKA_PRODUCER_IDEMPOTENT is true (idempotence exists to make retries safe)"
+      retries,
+      `at least 1 when KAFKA_PRODUCER_IDEMPOTENT is true${r.raw("KAFKA_PRODUCER_IDEMPOTENT") === undefined ? " (its default)" : ""} (idempotence exists to make retries safe)`
     )
   }
   const linger = r.field("KAFKA_PRODUCER_LINGER_MS", Duration.millis(5), millis(0, 60_000), "0 to 60000 milliseconds")
@@ -388,11 +408,7 @@ const readProducer = (r: Reader): ProducerConfig => {
     "a whole number from 1 to 10000000"
   )
   if (queueCapacity < batchSize) {
-    r.problem(
-      "KAFKA_PRODUCER_QUEUE_CAPACITY",
-      r.raw("KAFKA_PRODUCER_QUEUE_CAPACITY"),
-      `at least KAFKA_PRODUCER_BATCH_SIZE (${batchSize})`
-    )
+    r.conflict("KAFKA_PRODUCER_QUEUE_CAPACITY", queueCapacity, `at least KAFKA_PRODUCER_BATCH_SIZE (${batchSize})`)
   }
   return { topic, acks, retries, idempotent, linger, batchSize, queueCapacity }
 }
@@ -421,9 +437,9 @@ const readConsumer = (r: Reader): ConsumerConfig => {
     "a whole number of milliseconds from 0 to 60000"
   )
   if (fetchMinBytes > fetchMaxBytes) {
-    r.problem(
+    r.conflict(
       "KAFKA_CONSUMER_FETCH_MIN_BYTES",
-      r.raw("KAFKA_CONSUMER_FETCH_MIN_BYTES"),
+      fetchMinBytes,
       `at most KAFKA_CONSUMER_FETCH_MAX_BYTES (${fetchMaxBytes})`
     )
   }
@@ -436,13 +452,13 @@ const readConsumer = (r: Reader): ConsumerConfig => {
   )
   const dlqTopic = r.field("KAFKA_DLQ_TOPIC", "events-dlq", topicName, topicForm)
   if (dlqTopic === topic) {
-    r.problem("KAFKA_DLQ_TOPIC", r.raw("KAFKA_DLQ_TOPIC"), "a topic other than KAFKA_CONSUMER_TOPIC")
+    r.conflict("KAFKA_DLQ_TOPIC", dlqTopic, "a topic other than KAFKA_CONSUMER_TOPIC")
   }
   const retryTopics = Array.from({ length: retryMax }, (_, i) => `${retryTopicPrefix}-${i + 1}`)
   if (retryTopics.includes(topic) || retryTopics.includes(dlqTopic)) {
-    r.problem(
+    r.conflict(
       "KAFKA_RETRY_TOPIC_PREFIX",
-      r.raw("KAFKA_RETRY_TOPIC_PREFIX"),
+      retryTopicPrefix,
       "a prefix whose retry topics (prefix-1 … prefix-N) are neither KAFKA_CONSUMER_TOPIC nor KAFKA_DLQ_TOPIC"
     )
   }
@@ -487,9 +503,9 @@ const readConsumer = (r: Reader): ConsumerConfig => {
     ms(10, 3_600_000)
   )
   if (Duration.isGreaterThanOrEqualTo(heartbeatInterval, sessionTimeout)) {
-    r.problem(
+    r.conflict(
       "KAFKA_CONSUMER_HEARTBEAT_INTERVAL_MS",
-      r.raw("KAFKA_CONSUMER_HEARTBEAT_INTERVAL_MS"),
+      Duration.toMillis(heartbeatInterval),
       `less than KAFKA_CONSUMER_SESSION_TIMEOUT_MS (${Duration.toMillis(sessionTimeout)}), a third of it is usual`
     )
   }

@@ -38,7 +38,7 @@ describe("KafkaConfig", () => {
   it.effect("every variable is read", () =>
     Effect.gen(function* () {
       const config = yield* load({
-        KAFKA_BROKERS: "kafka-1:9092, kafka-2:9093,[::1]:9094",
+        KAFKA_BROKERS: "kafka-1:9092, kafka-2:9093,10.0.0.7:9094",
         KAFKA_CLIENT_ID: "billing",
         KAFKA_SASL_MECHANISM: "SCRAM-SHA-512",
         KAFKA_SASL_USERNAME: "alice",
@@ -77,7 +77,7 @@ describe("KafkaConfig", () => {
         LOG_FORMAT: "json"
       })
       const { connection, producer, consumer } = config
-      assert.deepStrictEqual(connection.brokers, ["kafka-1:9092", "kafka-2:9093", "[::1]:9094"])
+      assert.deepStrictEqual(connection.brokers, ["kafka-1:9092", "kafka-2:9093", "10.0.0.7:9094"])
       assert.strictEqual(connection.clientId, "billing")
       const sasl = Option.getOrThrow(connection.sasl)
       assert.strictEqual(sasl.mechanism, "scram-sha-512")
@@ -193,6 +193,28 @@ describe("KafkaConfig", () => {
     })
   )
 
+  it.effect("an IPv6 literal broker is refused at start-up: kafkajs would split it at its colons", () =>
+    Effect.gen(function* () {
+      const problems = yield* problemsOf({ KAFKA_BROKERS: "[::1]:9092" })
+      assert.strictEqual(problems[0]?.variable, "KAFKA_BROKERS")
+      assert.include(problems[0]?.expected, "kafkajs cannot take IPv6 literals")
+    })
+  )
+
+  it.effect("a password is taken as it is: spaces are part of it", () =>
+    Effect.gen(function* () {
+      const config = yield* load({
+        KAFKA_SASL_MECHANISM: "plain",
+        KAFKA_SASL_USERNAME: "alice",
+        KAFKA_SASL_PASSWORD: " p w "
+      })
+      assert.strictEqual(
+        Option.map(config.connection.sasl, (sasl) => Redacted.value(sasl.password)).pipe(Option.getOrThrow),
+        " p w "
+      )
+    })
+  )
+
   it.effect("every problem is reported at once", () =>
     Effect.gen(function* () {
       const error = yield* Effect.flip(load({ KAFKA_BROKERS: "x", KAFKA_CONSUMER_WORKERS: "0", LOG_LEVEL: "loud" }))
@@ -230,6 +252,12 @@ describe("KafkaConfig", () => {
           KAFKA_CONSUMER_FETCH_MAX_BYTES: "1024"
         })
         assert.strictEqual(problems[0]?.variable, "KAFKA_CONSUMER_FETCH_MIN_BYTES")
+        // Only the maximum set: the minimum's default is what conflicts, and the message says so.
+        const maxOnly = yield* problemsOf({ KAFKA_CONSUMER_FETCH_MAX_BYTES: "512" })
+        assert.strictEqual(
+          maxOnly[0]?.toString(),
+          "KAFKA_CONSUMER_FETCH_MIN_BYTES is not set, so 1024 (its default); expected at most KAFKA_CONSUMER_FETCH_MAX_BYTES (512)"
+        )
       })
     )
 

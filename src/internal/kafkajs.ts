@@ -202,6 +202,16 @@ export const make = (
     }
     if (Option.isSome(connection.tls)) config.ssl = yield* sslOptions(connection.tls.value)
     if (Option.isSome(connection.sasl)) config.sasl = saslOptions(connection.sasl.value)
+    if (
+      Option.isSome(connection.sasl) &&
+      connection.sasl.value.mechanism === "plain" &&
+      Option.isNone(connection.tls)
+    ) {
+      // Allowed (SASL_PLAINTEXT listeners exist, on private networks), but never silently.
+      yield* Effect.logWarning(
+        "SASL PLAIN without TLS: the password crosses the network in clear text (set KAFKA_TLS=true, or use SCRAM)"
+      )
+    }
     const kafka = new Kafka(config)
     const schedule = KafkaClient.reconnectSchedule({
       initial: connection.reconnectBackoff,
