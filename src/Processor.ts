@@ -424,7 +424,7 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
             fromBeginning: true,
             // A retry record is due at its time: fetch it as soon as it is there, not once a kilobyte gathered.
             fetchMinBytes: 1,
-            dueAt: RetryPolicy.dueAt
+            dueAt: RetryPolicy.dueAtOn(policy, index + 1)
           })
         ))
       ]

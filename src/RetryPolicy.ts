@@ -115,6 +115,19 @@ const integer = (value: string | undefined): number | undefined =>
 /** When a retry record may be handled: its due-at header (undefined when absent or unreadable: now). */
 export const dueAt = (record: KafkaClient.ConsumedRecord): number | undefined => integer(text(record, headers.dueAt))
 
+/**
+ * When a record of retry topic `n` (from 1) may be handled: its due-at header, but never later than the record's
+ * own timestamp plus that topic's delay, the most any hop to it is given (the hop is produced after its due-at was
+ * set, so a genuine one is never cut short). A due-at beyond that — garbled, hostile, or set by a clock far ahead —
+ * would keep its partition paused, and every record behind it waiting, for as long.
+ */
+export const dueAtOn =
+  (policy: RetryPolicy, n: number) =>
+  (record: KafkaClient.ConsumedRecord): number | undefined => {
+    const due = dueAt(record)
+    return due === undefined ? undefined : Math.min(due, record.timestamp + Duration.toMillis(delay(policy, n)))
+  }
+
 /** The history a retry or dead-letter record carries; none for a record that never failed. */
 export const historyOf = (record: KafkaClient.ConsumedRecord): Option.Option<History> => {
   const originalTopic = text(record, headers.originalTopic)

@@ -61,6 +61,16 @@ const advanceWhile = <E, R>(pending: Effect.Effect<boolean, E, R>, step: Duratio
 
 const order = (id: string, amount = 10) => ({ key: id, value: JSON.stringify({ id, amount }) })
 
+/** The headers of a first hop of orders/0@0 to retry-1 by `group`, due at `dueAt` when given. */
+const retryHeaders = (group: string, dueAt?: number): Record<string, string> => ({
+  [RetryPolicy.headers.originalTopic]: "orders",
+  [RetryPolicy.headers.originalPartition]: "0",
+  [RetryPolicy.headers.originalOffset]: "0",
+  [RetryPolicy.headers.attempt]: "1",
+  [RetryPolicy.headers.consumerGroup]: group,
+  ...(dueAt === undefined ? {} : { [RetryPolicy.headers.dueAt]: String(dueAt) })
+})
+
 describe("Processor", () => {
   it.effect("a retried record is handled at its retry topic's delay, not before", () =>
     Effect.gen(function* () {
@@ -270,20 +280,10 @@ describe("Processor", () => {
       const waiting = (id: string, partition: number, dueAt: number) => ({
         ...order(id),
         partition,
-        headers: {
-          [RetryPolicy.headers.originalTopic]: "orders",
-          [RetryPolicy.headers.originalPartition]: "0",
-          [RetryPolicy.headers.originalOffset]: "0",
-          [RetryPolicy.headers.attempt]: "1",
-          [RetryPolicy.headers.consumerGroup]: "g",
-          [RetryPolicy.headers.dueAt]: String(dueAt)
-        }
+        headers: retryHeaders("g", dueAt)
       })
-      // Partition 0 of retry-1 waits 60 s for its head; partition 1's record is due in 1 s.
-      yield* InMemoryKafka.produce("orders-retry-1", [
-        waiting("late", 0, now + 60_000),
-        waiting("soon", 1, now + 1_000)
-      ])
+      // Partition 0 of retry-1 waits 5 s (the topic's delay) for its head; partition 1's record is due in 1 s.
+      yield* InMemoryKafka.produce("orders-retry-1", [waiting("late", 0, now + 5_000), waiting("soon", 1, now + 1_000)])
       yield* InMemoryKafka.produce("orders", [order("fresh")])
       yield* advanceUntil(() => handled.length >= 3, "100 millis")
       assert.deepStrictEqual(
@@ -291,10 +291,36 @@ describe("Processor", () => {
         [
           ["fresh", 0, handled[0]?.at === undefined ? 0 : handled[0].at - now],
           ["soon", 1, 1_000],
-          ["late", 1, 60_000]
+          ["late", 1, 5_000]
         ]
       )
       assert.isTrue((handled[0]?.at ?? Infinity) - now < 1_000, "the main topic did not wait")
+      yield* Fiber.interrupt(fiber)
+    }).pipe(Effect.provide(setup()))
+  )
+
+  it.effect("a due-at beyond its retry topic's delay waits only that delay, not as long as it says", () =>
+    Effect.gen(function* () {
+      const handled: Array<number> = []
+      const fiber = yield* Effect.forkChild(
+        Processor.run([
+          Processor.handler({
+            topic: "orders",
+            value: Order,
+            handle: () => Effect.flatMap(Clock.currentTimeMillis, (at) => Effect.sync(() => handled.push(at)))
+          })
+        ])
+      )
+      const now = yield* Clock.currentTimeMillis
+      // A year ahead: a garbled header, or a writer whose clock is far ahead. The topic's delay is 5 s.
+      yield* InMemoryKafka.produce("orders-retry-1", [
+        {
+          ...order("far"),
+          headers: retryHeaders("g", now + 365 * 24 * 3600_000)
+        }
+      ])
+      yield* advanceUntil(() => handled.length >= 1, "100 millis", 100)
+      assert.strictEqual((handled[0] ?? Number.NaN) - now, 5_000)
       yield* Fiber.interrupt(fiber)
     }).pipe(Effect.provide(setup()))
   )
@@ -308,13 +334,7 @@ describe("Processor", () => {
       yield* InMemoryKafka.produce("orders-retry-1", [
         {
           ...order("theirs"),
-          headers: {
-            [RetryPolicy.headers.originalTopic]: "orders",
-            [RetryPolicy.headers.originalPartition]: "0",
-            [RetryPolicy.headers.originalOffset]: "0",
-            [RetryPolicy.headers.attempt]: "1",
-            [RetryPolicy.headers.consumerGroup]: "another-group"
-          }
+          headers: retryHeaders("another-group")
         }
       ])
       const processor = yield* Processor.Processor
