@@ -13,7 +13,7 @@
  * const summary = yield* Replay.replay({ dlqTopic: "events-dlq", groupId: "billing", errorTags: ["Timeout"], dryRun: true })
  * ```
  */
-import { Clock, Deferred, Effect, Option } from "effect"
+import { Clock, Deferred, Effect, Exit, Option } from "effect"
 import { increment } from "./internal/records.ts"
 import * as KafkaClient from "./KafkaClient.ts"
 import * as KafkaProducer from "./KafkaProducer.ts"
@@ -123,15 +123,14 @@ export const replay = Effect.fn("Replay.replay")(function* (options: ReplayOptio
         })
       }
       if (!options.dryRun && outgoing.length > 0) {
-        yield* producer.sendAll(outgoing).pipe(
-          Effect.tap(() =>
-            Effect.sync(() => {
-              summary.replayed += outgoing.length
-            })
-          ),
-          // A send that fails ends the replay with the error; what was sent before stays sent (see the summary).
-          Effect.catch((error) => Deferred.fail(done, error))
-        )
+        // Each record counts once acked, and all of the batch's sends end before a failure ends the replay, so
+        // `replayed` is exactly what was re-published, even when the replay stops partway (it is then logged).
+        const exits = yield* Effect.forEach(outgoing, (record) => Effect.exit(producer.send(record)), {
+          concurrency: "unbounded"
+        })
+        summary.replayed += exits.filter(Exit.isSuccess).length
+        const failed = exits.find(Exit.isFailure)
+        if (failed !== undefined) yield* Deferred.failCause(done, failed.cause)
       }
       const last = batch.records.at(-1)
       if (last !== undefined && last.offset >= end - 1n) ends.delete(batch.partition)
@@ -149,6 +148,14 @@ export const replay = Effect.fn("Replay.replay")(function* (options: ReplayOptio
       yield* connection.run(handleBatch)
       yield* Deferred.await(done).pipe(Effect.raceFirst(connection.crashed))
     })
+  ).pipe(
+    // A replay cannot be undone, and run again it re-publishes what it did before: one that stops before its end
+    // (a failed send, a signal) says what it had done, so that the operator can tell what to replay next.
+    Effect.onExit((exit) =>
+      Exit.isSuccess(exit)
+        ? Effect.void
+        : Effect.logWarning(`replay stopped before its end; done so far: ${JSON.stringify(summary)}`)
+    )
   )
   return summary
 })

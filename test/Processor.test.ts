@@ -1,5 +1,5 @@
 import { assert, describe, it } from "@effect/vitest"
-import { Clock, Duration, Effect, Exit, Fiber, Layer, Option, Schedule, Schema } from "effect"
+import { Clock, Duration, Effect, Exit, Fiber, Layer, Logger, Option, Schedule, Schema } from "effect"
 import { TestClock } from "effect/testing"
 import * as InMemoryKafka from "../src/InMemoryKafka.ts"
 import * as KafkaClient from "../src/KafkaClient.ts"
@@ -508,6 +508,29 @@ describe("Replay", () => {
         (yield* InMemoryKafka.records("orders")).map((record) => text(record.key ?? undefined)),
         ["kept"]
       )
+    }).pipe(Effect.provide(layer))
+  )
+
+  it.effect("a replay that fails partway says exactly what it re-published", () =>
+    Effect.gen(function* () {
+      // Dead letters of "orders" on both DLQ partitions, and one on partition 1 whose original topic is gone.
+      yield* InMemoryKafka.produce("orders-dlq", [
+        deadLetter("a", "Timeout"),
+        deadLetter("b", "Timeout"),
+        { ...deadLetter("c", "Timeout"), partition: 1 },
+        { ...deadLetter("lost", "Timeout", "gone"), partition: 1 }
+      ])
+      const warnings: Array<string> = []
+      const logger = Logger.make(({ logLevel, message }) => {
+        if (logLevel === "Warn") warnings.push((Array.isArray(message) ? message : [message]).map(String).join(" "))
+      })
+      const exit = yield* Effect.exit(replay({})).pipe(Effect.provide(Logger.layer([logger])))
+      assert.isTrue(Exit.isFailure(exit), "the send to the missing topic fails the replay")
+      const line = warnings.find((warning) => warning.startsWith("replay stopped before its end"))
+      assert.isDefined(line, warnings.join("\n"))
+      const logged = JSON.parse(line?.replace(/^[^{]*/, "") ?? "{}")
+      const written = yield* InMemoryKafka.records("orders")
+      assert.strictEqual(logged.replayed, written.length, "replayed counts what was written, no more, no less")
     }).pipe(Effect.provide(layer))
   )
 
