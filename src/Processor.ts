@@ -45,6 +45,7 @@ import {
 } from "effect"
 import { Headers, HttpTraceContext } from "effect/http"
 import * as KafkaConfig from "./Config.ts"
+import { prettyCause } from "./internal/cause.ts"
 import { coordinates, increment } from "./internal/records.ts"
 import * as KafkaClient from "./KafkaClient.ts"
 import * as KafkaConsumer from "./KafkaConsumer.ts"
@@ -146,7 +147,15 @@ export const handler = <S extends Decodable, E = never, R = never, HS extends De
 }): TopicHandler<R> => {
   const decodeValue = Schema.decodeUnknownEffect(options.value)
   const decodeHeaders = Schema.decodeUnknownEffect(options.headers ?? HeaderText)
-  const isFatal = (error: E) => error instanceof Fatal || (options.fatal?.(error) ?? false)
+  // A predicate that throws decides nothing: the error stays what it is, retryable.
+  const isFatal = (error: E) => {
+    if (error instanceof Fatal) return true
+    try {
+      return options.fatal?.(error) ?? false
+    } catch {
+      return false
+    }
+  }
 
   const decode = (record: KafkaClient.ConsumedRecord) =>
     Effect.gen(function* () {
@@ -188,13 +197,14 @@ export const handler = <S extends Decodable, E = never, R = never, HS extends De
             key: record.key === null ? null : lenient.decode(record.key),
             record
           })
-          .pipe(
-            Effect.mapError((error): Failure => ({ ...describe(error), fatal: isFatal(error) })),
-            // A defect is a bug or an unexpected throw: logged, and treated as a retryable failure.
-            Effect.catchDefect((defect) =>
-              Effect.fail<Failure>({ tag: "Defect", message: Cause.pretty(Cause.die(defect)), fatal: false })
-            )
-          )
+          .pipe(Effect.mapError((error): Failure => ({ ...describe(error), fatal: isFatal(error) })))
+      ).pipe(
+        // A defect is a bug or an unexpected throw — in the handler's effect, in `handle` itself before it returns
+        // one, or in a Schema transformation while decoding: logged, and treated as a retryable failure, so it
+        // climbs the retry ladder to the DLQ instead of being tried in place for ever.
+        Effect.catchDefect((defect) =>
+          Effect.fail<Failure>({ tag: "Defect", message: prettyCause(Cause.die(defect)), fatal: false })
+        )
       )
   }
 }
@@ -354,6 +364,7 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
     Effect.gen(function* () {
       const byTopic = new Map(handlers.map((topicHandler) => [topicHandler.topic, topicHandler]))
       const retryTopics = new Set(RetryPolicy.retryTopics(policy))
+      const retryNumber = new Map(RetryPolicy.retryTopics(policy).map((topic, index) => [topic, index + 1]))
       const mainTopics = [...byTopic.keys()]
       const groups = [groupId, ...RetryPolicy.retryTopics(policy).map((_, index) => `${groupId}-retry-${index + 1}`)]
       // Not ready until every consumer joined its group (each reports itself ready then).
@@ -364,8 +375,22 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
         Effect.gen(function* () {
           // Only a retry record carries a history: a main-topic record is on its first attempt.
           const fromRetryTopic = retryTopics.has(record.topic)
-          const history = fromRetryTopic ? RetryPolicy.historyOf(record) : Option.none()
-          if (fromRetryTopic && Option.isSome(history) && history.value.consumerGroup !== groupId) {
+          // The attempt is the retry topic's number (retry-k holds attempt k), whatever the header says: a garbled
+          // or hostile attempt would otherwise send the record to a retry topic that does not exist, or back down
+          // the ladder.
+          const history = fromRetryTopic
+            ? Option.map(RetryPolicy.historyOf(record), (h) => ({
+                ...h,
+                attempt: retryNumber.get(record.topic) ?? h.attempt
+              }))
+            : Option.none()
+          // Left alone only when it names another group; a record without the header is ours (skipping it would lose it).
+          if (
+            fromRetryTopic &&
+            Option.isSome(history) &&
+            history.value.consumerGroup !== "" &&
+            history.value.consumerGroup !== groupId
+          ) {
             counts.skipped++
             return
           }

@@ -325,6 +325,66 @@ describe("Processor", () => {
     }).pipe(Effect.provide(setup()))
   )
 
+  it.effect("a handler that throws before returning an effect climbs the ladder to the DLQ as a Defect", () =>
+    Effect.gen(function* () {
+      const attempts: Array<number> = []
+      const fiber = yield* Effect.forkChild(
+        Processor.run([
+          Processor.handler({
+            topic: "orders",
+            value: Order,
+            handle: ({ attempt }) => {
+              attempts.push(attempt)
+              throw new Error("a bug in ordinary code")
+            }
+          })
+        ])
+      )
+      yield* InMemoryKafka.produce("orders", [order("thrower")])
+      yield* advanceUntil(() => attempts.length >= 4, "1 second", 1_000)
+      yield* advanceUntil(() => false, "100 millis", 20)
+      assert.deepStrictEqual(attempts, [0, 1, 2, 3])
+      const [dead] = yield* InMemoryKafka.records("orders-dlq")
+      assert.strictEqual(text(dead?.headers[RetryPolicy.headers.errorTag]), "Defect")
+      assert.include(text(dead?.headers[RetryPolicy.headers.errorMessage]), "a bug in ordinary code")
+      yield* Fiber.interrupt(fiber)
+    }).pipe(Effect.provide(setup()))
+  )
+
+  it.effect("a retry record's attempt is its retry topic's, and one without a group header is handled, not lost", () =>
+    Effect.gen(function* () {
+      const seen: Array<[string, number]> = []
+      const fiber = yield* Effect.forkChild(
+        Processor.run([
+          Processor.handler({
+            topic: "orders",
+            value: Order,
+            handle: ({ value, attempt }) =>
+              Effect.gen(function* () {
+                seen.push([value.id, attempt])
+                if (value.id === "hostile") return yield* new PaymentDown({ id: value.id })
+              })
+          })
+        ])
+      )
+      const { [RetryPolicy.headers.consumerGroup]: _group, ...withoutGroup } = retryHeaders("g")
+      yield* InMemoryKafka.produce("orders-retry-1", [
+        { ...order("no-group"), partition: 0, headers: withoutGroup },
+        { ...order("hostile"), partition: 1, headers: { ...retryHeaders("g"), [RetryPolicy.headers.attempt]: "-5" } }
+      ])
+      yield* advanceUntil(() => seen.length >= 2, "100 millis", 200)
+      yield* advanceUntil(() => false, "100 millis", 20)
+      assert.sameDeepMembers(seen.slice(0, 2), [
+        ["no-group", 1],
+        ["hostile", 1]
+      ])
+      // The failed one went up the ladder to retry-2, not to "orders-retry--4".
+      const [next] = yield* InMemoryKafka.records("orders-retry-2")
+      assert.strictEqual(text(next?.headers[RetryPolicy.headers.attempt]), "2")
+      yield* Fiber.interrupt(fiber)
+    }).pipe(Effect.provide(setup()))
+  )
+
   it.effect("retry records of another consumer group are left alone", () =>
     Effect.gen(function* () {
       let calls = 0
