@@ -61,6 +61,11 @@ const advanceWhile = <E, R>(pending: Effect.Effect<boolean, E, R>, step: Duratio
 
 const order = (id: string, amount = 10) => ({ key: id, value: JSON.stringify({ id, amount }) })
 
+/** Runs the Processor, in a fiber of its own, with one handler for "orders" (values decoded as `Order`). */
+const runOrders = <E>(
+  handle: (message: Processor.Message<typeof Order.Type, Record<string, string>>) => Effect.Effect<void, E>
+) => Effect.forkChild(Processor.run([Processor.handler({ topic: "orders", value: Order, handle })]))
+
 /** The headers of a first hop of orders/0@0 to retry-1 by `group`, due at `dueAt` when given. */
 const retryHeaders = (group: string, dueAt?: number): Record<string, string> => ({
   [RetryPolicy.headers.originalTopic]: "orders",
@@ -302,14 +307,8 @@ describe("Processor", () => {
   it.effect("a due-at beyond its retry topic's delay waits only that delay, not as long as it says", () =>
     Effect.gen(function* () {
       const handled: Array<number> = []
-      const fiber = yield* Effect.forkChild(
-        Processor.run([
-          Processor.handler({
-            topic: "orders",
-            value: Order,
-            handle: () => Effect.flatMap(Clock.currentTimeMillis, (at) => Effect.sync(() => handled.push(at)))
-          })
-        ])
+      const fiber = yield* runOrders(() =>
+        Effect.flatMap(Clock.currentTimeMillis, (at) => Effect.sync(() => handled.push(at)))
       )
       const now = yield* Clock.currentTimeMillis
       // A year ahead: a garbled header, or a writer whose clock is far ahead. The topic's delay is 5 s.
@@ -328,18 +327,10 @@ describe("Processor", () => {
   it.effect("a handler that throws before returning an effect climbs the ladder to the DLQ as a Defect", () =>
     Effect.gen(function* () {
       const attempts: Array<number> = []
-      const fiber = yield* Effect.forkChild(
-        Processor.run([
-          Processor.handler({
-            topic: "orders",
-            value: Order,
-            handle: ({ attempt }) => {
-              attempts.push(attempt)
-              throw new Error("a bug in ordinary code")
-            }
-          })
-        ])
-      )
+      const fiber = yield* runOrders(({ attempt }) => {
+        attempts.push(attempt)
+        throw new Error("a bug in ordinary code")
+      })
       yield* InMemoryKafka.produce("orders", [order("thrower")])
       yield* advanceUntil(() => attempts.length >= 4, "1 second", 1_000)
       yield* advanceUntil(() => false, "100 millis", 20)
@@ -354,18 +345,11 @@ describe("Processor", () => {
   it.effect("a retry record's attempt is its retry topic's, and one without a group header is handled, not lost", () =>
     Effect.gen(function* () {
       const seen: Array<[string, number]> = []
-      const fiber = yield* Effect.forkChild(
-        Processor.run([
-          Processor.handler({
-            topic: "orders",
-            value: Order,
-            handle: ({ value, attempt }) =>
-              Effect.gen(function* () {
-                seen.push([value.id, attempt])
-                if (value.id === "hostile") return yield* new PaymentDown({ id: value.id })
-              })
-          })
-        ])
+      const fiber = yield* runOrders(({ value, attempt }) =>
+        Effect.gen(function* () {
+          seen.push([value.id, attempt])
+          if (value.id === "hostile") return yield* new PaymentDown({ id: value.id })
+        })
       )
       const { [RetryPolicy.headers.consumerGroup]: _group, ...withoutGroup } = retryHeaders("g")
       yield* InMemoryKafka.produce("orders-retry-1", [

@@ -20,7 +20,7 @@ import * as KafkaProducer from "../KafkaProducer.ts"
 import * as Observability from "../Observability.ts"
 import * as Processor from "../Processor.ts"
 import * as Replay from "../Replay.ts"
-import { ProgramFailed } from "./main.ts"
+import { ProgramFailed, wholeFlag } from "./main.ts"
 
 const usage = `usage: node dist/consumer.js [--transient-failures R] [--permanent-failures R] [--work-ms N]
        node dist/consumer.js replay [--error-tag TAG]… [--topic TOPIC]… [--since TIME] [--until TIME] [--max N] [--dry-run]
@@ -71,11 +71,7 @@ const parseOptions = (argv: ReadonlyArray<string>): Effect.Effect<Options, Progr
         if (!(n >= 0 && n <= 1)) throw new Error(`--${name} must be a share from 0 to 1, got ${raw}`)
         return n
       }
-      const whole = (name: string, raw: string, min: number) => {
-        const n = /^\d{1,15}$/.test(raw) ? Number(raw) : Number.NaN
-        if (!(n >= min)) throw new Error(`--${name} must be a whole number ≥ ${min}, got ${JSON.stringify(raw)}`)
-        return n
-      }
+      const whole = wholeFlag
       // A replay cannot be undone, so a time must say what it means: an ISO-8601 date or date-time, or epoch
       // milliseconds of 13 digits. Epoch seconds (10 digits) or a basic date such as 20261128, read as
       // milliseconds, would be days after 1970 and replay everything.

@@ -18,6 +18,16 @@ export class ProgramFailed extends Data.TaggedError("ProgramFailed")<{
   readonly exitCode: number
 }> {}
 
+/**
+ * A flag's whole number, at least `min`; throws (for the programs' usage message) otherwise. Digits only: Number()
+ * would take "" (an unset shell variable) as 0, "0x10" as 16 and "1e3" as 1000.
+ */
+export const wholeFlag = (name: string, raw: string, min: number): number => {
+  const n = /^\d{1,15}$/.test(raw) ? Number(raw) : Number.NaN
+  if (!(n >= min)) throw new Error(`--${name} must be a whole number ≥ ${min}, got ${JSON.stringify(raw)}`)
+  return n
+}
+
 export const run = <E>(program: Effect.Effect<void, E>): void => {
   let signals = 0
   const onSignal = (signal: NodeJS.Signals) => {

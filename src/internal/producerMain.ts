@@ -18,7 +18,7 @@ import * as Event from "../Event.ts"
 import * as KafkaClient from "../KafkaClient.ts"
 import * as KafkaProducer from "../KafkaProducer.ts"
 import * as Observability from "../Observability.ts"
-import { ProgramFailed } from "./main.ts"
+import { ProgramFailed, wholeFlag } from "./main.ts"
 
 const usage = `usage: node dist/producer.js [--generate] [--count N] [--rate N] [--subjects N] [--source NAME]
   NDJSON events on stdin are validated and sent; without stdin, sample events are generated.
@@ -56,12 +56,7 @@ const parseOptions = (argv: ReadonlyArray<string>): Effect.Effect<Options, Progr
         }
       })
       if (values.help) throw new Error("help")
-      // Digits only: Number() would take "" (an unset shell variable) as 0, which means "until stopped" here.
-      const whole = (name: string, raw: string, min: number) => {
-        const n = /^\d{1,15}$/.test(raw) ? Number(raw) : Number.NaN
-        if (!(n >= min)) throw new Error(`--${name} must be a whole number ≥ ${min}, got ${JSON.stringify(raw)}`)
-        return n
-      }
+      const whole = wholeFlag
       return {
         generate: values.generate,
         count: whole("count", values.count, 0),
