@@ -362,7 +362,8 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
 
   // With several lanes the producer chooses each record's partition itself, as kafkajs' default partitioner would,
   // to send all of a partition's records through one lane. That needs partition counts: read once per topic and
-  // again every `partitionCountMaxAge` (a topic can gain partitions). One lane leaves the choice to the client.
+  // again every `partitionCountMaxAge` (a topic can gain partitions). One lane leaves the choice to the client, and
+  // reads the count only to check the topic and explicit partitions (`routeFor`).
   const routes = new Map<string, Route>()
   const partitionCount = (topic: string) =>
     client.admin.partitionCount(topic).pipe(
@@ -458,13 +459,53 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
         : Effect.flatMap(Queue.offer(lane.queue, pending), accepted)
     })
 
+  const partitionError = (topic: string, partition: number, detail: string) =>
+    new KafkaClient.KafkaError({
+      operation: "produce",
+      topic,
+      partition,
+      reason: new KafkaClient.BrokerError({ type: "UNKNOWN_TOPIC_OR_PARTITION", retriable: false, detail })
+    })
+
+  /**
+   * The route of a record's topic, read on its first record (so a record for a topic that does not exist fails
+   * alone, not with the batch it would have joined); a record's explicit partition must exist. kafkajs leaves out
+   * the records of a partition it has no metadata for and writes the rest of the request, which then fails as a
+   * whole (no answer for that partition) and would be sent again: its other records twice. A partition beyond the
+   * count known reads the count again first, as the topic may have gained partitions.
+   */
+  const routeFor = (topic: string, partition: number | undefined): Effect.Effect<Route, KafkaClient.KafkaError> =>
+    Effect.gen(function* () {
+      if (partition !== undefined && !(Number.isSafeInteger(partition) && partition >= 0)) {
+        return yield* partitionError(topic, partition, `partition ${partition} is not a whole number from 0`)
+      }
+      let route = routes.get(topic)
+      if (route === undefined) route = yield* routeOf(topic)
+      else route.partitions = yield* partitionCount(topic)
+      if (partition !== undefined && partition >= route.partitions) {
+        return yield* partitionError(
+          topic,
+          partition,
+          `partition ${partition} of ${topic} does not exist (it has ${route.partitions})`
+        )
+      }
+      return route
+    })
+
   const enqueue = (record: OutgoingRecord) => {
     const topic = record.topic ?? options.topic
-    if (laneCount === 1) return enqueueTo(record, topic, undefined)
     const route = routes.get(topic)
-    return route === undefined
-      ? Effect.flatMap(routeOf(topic), (route) => enqueueTo(record, topic, route))
-      : enqueueTo(record, topic, route)
+    const partition = record.partition
+    // The path of almost every record: a known topic, and no partition or one known to exist.
+    if (
+      route !== undefined &&
+      (partition === undefined || (Number.isInteger(partition) && partition >= 0 && partition < route.partitions))
+    ) {
+      return enqueueTo(record, topic, laneCount === 1 ? undefined : route)
+    }
+    return Effect.flatMap(routeFor(topic, partition), (route) =>
+      enqueueTo(record, topic, laneCount === 1 ? undefined : route)
+    )
   }
 
   const send = (record: OutgoingRecord) => Effect.flatMap(enqueue(record), Deferred.await)

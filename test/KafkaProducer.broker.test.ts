@@ -81,6 +81,31 @@ describe("Producer against a real broker", () => {
     }).pipe(Effect.provide(producerLayer(brokers, { KAFKA_PRODUCER_LINGER_MS: "0" })))
   )
 
+  it.live("a record for a partition that does not exist fails alone; its batch-mates are stored once", () =>
+    Effect.gen(function* () {
+      const topic = uniqueName("partitions")
+      yield* createTopic(brokers, topic, 2)
+      const producer = yield* KafkaProducer.KafkaProducer
+      // One linger: the three records leave in one request, unless the bad one is refused before it is queued.
+      const [first, error, second] = yield* Effect.all(
+        [
+          producer.send({ topic, partition: 0, value: "to 0" }),
+          Effect.flip(producer.send({ topic, partition: 5, value: "to 5" })),
+          producer.send({ topic, partition: 1, value: "to 1" })
+        ],
+        { concurrency: "unbounded" }
+      )
+      assert.deepStrictEqual([first.partition, second.partition], [0, 1])
+      assert.strictEqual(error._tag, "KafkaError")
+      if (error._tag === "KafkaError") {
+        assert.isFalse(error.retriable)
+        assert.include(error.message, `partition 5 of ${topic} does not exist (it has 2)`)
+      }
+      const stored = yield* readTopic(brokers, topic)
+      assert.deepStrictEqual(stored.map((record) => record.value).sort(), ["to 0", "to 1"], "each stored once")
+    }).pipe(Effect.provide(producerLayer(brokers, { KAFKA_PRODUCER_LINGER_MS: "200" })))
+  )
+
   it.live("started before its broker, the producer waits for it, connects and delivers", () =>
     Effect.gen(function* () {
       const dir = yield* brokerDir

@@ -17,7 +17,10 @@ const options: KafkaProducer.ProducerOptions = {
 }
 
 /** A producer over a scripted client (topics of `partitions` partitions), in a scope the test can close. */
-const setup = (overrides: Partial<KafkaProducer.ProducerOptions> = {}, partitions = 1) =>
+const setup = (
+  overrides: Partial<KafkaProducer.ProducerOptions> = {},
+  partitions: number | ((topic: string) => number) = 1
+) =>
   Effect.gen(function* () {
     const scripted = yield* Scripted.makeWith({ partitions })
     const scope = yield* Scope.make()
@@ -193,6 +196,65 @@ describe("Producer", () => {
       }
       const pinned = yield* producer.send({ key: "k", partition: 3, value: "x" })
       assert.strictEqual(pinned.partition, 3)
+    })
+  )
+
+  it.effect("a record for a partition that does not exist fails alone; the others of its batch are sent once", () =>
+    Effect.gen(function* () {
+      const { scripted, producer } = yield* setup({ linger: Duration.millis(50) }, 3)
+      const fibers = yield* Effect.forEach([0, 7, 2, -1, 1.5], (partition, i) =>
+        Effect.forkChild(Effect.flip(producer.send({ partition, value: String(i) })))
+      )
+      yield* TestClock.adjust("50 millis")
+      const outcomes = yield* Effect.forEach(fibers, (fiber) => Effect.exit(Fiber.join(fiber)))
+      const [first, missing, second, negative, fractional] = outcomes
+      // flipped: an acked record is a failure here, a refused one a success
+      assert.deepStrictEqual(first, Exit.fail({ topic: "events", partition: 0, offset: 0n }))
+      assert.deepStrictEqual(second, Exit.fail({ topic: "events", partition: 2, offset: 0n }))
+      for (const [exit, detail] of [
+        [missing, "partition 7 of events does not exist (it has 3)"],
+        [negative, "partition -1 is not a whole number from 0"],
+        [fractional, "partition 1.5 is not a whole number from 0"]
+      ] as const) {
+        const error = exit !== undefined && Exit.isSuccess(exit) ? exit.value : undefined
+        assert.strictEqual(error?._tag, "KafkaError", detail)
+        if (error?._tag === "KafkaError") {
+          assert.isFalse(error.retriable, "not retriable")
+          assert.strictEqual(error.reason._tag === "BrokerError" && error.reason.detail, detail)
+        }
+      }
+      const { requests } = yield* scripted.recorded
+      assert.deepStrictEqual(
+        requests.map((request) => request.map((record) => record.value)),
+        [["0", "2"]],
+        "one request, with the valid records only"
+      )
+    })
+  )
+
+  it.effect("a record for a topic that does not exist fails alone; a partition added later is found", () =>
+    Effect.gen(function* () {
+      let partitions = 2
+      let reads = 0
+      const { scripted, producer } = yield* setup({ linger: Duration.zero }, (topic) => {
+        reads++
+        return topic === "missing" ? 0 : partitions
+      })
+      const unknown = yield* Effect.flip(producer.send({ topic: "missing", value: "lost?" }))
+      assert.strictEqual(unknown._tag === "KafkaError" && unknown.reason._tag, "UnknownTopic")
+      yield* producer.send({ value: "a" })
+      yield* producer.send({ value: "b", partition: 1 })
+      const readsBefore = reads
+      yield* producer.send({ value: "c" })
+      assert.strictEqual(reads, readsBefore, "a known topic's count is not read again for each record")
+      partitions = 4
+      const added = yield* producer.send({ value: "d", partition: 3 })
+      assert.strictEqual(added.partition, 3, "the count is read again for a partition beyond it")
+      const { requests } = yield* scripted.recorded
+      assert.deepStrictEqual(
+        requests.flatMap((request) => request.map((record) => record.value)),
+        ["a", "b", "c", "d"]
+      )
     })
   )
 

@@ -15,8 +15,11 @@ export interface Recorded {
 
 export type Outcome = "ok" | KafkaClient.KafkaErrorReason
 
-/** `partitions`: every topic's partition count (default 1, so that every record goes to partition 0). */
-export const makeWith = (options: { readonly partitions?: number } = {}) =>
+/**
+ * `partitions`: every topic's partition count (default 1, so that every record goes to partition 0), or a function
+ * giving each topic's, read each time the producer asks (0: the topic does not exist).
+ */
+export const makeWith = (options: { readonly partitions?: number | ((topic: string) => number) } = {}) =>
   Effect.gen(function* () {
     const recorded = yield* Ref.make<Recorded>({ requests: [], events: [] })
     /** outcomes of the next requests, in order; "ok" once exhausted */
@@ -60,7 +63,10 @@ export const makeWith = (options: { readonly partitions?: number } = {}) =>
         createTopics: () => unsupported("create topics"),
         deleteTopics: () => unsupported("delete topics"),
         listTopics: unsupported("list topics"),
-        partitionCount: () => Effect.succeed(options.partitions ?? 1),
+        partitionCount: (topic) =>
+          Effect.sync(() =>
+            typeof options.partitions === "function" ? options.partitions(topic) : (options.partitions ?? 1)
+          ),
         fetchTopicOffsets: () => unsupported("fetch topic offsets"),
         fetchCommittedOffsets: () => unsupported("fetch committed offsets")
       },
