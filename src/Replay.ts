@@ -8,6 +8,11 @@
  * processor then handles it as a new record (attempt 0). Kafka cannot delete single records, so the dead letters
  * stay where they are: replaying the same range twice sends them twice; narrow a replay with `since`/`until`.
  *
+ * Only the dead letters of its own consumer group are replayed (a DLQ shared by several groups holds theirs too),
+ * unless `allGroups`; a dead letter without a group header is anyone's, and replayed. A record sent back to its
+ * original topic reaches every group that reads that topic, not only the one that dead-lettered it. Dead letters
+ * whose original topic no longer exists are counted and left alone, on a dry run too.
+ *
  * @example
  * ```ts
  * const summary = yield* Replay.replay({ dlqTopic: "events-dlq", groupId: "billing", errorTags: ["Timeout"], dryRun: true })
@@ -24,8 +29,13 @@ export const replayedFromHeader = "kafka-effect-replayed-from"
 
 export interface ReplayOptions {
   readonly dlqTopic: string
-  /** the processor's group id; the replay reads with a group of its own named after it */
+  /**
+   * the processor's group id: only its dead letters are replayed (unless `allGroups`); the replay reads with a
+   * group of its own named after it
+   */
   readonly groupId: string
+  /** replay the dead letters of every consumer group, not only `groupId`'s. Default false */
+  readonly allGroups?: boolean | undefined
   /** only records whose error tag is one of these */
   readonly errorTags?: ReadonlyArray<string> | undefined
   /** only records first produced to one of these topics */
@@ -49,6 +59,10 @@ export interface ReplaySummary {
   readonly replayed: number
   /** dead letters without readable history headers: their original topic is unknown, so they are left alone */
   readonly unreadable: number
+  /** dead letters of other consumer groups, left alone (see `allGroups`) */
+  readonly otherGroups: number
+  /** matching dead letters whose original topic does not exist (any more), left alone: by that topic */
+  readonly topicMissing: Readonly<Record<string, number>>
   /**
    * matching dead letters without a value (dropped as too large, or null from the start), left alone: sent back they
    * would be tombstones (deletes, on a compacted topic) or dead-lettered again. The value of a dropped one is still
@@ -72,6 +86,8 @@ export const replay = Effect.fn("Replay.replay")(function* (options: ReplayOptio
     matched: 0,
     replayed: 0,
     unreadable: 0,
+    otherGroups: 0,
+    topicMissing: {},
     withoutValue: 0,
     byTopic: {},
     byErrorTag: {}
@@ -91,6 +107,21 @@ export const replay = Effect.fn("Replay.replay")(function* (options: ReplayOptio
     (options.since === undefined || record.timestamp >= options.since) &&
     (options.until === undefined || record.timestamp < options.until)
 
+  const ownGroup = (history: RetryPolicy.History) =>
+    options.allGroups === true || history.consumerGroup === "" || history.consumerGroup === options.groupId
+
+  // Whether each original topic exists, read once per topic: a send to a deleted one would fail the replay.
+  const exists = new Map<string, boolean>()
+  const topicExists = (topic: string) => {
+    const known = exists.get(topic)
+    if (known !== undefined) return Effect.succeed(known)
+    return client.admin.partitionCount(topic).pipe(
+      Effect.map((partitions) => partitions > 0),
+      Effect.catchReason("KafkaError", "UnknownTopic", () => Effect.succeed(false)),
+      Effect.tap((found) => Effect.sync(() => exists.set(topic, found)))
+    )
+  }
+
   const handleBatch: KafkaClient.BatchHandler = (batch) =>
     Effect.gen(function* () {
       const end = ends.get(batch.partition)
@@ -104,9 +135,17 @@ export const replay = Effect.fn("Replay.replay")(function* (options: ReplayOptio
           summary.unreadable++
           continue
         }
+        if (!ownGroup(history.value)) {
+          summary.otherGroups++
+          continue
+        }
         if (!matches(record, history.value)) continue
         if (record.value === null || RetryPolicy.headers.valueDropped in record.headers) {
           summary.withoutValue++
+          continue
+        }
+        if (!(yield* topicExists(history.value.originalTopic))) {
+          increment(summary.topicMissing, history.value.originalTopic)
           continue
         }
         summary.matched++
@@ -135,7 +174,10 @@ export const replay = Effect.fn("Replay.replay")(function* (options: ReplayOptio
       const last = batch.records.at(-1)
       if (last !== undefined && last.offset >= end - 1n) ends.delete(batch.partition)
       if (ends.size === 0 || full()) yield* Deferred.succeed(done, undefined)
-    })
+    }).pipe(
+      // Reading a topic's metadata failed (the broker away for longer than the client's retries): the replay ends.
+      Effect.catch((error) => Effect.asVoid(Deferred.fail(done, error)))
+    )
 
   const now = yield* Clock.currentTimeMillis
   yield* Effect.scoped(

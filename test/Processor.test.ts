@@ -449,7 +449,7 @@ describe("Processor", () => {
 })
 
 describe("Replay", () => {
-  const deadLetter = (id: string, tag: string, originalTopic = "orders") => {
+  const deadLetter = (id: string, tag: string, originalTopic = "orders", consumerGroup = "g") => {
     const source: KafkaClient.ConsumedRecord = {
       topic: originalTopic,
       partition: 0,
@@ -464,7 +464,7 @@ describe("Replay", () => {
       policy,
       source,
       { tag, message: "boom", fatal: true },
-      { now: 0, consumerGroup: "g", history: Option.none() }
+      { now: 0, consumerGroup, history: Option.none() }
     )
     return { key: hop.key, value: hop.value, headers: hop.headers, partition: 0 }
   }
@@ -472,6 +472,39 @@ describe("Replay", () => {
   const layer = KafkaProducer.layer({ linger: Duration.zero, idempotent: false }).pipe(
     Layer.provideMerge(InMemoryKafka.layer({ topics: [...allTopics(2), { topic: "payments", partitions: 1 }] }))
   )
+
+  /** The layer above, but sends of a request holding a record for `topic` are refused for good. */
+  const refusing = (topic: string) => {
+    const base = InMemoryKafka.layer({ topics: [...allTopics(2), { topic: "payments", partitions: 1 }] })
+    const client = Layer.effect(
+      KafkaClient.KafkaClient,
+      Effect.map(KafkaClient.KafkaClient, (client) =>
+        KafkaClient.KafkaClient.of({
+          ...client,
+          producer: (options) =>
+            Effect.map(client.producer(options), (connection) => ({
+              send: (records) =>
+                records.some((record) => record.topic === topic)
+                  ? Effect.fail(
+                      new KafkaClient.KafkaError({
+                        operation: "produce",
+                        topic,
+                        reason: new KafkaClient.BrokerError({
+                          type: "TOPIC_AUTHORIZATION_FAILED",
+                          retriable: false,
+                          detail: "not authorised"
+                        })
+                      })
+                    )
+                  : connection.send(records)
+            }))
+        })
+      )
+    ).pipe(Layer.provide(base))
+    return KafkaProducer.layer({ linger: Duration.zero, idempotent: false }).pipe(
+      Layer.provideMerge(Layer.merge(base, client))
+    )
+  }
 
   const replay = (overrides: Partial<Replay.ReplayOptions>) =>
     Effect.gen(function* () {
@@ -503,6 +536,8 @@ describe("Replay", () => {
         matched: 3,
         replayed: 0,
         unreadable: 0,
+        otherGroups: 0,
+        topicMissing: {},
         withoutValue: 0,
         byTopic: { orders: 2, payments: 1 },
         byErrorTag: { Timeout: 3 }
@@ -555,27 +590,55 @@ describe("Replay", () => {
     }).pipe(Effect.provide(layer))
   )
 
+  it.effect("only this group's dead letters are replayed; those of a deleted topic are counted and left alone", () =>
+    Effect.gen(function* () {
+      const anyone = deadLetter("anyone", "Timeout")
+      const { [RetryPolicy.headers.consumerGroup]: _group, ...withoutGroup } = anyone.headers ?? {}
+      yield* InMemoryKafka.produce("orders-dlq", [
+        deadLetter("mine", "Timeout"),
+        deadLetter("theirs", "Timeout", "orders", "billing"),
+        { ...anyone, headers: withoutGroup },
+        deadLetter("lost", "Timeout", "gone")
+      ])
+      const dry = yield* replay({ dryRun: true })
+      assert.deepStrictEqual(
+        [dry.scanned, dry.matched, dry.otherGroups, dry.topicMissing],
+        [4, 2, 1, { gone: 1 }],
+        "the dry run tells of the deleted topic too"
+      )
+      const summary = yield* replay({})
+      assert.deepStrictEqual([summary.matched, summary.replayed, summary.otherGroups], [2, 2, 1])
+      assert.deepStrictEqual(
+        (yield* InMemoryKafka.records("orders")).map((record) => text(record.key ?? undefined)).sort(),
+        ["anyone", "mine"],
+        "another group's dead letter stays where it is; one without a group header is anyone's"
+      )
+      const everyone = yield* replay({ allGroups: true, dryRun: true })
+      assert.deepStrictEqual([everyone.matched, everyone.otherGroups], [3, 0])
+    }).pipe(Effect.provide(layer))
+  )
+
   it.effect("a replay that fails partway says exactly what it re-published", () =>
     Effect.gen(function* () {
-      // Dead letters of "orders" on both DLQ partitions, and one on partition 1 whose original topic is gone.
+      // Dead letters of "orders" on both DLQ partitions, and one on partition 1 whose original topic refuses sends.
       yield* InMemoryKafka.produce("orders-dlq", [
         deadLetter("a", "Timeout"),
         deadLetter("b", "Timeout"),
         { ...deadLetter("c", "Timeout"), partition: 1 },
-        { ...deadLetter("lost", "Timeout", "gone"), partition: 1 }
+        { ...deadLetter("refused", "Timeout", "payments"), partition: 1 }
       ])
       const warnings: Array<string> = []
       const logger = Logger.make(({ logLevel, message }) => {
         if (logLevel === "Warn") warnings.push((Array.isArray(message) ? message : [message]).map(String).join(" "))
       })
       const exit = yield* Effect.exit(replay({})).pipe(Effect.provide(Logger.layer([logger])))
-      assert.isTrue(Exit.isFailure(exit), "the send to the missing topic fails the replay")
+      assert.isTrue(Exit.isFailure(exit), "the refused send fails the replay")
       const line = warnings.find((warning) => warning.startsWith("replay stopped before its end"))
       assert.isDefined(line, warnings.join("\n"))
       const logged = JSON.parse(line?.replace(/^[^{]*/, "") ?? "{}")
       const written = yield* InMemoryKafka.records("orders")
       assert.strictEqual(logged.replayed, written.length, "replayed counts what was written, no more, no less")
-    }).pipe(Effect.provide(layer))
+    }).pipe(Effect.provide(refusing("payments")))
   )
 
   it.effect("an empty dead-letter topic replays nothing", () =>

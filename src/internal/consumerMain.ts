@@ -23,18 +23,19 @@ import * as Replay from "../Replay.ts"
 import { ProgramFailed, wholeFlag } from "./main.ts"
 
 const usage = `usage: node dist/consumer.js [--transient-failures R] [--permanent-failures R] [--work-ms N]
-       node dist/consumer.js replay [--error-tag TAG]… [--topic TOPIC]… [--since TIME] [--until TIME] [--max N] [--dry-run]
+       node dist/consumer.js replay [--error-tag TAG]… [--topic TOPIC]… [--since TIME] [--until TIME] [--max N] [--all-groups] [--dry-run]
   Processes KAFKA_CONSUMER_TOPIC with the example event handler; retries via KAFKA_RETRY_TOPIC_PREFIX-1…N, dead
   letters to KAFKA_DLQ_TOPIC. Configured by the KAFKA_* variables (see the README).
   --transient-failures R  share (0 to 1) of events that fail until their first retry (demo; default 0)
   --permanent-failures R  share (0 to 1) of events that always fail and end in the DLQ (demo; default 0)
   --work-ms N             simulated work per event, in milliseconds (default 0)
-  replay                  re-publish dead letters to their original topic; filters:
+  replay                  re-publish this group's dead letters to their original topic; filters:
     --error-tag TAG       only this error tag (repeatable)
     --topic TOPIC         only records first produced to this topic (repeatable)
     --since TIME          only dead-lettered at or after TIME (ISO-8601, or epoch milliseconds: 13 digits)
     --until TIME          only dead-lettered before TIME
     --max N               at most N records
+    --all-groups          also the dead letters of other consumer groups (a shared DLQ)
     --dry-run             count what would be replayed, send nothing`
 
 type Options =
@@ -61,6 +62,7 @@ const parseOptions = (argv: ReadonlyArray<string>): Effect.Effect<Options, Progr
           since: { type: "string" },
           until: { type: "string" },
           max: { type: "string" },
+          "all-groups": { type: "boolean", default: false },
           "dry-run": { type: "boolean", default: false },
           help: { type: "boolean", default: false }
         }
@@ -97,7 +99,7 @@ const parseOptions = (argv: ReadonlyArray<string>): Effect.Effect<Options, Progr
       const misplaced =
         command === "replay"
           ? given(["transient-failures", "permanent-failures", "work-ms"])
-          : given(["error-tag", "topic", "since", "until", "max", "dry-run"])
+          : given(["error-tag", "topic", "since", "until", "max", "all-groups", "dry-run"])
       if (misplaced.length > 0) {
         throw new Error(
           `${misplaced.map((name) => `--${name}`).join(", ")} ${misplaced.length === 1 ? "is" : "are"} not a flag of ${command === "replay" ? "replay" : "the processor (did you mean replay?)"}`
@@ -111,6 +113,7 @@ const parseOptions = (argv: ReadonlyArray<string>): Effect.Effect<Options, Progr
           since: time("since", values.since),
           until: time("until", values.until),
           max: values.max === undefined ? undefined : whole("max", values.max, 1),
+          allGroups: values["all-groups"],
           dryRun: values["dry-run"]
         }
       }
