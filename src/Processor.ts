@@ -300,13 +300,22 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
     (): Stats => ({ ...counts, retried: { ...counts.retried }, deadLettered: { ...counts.deadLettered } })
   )
 
-  /** Checks that every topic exists; creates the missing ones when allowed, else fails naming them. */
+  /**
+   * Checks that every topic exists; creates the missing ones when allowed, else fails naming them. Succeeds with
+   * the retry topics beyond the ladder (`prefix-N`, N above retryMax) that exist: left by a larger
+   * `KAFKA_CONSUMER_RETRY_MAX`, their records would otherwise wait there for ever.
+   */
   const ensureTopics = (mainTopics: ReadonlyArray<string>) =>
     Effect.gen(function* () {
-      const existing = new Set(yield* client.admin.listTopics)
+      const listed = yield* client.admin.listTopics
+      const existing = new Set(listed)
+      const beyond = listed
+        .map((topic) => ({ topic, number: RetryPolicy.retryNumberOf(policy, topic) }))
+        .filter(({ number }) => number !== undefined && number > policy.retryMax)
+        .sort((a, b) => (a.number ?? 0) - (b.number ?? 0)) as Array<{ topic: string; number: number }>
       const missingMain = mainTopics.filter((topic) => !existing.has(topic))
       const missingOther = [...RetryPolicy.retryTopics(policy), policy.dlqTopic].filter((topic) => !existing.has(topic))
-      if (missingMain.length + missingOther.length === 0) return
+      if (missingMain.length + missingOther.length === 0) return beyond
       if (options.createTopics !== true) return yield* new TopicsMissing({ topics: [...missingMain, ...missingOther] })
       const created = [
         ...(yield* client.admin.createTopics(
@@ -320,6 +329,7 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
         created.push(...(yield* client.admin.createTopics(missingOther.map((topic) => ({ topic, partitions })))))
       }
       if (created.length > 0) yield* Effect.logInfo(`created topics ${created.join(", ")}`)
+      return beyond
     })
 
   /** Sends the record to its next hop and waits for the ack. */
@@ -363,13 +373,23 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
   const run = <R>(handlers: ReadonlyArray<TopicHandler<R>>) =>
     Effect.gen(function* () {
       const byTopic = new Map(handlers.map((topicHandler) => [topicHandler.topic, topicHandler]))
-      const retryTopics = new Set(RetryPolicy.retryTopics(policy))
-      const retryNumber = new Map(RetryPolicy.retryTopics(policy).map((topic, index) => [topic, index + 1]))
       const mainTopics = [...byTopic.keys()]
-      const groups = [groupId, ...RetryPolicy.retryTopics(policy).map((_, index) => `${groupId}-retry-${index + 1}`)]
+      const ladder = RetryPolicy.retryTopics(policy).map((topic, index) => ({ topic, number: index + 1 }))
+      const retryGroup = (number: number) => `${groupId}-retry-${number}`
       // Not ready until every consumer joined its group (each reports itself ready then).
-      for (const group of groups) yield* Observability.report(`consumer ${group}`, false)
-      yield* ensureTopics(mainTopics)
+      for (const group of [groupId, ...ladder.map(({ number }) => retryGroup(number))]) {
+        yield* Observability.report(`consumer ${group}`, false)
+      }
+      const beyond = yield* ensureTopics(mainTopics)
+      for (const { number } of beyond) yield* Observability.report(`consumer ${retryGroup(number)}`, false)
+      if (beyond.length > 0) {
+        yield* Effect.logWarning(
+          `retry topics ${beyond.map(({ topic }) => topic).join(", ")} are beyond KAFKA_CONSUMER_RETRY_MAX (${policy.retryMax}): their records are handled when due, then dead-lettered if they fail again`
+        )
+      }
+      const retries = [...ladder, ...beyond]
+      const retryTopics = new Set(retries.map(({ topic }) => topic))
+      const retryNumber = new Map(retries.map(({ topic, number }) => [topic, number]))
 
       const handle = (record: KafkaClient.ConsumedRecord): Effect.Effect<void, never, R> =>
         Effect.gen(function* () {
@@ -442,19 +462,19 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
         KafkaConsumer.make({ ...options.consumer, topics, ...overrides })
       const consumers = [
         yield* consumerOf(mainTopics, {}),
-        ...(yield* Effect.forEach(RetryPolicy.retryTopics(policy), (topic, index) =>
+        ...(yield* Effect.forEach(retries, ({ topic, number }) =>
           consumerOf([topic], {
-            groupId: groups[index + 1] ?? `${groupId}-retry-${index + 1}`,
+            groupId: retryGroup(number),
             // A new retry group must not skip what waits in its topic.
             fromBeginning: true,
             // A retry record is due at its time: fetch it as soon as it is there, not once a kilobyte gathered.
             fetchMinBytes: 1,
-            dueAt: RetryPolicy.dueAtOn(policy, index + 1)
+            dueAt: RetryPolicy.dueAtOn(policy, number)
           })
         ))
       ]
       yield* Effect.logInfo(
-        `processing ${mainTopics.join(", ")} as ${groupId}; retry topics ${RetryPolicy.retryTopics(policy).join(", ") || "none"}; dead letters to ${policy.dlqTopic}`
+        `processing ${mainTopics.join(", ")} as ${groupId}; retry topics ${retries.map(({ topic }) => topic).join(", ") || "none"}; dead letters to ${policy.dlqTopic}`
       )
       return yield* Effect.forEach(consumers, (consumer) => consumer.run(handle), {
         concurrency: "unbounded",

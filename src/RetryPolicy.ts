@@ -81,6 +81,14 @@ export const make = (options: {
 /** The retry topic for the given attempt (1 … retryMax). */
 export const retryTopic = (policy: RetryPolicy, attempt: number): string => `${policy.retryTopicPrefix}-${attempt}`
 
+/** The number of a retry topic of this prefix (`prefix-N`, N from 1, on the ladder or beyond it), else undefined. */
+export const retryNumberOf = (policy: RetryPolicy, topic: string): number | undefined => {
+  const prefix = `${policy.retryTopicPrefix}-`
+  if (!topic.startsWith(prefix)) return undefined
+  const rest = topic.slice(prefix.length)
+  return /^[1-9]\d{0,5}$/.test(rest) ? Number(rest) : undefined
+}
+
 /** Every retry topic of the ladder, in order. */
 export const retryTopics = (policy: RetryPolicy): ReadonlyArray<string> =>
   Array.from({ length: policy.retryMax }, (_, i) => retryTopic(policy, i + 1))

@@ -304,6 +304,48 @@ describe("Processor", () => {
     }).pipe(Effect.provide(setup()))
   )
 
+  it.effect("records left in retry topics beyond a lowered retryMax are handled when due, then dead-lettered", () =>
+    Effect.gen(function* () {
+      const handled: Array<[string, number]> = []
+      const fiber = yield* runOrders(({ value, attempt }) =>
+        Effect.sync(() => handled.push([value.id, attempt])).pipe(
+          Effect.andThen(value.id === "fails" ? Effect.fail(new PaymentDown({ id: value.id })) : Effect.void)
+        )
+      )
+      const now = yield* Clock.currentTimeMillis
+      // Written while the ladder had three topics; the processor now runs with one.
+      yield* InMemoryKafka.produce("orders-retry-2", [{ ...order("succeeds"), headers: retryHeaders("g", now) }])
+      yield* InMemoryKafka.produce("orders-retry-3", [{ ...order("fails"), headers: retryHeaders("g", now) }])
+      yield* advanceUntil(() => handled.length >= 2, "100 millis", 1_000)
+      assert.deepStrictEqual(
+        handled.sort(([a], [b]) => a.localeCompare(b)),
+        [
+          ["fails", 3],
+          ["succeeds", 2]
+        ]
+      )
+      yield* advanceWhile(
+        Effect.map(InMemoryKafka.records("orders-dlq"), (dead) => dead.length === 0),
+        "100 millis",
+        100
+      )
+      const dead = yield* InMemoryKafka.records("orders-dlq")
+      assert.deepStrictEqual(
+        dead.map((record) => text(record.key ?? undefined)),
+        ["fails"],
+        "a failure there goes to the DLQ, not further up"
+      )
+      yield* Fiber.interrupt(fiber)
+    }).pipe(
+      Effect.provide(
+        Processor.layer(options({ retryMax: 1 })).pipe(
+          Layer.provideMerge(KafkaProducer.layer({ linger: Duration.zero, idempotent: false, acks: -1 })),
+          Layer.provideMerge(InMemoryKafka.layer({ topics: allTopics(1) }))
+        )
+      )
+    )
+  )
+
   it.effect("a due-at beyond its retry topic's delay waits only that delay, not as long as it says", () =>
     Effect.gen(function* () {
       const handled: Array<number> = []
