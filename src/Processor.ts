@@ -287,6 +287,16 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
     Schedule.modifyDelay(({ duration }) => Effect.succeed(Duration.min(duration, Duration.seconds(30))))
   )
 
+  // A retry or dead-letter send that keeps failing (the topic deleted, not authorised) holds its record, and behind
+  // it its key and its partition's commits: the member stalls. Readiness says so while any such send fails.
+  const routingService = `retry and dead-letter sends of ${groupId}`
+  let routesFailing = 0
+  const routeFailing = (failing: boolean) =>
+    Effect.suspend(() => {
+      routesFailing += failing ? 1 : -1
+      return routesFailing === (failing ? 1 : 0) ? Observability.report(routingService, !failing) : Effect.void
+    })
+
   const processed = Metrics.tagged(Metrics.recordsProcessed)
   const handlerDuration = Metrics.tagged(Metrics.handlerDuration)
   const counts: { -readonly [K in keyof Stats]: Stats[K] extends number ? number : Record<string, number> } = {
@@ -343,6 +353,7 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
       const now = yield* Clock.currentTimeMillis
       const hop = RetryPolicy.nextHop(policy, record, failure, { now, consumerGroup: groupId, history })
       let next = hop
+      let failed = false
       yield* producer.send(hop).pipe(
         // Too large once the headers are added: dead-letter it without its value rather than stall the partition.
         Effect.catchIf(tooLarge, () =>
@@ -352,11 +363,20 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
           })
         ),
         Effect.tapError((error) =>
-          Effect.logError(`could not send the record to ${next.topic}, will try again: ${error.message}`)
+          Effect.logError(`could not send the record to ${next.topic}, will try again: ${error.message}`).pipe(
+            Effect.andThen(
+              Effect.suspend(() => {
+                if (failed) return Effect.void
+                failed = true
+                return routeFailing(true)
+              })
+            )
+          )
         ),
         Effect.retry({ schedule: routeRetry, while: (error) => error._tag !== "ProducerClosed" }),
         // Only a closed producer gets here (shutdown): the record is not finished and will be delivered again.
-        Effect.orDie
+        Effect.orDie,
+        Effect.ensuring(Effect.suspend(() => (failed ? routeFailing(false) : Effect.void)))
       )
       const deadLettered = next.topic === policy.dlqTopic
       if (deadLettered) increment(counts.deadLettered, failure.tag)
@@ -376,6 +396,7 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
       const mainTopics = [...byTopic.keys()]
       const ladder = RetryPolicy.retryTopics(policy).map((topic, index) => ({ topic, number: index + 1 }))
       const retryGroup = (number: number) => `${groupId}-retry-${number}`
+      yield* Observability.report(routingService, true)
       // Not ready until every consumer joined its group (each reports itself ready then).
       for (const group of [groupId, ...ladder.map(({ number }) => retryGroup(number))]) {
         yield* Observability.report(`consumer ${group}`, false)

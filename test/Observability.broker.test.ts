@@ -135,7 +135,8 @@ describe("Observability on a real broker", () => {
         assert.deepStrictEqual(JSON.parse(after.body).services, {
           producer: true,
           [`consumer ${group}`]: true,
-          [`consumer ${group}-retry-1`]: true
+          [`consumer ${group}-retry-1`]: true,
+          [`retry and dead-letter sends of ${group}`]: true
         })
 
         // 40 events that fail once (sent to the retry topic, then done) and 4 invalid records (dead-lettered).

@@ -4,6 +4,7 @@ import { TestClock } from "effect/testing"
 import * as InMemoryKafka from "../src/InMemoryKafka.ts"
 import * as KafkaClient from "../src/KafkaClient.ts"
 import * as KafkaProducer from "../src/KafkaProducer.ts"
+import * as Observability from "../src/Observability.ts"
 import * as Processor from "../src/Processor.ts"
 import * as Replay from "../src/Replay.ts"
 import * as RetryPolicy from "../src/RetryPolicy.ts"
@@ -44,6 +45,40 @@ const setup = (overrides: Partial<Processor.ProcessorOptions> = {}, partitions =
     Layer.provideMerge(KafkaProducer.layer({ linger: Duration.zero, idempotent: false, acks: -1 })),
     Layer.provideMerge(InMemoryKafka.layer({ topics: allTopics(partitions) }))
   )
+
+/** An in-memory broker whose produce requests holding a record for a topic that `refused` names fail for good. */
+const refusingKafka = (refused: (topic: string) => boolean, topics: ReadonlyArray<KafkaClient.TopicSpec>) => {
+  const base = InMemoryKafka.layer({ topics })
+  const client = Layer.effect(
+    KafkaClient.KafkaClient,
+    Effect.map(KafkaClient.KafkaClient, (client) =>
+      KafkaClient.KafkaClient.of({
+        ...client,
+        producer: (options) =>
+          Effect.map(client.producer(options), (connection) => ({
+            send: (records) => {
+              const topic = records.find((record) => refused(record.topic))?.topic
+              return topic === undefined
+                ? connection.send(records)
+                : Effect.fail(
+                    new KafkaClient.KafkaError({
+                      operation: "produce",
+                      topic,
+                      reason: new KafkaClient.BrokerError({
+                        type: "TOPIC_AUTHORIZATION_FAILED",
+                        retriable: false,
+                        detail: "not authorised"
+                      })
+                    })
+                  )
+            }
+          }))
+      })
+    )
+  ).pipe(Layer.provide(base))
+  // The refusing client last, so that it is the KafkaClient of the merged layer.
+  return Layer.merge(base, client)
+}
 
 const text = (bytes: Uint8Array | undefined) => (bytes === undefined ? undefined : new TextDecoder().decode(bytes))
 
@@ -346,6 +381,48 @@ describe("Processor", () => {
     )
   )
 
+  it.effect("readiness is down while a dead-letter send keeps failing, and up again once it goes through", () => {
+    let refused = true
+    return Effect.gen(function* () {
+      const health = yield* Observability.Health
+      const routing = "retry and dead-letter sends of g"
+      const fiber = yield* runOrders(() => Effect.void)
+      yield* advanceWhile(
+        Effect.map(health.status, (status) => status.services["consumer g"] !== true),
+        "10 millis",
+        100
+      )
+      assert.isTrue((yield* health.status).services[routing], "ready at start")
+      yield* InMemoryKafka.produce("orders", [{ key: "bad", value: "not json" }])
+      yield* advanceWhile(
+        Effect.map(health.status, (status) => status.services[routing] !== false),
+        "100 millis",
+        100
+      )
+      const stalled = yield* health.status
+      assert.isFalse(stalled.services[routing], "down while the DLQ refuses")
+      assert.isFalse(stalled.ready)
+      assert.deepStrictEqual(yield* InMemoryKafka.records("orders-dlq"), [])
+      refused = false
+      yield* advanceWhile(
+        Effect.map(InMemoryKafka.records("orders-dlq"), (dead) => dead.length === 0),
+        "1 second",
+        100
+      )
+      assert.strictEqual((yield* InMemoryKafka.records("orders-dlq")).length, 1)
+      assert.isTrue((yield* health.status).services[routing], "up again")
+      yield* Fiber.interrupt(fiber)
+    }).pipe(
+      Effect.provide(
+        Processor.layer(options()).pipe(
+          Layer.provideMerge(KafkaProducer.layer({ linger: Duration.zero, idempotent: false, acks: -1 })),
+          Layer.provideMerge(refusingKafka((topic) => refused && topic === "orders-dlq", allTopics(2))),
+          Layer.provideMerge(Observability.layerHealth)
+        )
+      )
+    )
+  })
+
   it.effect("a due-at beyond its retry topic's delay waits only that delay, not as long as it says", () =>
     Effect.gen(function* () {
       const handled: Array<number> = []
@@ -515,38 +592,10 @@ describe("Replay", () => {
     Layer.provideMerge(InMemoryKafka.layer({ topics: [...allTopics(2), { topic: "payments", partitions: 1 }] }))
   )
 
-  /** The layer above, but sends of a request holding a record for `topic` are refused for good. */
-  const refusing = (topic: string) => {
-    const base = InMemoryKafka.layer({ topics: [...allTopics(2), { topic: "payments", partitions: 1 }] })
-    const client = Layer.effect(
-      KafkaClient.KafkaClient,
-      Effect.map(KafkaClient.KafkaClient, (client) =>
-        KafkaClient.KafkaClient.of({
-          ...client,
-          producer: (options) =>
-            Effect.map(client.producer(options), (connection) => ({
-              send: (records) =>
-                records.some((record) => record.topic === topic)
-                  ? Effect.fail(
-                      new KafkaClient.KafkaError({
-                        operation: "produce",
-                        topic,
-                        reason: new KafkaClient.BrokerError({
-                          type: "TOPIC_AUTHORIZATION_FAILED",
-                          retriable: false,
-                          detail: "not authorised"
-                        })
-                      })
-                    )
-                  : connection.send(records)
-            }))
-        })
-      )
-    ).pipe(Layer.provide(base))
-    return KafkaProducer.layer({ linger: Duration.zero, idempotent: false }).pipe(
-      Layer.provideMerge(Layer.merge(base, client))
+  const refusing = (topic: string) =>
+    KafkaProducer.layer({ linger: Duration.zero, idempotent: false }).pipe(
+      Layer.provideMerge(refusingKafka((to) => to === topic, [...allTopics(2), { topic: "payments", partitions: 1 }]))
     )
-  }
 
   const replay = (overrides: Partial<Replay.ReplayOptions>) =>
     Effect.gen(function* () {
