@@ -425,13 +425,10 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
                 attempt: retryNumber.get(record.topic) ?? h.attempt
               }))
             : Option.none()
-          // Left alone only when it names another group; a record without the header is ours (skipping it would lose it).
-          if (
-            fromRetryTopic &&
-            Option.isSome(history) &&
-            history.value.consumerGroup !== "" &&
-            history.value.consumerGroup !== groupId
-          ) {
+          // Left alone only when it names another group, even if the rest of its history is unreadable (that group
+          // deals with it); a record without the header is ours (skipping it would lose it).
+          const group = fromRetryTopic ? RetryPolicy.consumerGroupOf(record) : ""
+          if (group !== "" && group !== groupId) {
             counts.skipped++
             return
           }

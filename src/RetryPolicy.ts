@@ -136,6 +136,9 @@ export const dueAtOn =
     return due === undefined ? undefined : Math.min(due, record.timestamp + Duration.toMillis(delay(policy, n)))
   }
 
+/** The consumer group whose handler failed a retry or dead-letter record ("" when it names none). */
+export const consumerGroupOf = (record: KafkaClient.ConsumedRecord): string => text(record, headers.consumerGroup) ?? ""
+
 /** The history a retry or dead-letter record carries; none for a record that never failed. */
 export const historyOf = (record: KafkaClient.ConsumedRecord): Option.Option<History> => {
   const originalTopic = text(record, headers.originalTopic)
@@ -161,7 +164,7 @@ export const historyOf = (record: KafkaClient.ConsumedRecord): Option.Option<His
     dueAt: dueAt(record),
     errorTag: text(record, headers.errorTag) ?? "Unknown",
     errorMessage: text(record, headers.errorMessage) ?? "",
-    consumerGroup: text(record, headers.consumerGroup) ?? ""
+    consumerGroup: consumerGroupOf(record)
   })
 }
 

@@ -488,33 +488,37 @@ describe("Processor", () => {
     }).pipe(Effect.provide(setup()))
   )
 
-  it.effect("retry records of another consumer group are left alone", () =>
+  it.effect("retry records of another consumer group are left alone, also with a garbled history", () =>
     Effect.gen(function* () {
       let calls = 0
       const fiber = yield* Effect.forkChild(
         Processor.run([Processor.handler({ topic: "orders", value: Order, handle: () => Effect.sync(() => calls++) })])
       )
       yield* InMemoryKafka.produce("orders-retry-1", [
+        { ...order("theirs"), partition: 0, headers: retryHeaders("another-group") },
         {
-          ...order("theirs"),
-          headers: retryHeaders("another-group")
+          ...order("theirs, garbled"),
+          partition: 1,
+          headers: { ...retryHeaders("another-group"), [RetryPolicy.headers.originalOffset]: "?" }
         }
       ])
       const processor = yield* Processor.Processor
       yield* advanceWhile(
-        Effect.map(processor.stats, (stats) => stats.skipped === 0),
-        "100 millis"
+        Effect.map(processor.stats, (stats) => stats.skipped < 2),
+        "100 millis",
+        1_000
       )
-      // The skipped record is finished like any other: committed, not redelivered.
+      // The skipped records are finished like any other: committed, not redelivered.
       yield* advanceUntil(() => false, "100 millis", 20)
       const broker = yield* InMemoryKafka.InMemoryBroker
       const committed = yield* Effect.forEach([0, 1], (partition) =>
         broker.committed("g-retry-1", "orders-retry-1", partition)
       )
-      assert.include(committed, 1n)
+      assert.deepStrictEqual(committed, [1n, 1n])
       const stats = yield* processor.stats
       assert.strictEqual(calls, 0)
-      assert.strictEqual(stats.skipped, 1)
+      assert.strictEqual(stats.skipped, 2)
+      assert.deepStrictEqual(yield* InMemoryKafka.records("orders-dlq"), [], "not dead-lettered by this group")
       yield* Fiber.interrupt(fiber)
     }).pipe(Effect.provide(setup()))
   )
