@@ -414,12 +414,11 @@ export const make = (
                   share.sequences.push(sequence)
                 }
                 remaining += taken
+                // The window bounds what is queued (a queued record is uncommitted), so the pool counts nothing:
+                // its places, given back only as a worker's chunk ends, would be held by records long finished and
+                // committed, and a submit waiting for them would hold this batch call, a rebalance and shutdown.
                 for (const share of runs) {
-                  yield* pool.submitTo(
-                    share.worker,
-                    handleRun(share.records, share.sequences, onFinished),
-                    share.records.length
-                  )
+                  yield* pool.offerTo(share.worker, handleRun(share.records, share.sequences, onFinished))
                 }
                 index += taken
                 yield* Metric.update(consumed({ topic: batch.topic }), taken)
@@ -510,13 +509,21 @@ export const make = (
             Effect.forkScoped
           )
           yield* connection.run(handleBatch(connection, stopping, yield* Effect.scope))
+          started = true
           yield* Effect.logInfo(`consuming ${options.topics.join(", ")} as ${options.groupId}`)
           return yield* connection.crashed
         }).pipe(Effect.scoped)
 
+        // A member that never started with an error that retrying cannot fix (an unknown topic, bad credentials)
+        // fails `run`; once it has run, it is restarted whatever stopped it, as kafkajs crashes on anything.
+        let started = false
         return yield* member.pipe(
-          Effect.tapError((error) => Effect.logError(`consumer stopped: ${error.message}; restarting`)),
-          Effect.retry(restartSchedule)
+          Effect.tapError((error) =>
+            started || error.retriable
+              ? Effect.logError(`consumer stopped: ${error.message}; restarting`)
+              : Effect.logError(`consumer could not start: ${error.message}`)
+          ),
+          Effect.retry({ schedule: restartSchedule, while: (error) => started || error.retriable })
         )
       }).pipe(Effect.scoped) as Effect.Effect<never, KafkaClient.KafkaError, R>
 

@@ -37,6 +37,12 @@ export interface WorkerPool {
    * worker, handled in order in one loop. It runs after every job submitted before it to that worker.
    */
   readonly submitTo: (worker: number, job: Effect.Effect<void>, weight: number) => Effect.Effect<void>
+  /**
+   * Queues a job on a worker (`0 ≤ worker < workers`) without taking places of `maxInFlight`: for a caller that
+   * bounds its own submissions (the consumer's commit window), so that places are neither counted twice nor held
+   * by jobs that finished. At most `maxInFlight` jobs fit in a worker's queue; beyond that the offer waits.
+   */
+  readonly offerTo: (worker: number, job: Effect.Effect<void>) => Effect.Effect<void>
   /** the worker of a key (`shardOf`); keys that are null are spread round-robin */
   readonly workerOf: (key: string | Uint8Array | null) => number
   /** jobs (by weight) queued or running */
@@ -88,6 +94,7 @@ export const make = (options: WorkerPoolOptions): Effect.Effect<WorkerPool, neve
           ).pipe(
             Effect.ensuring(
               Effect.suspend(() => {
+                if (weight === 0) return Effect.void
                 running -= weight
                 return permits.release(weight)
               })
@@ -109,6 +116,8 @@ export const make = (options: WorkerPoolOptions): Effect.Effect<WorkerPool, neve
       })
     }
     const submit = (key: string | Uint8Array | null, job: Effect.Effect<void>) => submitTo(workerOf(key), job, 1)
+    const offerTo = (shard: number, run: Effect.Effect<void>) =>
+      Effect.asVoid(Queue.offer(queues[shard] as Queue.Queue<Job>, { run, weight: 0 }))
 
-    return { submit, submitTo, workerOf, inFlight: Effect.sync(() => running) }
+    return { submit, submitTo, offerTo, workerOf, inFlight: Effect.sync(() => running) }
   })

@@ -4,6 +4,7 @@ import { TestClock } from "effect/testing"
 import * as InMemoryKafka from "../src/InMemoryKafka.ts"
 import * as KafkaClient from "../src/KafkaClient.ts"
 import * as KafkaConsumer from "../src/KafkaConsumer.ts"
+import * as WorkerPool from "../src/WorkerPool.ts"
 import { random } from "./support/random.ts"
 
 const text = (bytes: Uint8Array | null) => (bytes === null ? "" : new TextDecoder().decode(bytes))
@@ -128,6 +129,58 @@ describe("KafkaConsumer", () => {
       const broker = yield* InMemoryKafka.InMemoryBroker
       assert.strictEqual(yield* broker.committed("g", "events", 0), 5n, "committed up to the first unfinished record")
     }).pipe(Effect.provide(setup(1, { workers: 16, shutdownTimeout: Duration.millis(5500) })))
+  )
+
+  it.effect("records finished and committed hold no place: one slow record leaves the other workers busy", () =>
+    Effect.gen(function* () {
+      // Two workers; key "a" on one of them, `other` on the other.
+      let other = "b"
+      for (let i = 0; WorkerPool.shardOf(other, 2) === WorkerPool.shardOf("a", 2); i++) other = `b${i}`
+      // 600 records of "a": a chunk of 512 (one job) and one of 88, whose second record hangs.
+      yield* InMemoryKafka.produce(
+        "events",
+        Array.from({ length: 600 }, (_, i) => ({ key: "a", value: String(i), partition: 0 }))
+      )
+      let handledOther = 0
+      const fiber = yield* Effect.forkChild(
+        KafkaConsumer.run((record) =>
+          record.partition === 0 && record.offset === 513n
+            ? Effect.never
+            : Effect.sync(() => {
+                if (record.partition === 1) handledOther++
+              })
+        )
+      )
+      const broker = yield* InMemoryKafka.InMemoryBroker
+      let committed: bigint | undefined
+      for (let i = 0; i < 1_000 && committed !== 513n; i++) {
+        yield* TestClock.adjust("10 millis")
+        committed = yield* broker.committed("g", "events", 0)
+      }
+      assert.strictEqual(committed, 513n, "partition 0 committed up to the hanging record")
+      // The 513 committed records gave their places back; the 600 of partition 1 fit in what is left (1,000 − 87).
+      yield* InMemoryKafka.produce(
+        "events",
+        Array.from({ length: 600 }, (_, i) => ({ key: other, value: String(i), partition: 1 }))
+      )
+      yield* advanceUntil(() => handledOther === 600, "10 millis", 1_000)
+      assert.strictEqual(handledOther, 600, "the idle worker handled partition 1")
+      // Shutdown waits for the hanging record only its timeout.
+      const stopping = yield* Effect.forkChild(Fiber.interrupt(fiber))
+      yield* TestClock.adjust("600 millis")
+      assert.isDefined(stopping.pollUnsafe(), "stopped within the shutdown timeout")
+    }).pipe(Effect.provide(setup(2, { workers: 2, maxInFlight: 1_000, shutdownTimeout: Duration.millis(500) })))
+  )
+
+  it.effect("run fails when the member cannot start for a reason retrying cannot fix (an unknown topic)", () =>
+    Effect.gen(function* () {
+      const fiber = yield* Effect.forkChild(Effect.flip(KafkaConsumer.run(() => Effect.void)))
+      yield* TestClock.adjust("1 minute")
+      const exit = fiber.pollUnsafe()
+      assert.isDefined(exit, "run ended instead of restarting for ever")
+      const error = yield* Fiber.join(fiber)
+      assert.strictEqual(error.reason._tag, "UnknownTopic")
+    }).pipe(Effect.provide(setup(1, { topics: ["missing"] })))
   )
 
   it.effect("progress is committed on the interval while a batch is still running", () =>
