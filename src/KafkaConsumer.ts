@@ -34,6 +34,7 @@ import {
   Deferred,
   Duration,
   Effect,
+  Fiber,
   Layer,
   Metric,
   Option,
@@ -100,6 +101,9 @@ const capped = (base: Duration.Input, max: Duration.Input) =>
     Schedule.modifyDelay(({ duration }) => Effect.succeed(Duration.min(duration, Duration.fromInputUnsafe(max))))
   )
 
+/** How long shutdown waits, beyond the shutdown timeout, for the batch calls' last commits. */
+const shutdownGrace = Duration.seconds(5)
+
 export const make = (
   options: ConsumerOptions
 ): Effect.Effect<KafkaConsumer["Service"], never, KafkaClient.KafkaClient> =>
@@ -119,7 +123,9 @@ export const make = (
         const consumed = Metrics.tagged(Metrics.recordsConsumed)
         const lag = Metrics.tagged(Metrics.consumerLag)
         inFlight = Effect.sync(() => uncommitted)
-        yield* Effect.addFinalizer(() => Effect.sync(() => (inFlight = Effect.succeed(0))))
+        yield* Effect.addFinalizer(() =>
+          Effect.sync(() => (inFlight = Effect.succeed(0))).pipe(Effect.andThen(Metric.update(inFlightGauge, 0)))
+        )
         const tracker = OffsetTracker.make()
         // The commit window: records delivered to the pool and not yet committed. A record takes a place before
         // it is submitted and gives it back when a commit covers it, so at most maxInFlight records are ever
@@ -150,7 +156,7 @@ export const make = (
             while (uncommitted >= options.maxInFlight) {
               const changed = windowChanged.ticket()
               // Finished records of any active batch free places once committed: commit them all now.
-              yield* commit(connection)
+              yield* commit(connection, stopping)
               if (uncommitted < options.maxInFlight) break
               if ((yield* Deferred.isDone(stopping)) || (yield* session.isStale)) return 0
               waitingForWindow++
@@ -233,8 +239,43 @@ export const make = (
         // its answer would neither give its places back nor offer its offsets again, and kafkajs, still retrying
         // it, could apply it after a later commit of the same partition.
         const commitLock = Semaphore.makeUnsafe(1)
+        /**
+         * The answer to a commit; once the member stops, waited for `shutdownGrace` at most. kafkajs tries a failed
+         * commit 5 times, each up to its request timeout: a coordinator that does not answer would hold the batch
+         * calls, and with them the member's leaving, for minutes. A commit left unanswered may still be applied;
+         * the member makes no later one that it could overtake.
+         */
+        const answerOf = (
+          connection: KafkaClient.ConsumerConnection,
+          commits: ReadonlyArray<KafkaClient.TopicPartitionOffset>,
+          stopping: Deferred.Deferred<void>
+        ) =>
+          Effect.gen(function* () {
+            const answer = Deferred.makeUnsafe<void, KafkaClient.KafkaError>()
+            yield* Effect.forkDetach(
+              Effect.exit(connection.commit(commits)).pipe(Effect.flatMap((exit) => Deferred.done(answer, exit)))
+            )
+            const deadline = yield* Effect.forkDetach(
+              Deferred.await(stopping).pipe(
+                Effect.andThen(Effect.sleep(shutdownGrace)),
+                Effect.andThen(
+                  Deferred.fail(
+                    answer,
+                    new KafkaClient.KafkaError({
+                      operation: "commit",
+                      reason: new KafkaClient.RequestTimedOut({
+                        detail: `no answer ${Duration.format(shutdownGrace)} into shutdown; leaving without it`
+                      })
+                    })
+                  )
+                )
+              )
+            )
+            return yield* Deferred.await(answer).pipe(Effect.ensuring(Fiber.interrupt(deadline)))
+          })
+
         /** Commits the progress of the active partitions still assigned; succeeds with false when that failed. */
-        const commitNow = (connection: KafkaClient.ConsumerConnection) =>
+        const commitNow = (connection: KafkaClient.ConsumerConnection, stopping: Deferred.Deferred<void>) =>
           Effect.gen(function* () {
             // A partition this member no longer has (kafkajs rejoined while a batch call for it still runs) is
             // left out: the group accepts a commit of the current generation for any partition.
@@ -243,7 +284,7 @@ export const make = (
             const owned = [...active].filter(([key]) => assigned.has(key)).map(([, entry]) => entry)
             const commits = tracker.takeCommits(owned)
             if (commits.length === 0) return true
-            return yield* connection.commit(commits).pipe(
+            return yield* answerOf(connection, commits, stopping).pipe(
               Effect.tap(() => Effect.sync(() => release(commits.reduce((n, c) => n + c.records, 0)))),
               Effect.tap(() => Metric.update(commitCounter, 1)),
               Effect.tap(() => Effect.suspend(() => Metric.update(inFlightGauge, uncommitted))),
@@ -258,16 +299,18 @@ export const make = (
               Effect.catch((error) =>
                 // Offered again by the next takeCommits; the places of a partition forgotten meanwhile go back now.
                 Effect.sync(() => release(tracker.rollback(commits))).pipe(
+                  Effect.andThen(Effect.suspend(() => Metric.update(inFlightGauge, uncommitted))),
                   Effect.andThen(Effect.logWarning(`commit failed, will try again: ${error.message}`)),
                   Effect.as(false)
                 )
               )
             )
           }).pipe(Effect.uninterruptible)
-        const commit = (connection: KafkaClient.ConsumerConnection) => commitLock.withPermit(commitNow(connection))
+        const commit = (connection: KafkaClient.ConsumerConnection, stopping: Deferred.Deferred<void>) =>
+          commitLock.withPermit(commitNow(connection, stopping))
         /** A commit unless one is running, which covers every active partition: the heartbeat never waits for it. */
-        const commitIfIdle = (connection: KafkaClient.ConsumerConnection) =>
-          commitLock.withPermitsIfAvailable(1)(commitNow(connection))
+        const commitIfIdle = (connection: KafkaClient.ConsumerConnection, stopping: Deferred.Deferred<void>) =>
+          commitLock.withPermitsIfAvailable(1)(commitNow(connection, stopping))
 
         /** How many records from `index` on (at most `limit`) are due now. */
         const dueRecords = (records: ReadonlyArray<KafkaClient.ConsumedRecord>, index: number, limit: number) =>
@@ -354,7 +397,7 @@ export const make = (
                 Effect.forever,
                 Effect.forkScoped
               )
-              yield* commitIfIdle(connection).pipe(Effect.delay(tick), Effect.forever, Effect.forkScoped)
+              yield* commitIfIdle(connection, stopping).pipe(Effect.delay(tick), Effect.forever, Effect.forkScoped)
               const records = batch.records
               // Taken once per batch call: after `forget` (the next batch call of this partition) it is detached,
               // so a record of this call that finishes late cannot mark the next call's records finished.
@@ -443,7 +486,7 @@ export const make = (
               // The last commit of the call, tried again on every tick until it succeeds, unless the member stops or
               // must rejoin: kafkajs moves past the batch when the call returns, so progress left uncommitted would
               // wait for the partition's next records to be committed (and be handled again after a rebalance).
-              while (!(yield* commit(connection))) {
+              while (!(yield* commit(connection, stopping))) {
                 if ((yield* Deferred.isDone(stopping)) || (yield* session.isStale)) break
                 yield* Effect.sleep(tick)
               }
@@ -452,6 +495,7 @@ export const make = (
               // Only the partition's last running call forgets it: a call that overlapped a newer one (kafkajs does not
               // run two for one partition, but nothing here relies on it) must not drop the newer call's state.
               if (entry.calls === 1) release(tracker.forget(batch.topic, batch.partition))
+              yield* Metric.update(inFlightGauge, uncommitted)
               // What is left of the partition after what this call took, as of the fetch.
               const next = resumeAt ?? (records.at(-1)?.offset ?? first.offset) + 1n
               yield* Metric.update(
@@ -485,7 +529,7 @@ export const make = (
           yield* Effect.addFinalizer(() =>
             Deferred.succeed(stopping, undefined).pipe(
               Effect.andThen(Effect.suspend(() => Deferred.await(batchesIdle))),
-              Effect.timeoutOption(Duration.sum(options.shutdownTimeout, Duration.seconds(5)))
+              Effect.timeoutOption(Duration.sum(options.shutdownTimeout, shutdownGrace))
             )
           )
           const service = `consumer ${options.groupId}`

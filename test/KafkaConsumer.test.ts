@@ -1,9 +1,10 @@
 import { assert, describe, it } from "@effect/vitest"
-import { Deferred, Duration, Effect, Fiber, Layer, Schedule } from "effect"
+import { Clock, Deferred, Duration, Effect, Fiber, Layer, Metric, Schedule } from "effect"
 import { TestClock } from "effect/testing"
 import * as InMemoryKafka from "../src/InMemoryKafka.ts"
 import * as KafkaClient from "../src/KafkaClient.ts"
 import * as KafkaConsumer from "../src/KafkaConsumer.ts"
+import * as Metrics from "../src/Metrics.ts"
 import * as WorkerPool from "../src/WorkerPool.ts"
 import { random } from "./support/random.ts"
 
@@ -183,6 +184,29 @@ describe("KafkaConsumer", () => {
     }).pipe(Effect.provide(setup(1, { topics: ["missing"] })))
   )
 
+  it.effect("the in-flight gauge falls back to 0 when the records left unfinished at shutdown are given back", () =>
+    Effect.gen(function* () {
+      yield* InMemoryKafka.produce(
+        "events",
+        Array.from({ length: 5 }, (_, i) => ({ key: `k${i}`, value: String(i) }))
+      )
+      let started = 0
+      const fiber = yield* Effect.forkChild(
+        KafkaConsumer.run((record) =>
+          Effect.sync(() => started++).pipe(Effect.andThen(record.offset === 0n ? Effect.never : Effect.void))
+        )
+      )
+      const gauge = Metric.withAttributes(Metrics.recordsInFlight, { group: "g" })
+      yield* advanceUntil(() => started >= 5, "10 millis", 1_000)
+      yield* TestClock.adjust("2 seconds")
+      assert.strictEqual(yield* Metric.value(gauge).pipe(Effect.map((state) => state.value)), 5, "five uncommitted")
+      const stopping = yield* Effect.forkChild(Fiber.interrupt(fiber))
+      yield* TestClock.adjust("1 second")
+      yield* Fiber.join(stopping)
+      assert.strictEqual(yield* Metric.value(gauge).pipe(Effect.map((state) => state.value)), 0)
+    }).pipe(Effect.provide(setup(1, { shutdownTimeout: Duration.millis(500) })))
+  )
+
   it.effect("progress is committed on the interval while a batch is still running", () =>
     Effect.gen(function* () {
       yield* InMemoryKafka.produce("events", [
@@ -327,6 +351,42 @@ describe("KafkaConsumer", () => {
       assert.strictEqual(yield* InMemoryKafka.awaitCommitted("g", "events", 0, 2n), 2n)
       yield* Fiber.interrupt(fiber)
     }).pipe(Effect.provide(setup(1, { retrySchedule: Schedule.spaced("2 seconds") })))
+  )
+
+  it.effect("a commit that does not answer holds shutdown 5 s at most once the member stops", () =>
+    Effect.gen(function* () {
+      const inner = yield* KafkaClient.KafkaClient
+      let hang = false
+      // From `hang` on, commits never answer, as kafkajs retrying one against an unreachable coordinator.
+      const hanging = withConnections((connection) => ({
+        ...connection,
+        commit: (offsets) => (hang ? Effect.never : connection.commit(offsets))
+      }))(inner)
+      yield* InMemoryKafka.produce("events", [
+        { key: "k0", value: "0" },
+        { key: "k1", value: "1" }
+      ])
+      const consumer = yield* KafkaConsumer.make(options({ shutdownTimeout: Duration.seconds(5) })).pipe(
+        Effect.provideService(KafkaClient.KafkaClient, hanging)
+      )
+      // Record 1 finishes 2 s into shutdown: its commits (on the tick, and the batch call's last) never answer.
+      const fiber = yield* Effect.forkChild(
+        consumer.run((record) => (text(record.value) === "1" ? Effect.sleep("3 seconds") : Effect.void))
+      )
+      const broker = yield* InMemoryKafka.InMemoryBroker
+      for (let i = 0; i < 20 && (yield* broker.committed("g", "events", 0)) !== 1n; i++) {
+        yield* TestClock.adjust("100 millis")
+      }
+      assert.strictEqual(yield* broker.committed("g", "events", 0), 1n)
+      hang = true
+      const started = yield* Clock.currentTimeMillis
+      const stopping = yield* Effect.forkChild(Fiber.interrupt(fiber))
+      yield* advanceUntil(() => stopping.pollUnsafe() !== undefined, "100 millis", 200)
+      assert.isDefined(stopping.pollUnsafe(), "shutdown ended")
+      const took = (yield* Clock.currentTimeMillis) - started
+      // The record's 2 s, a commit on the tick waited 5 s, and the last commit 5 s more at most.
+      assert.isAtMost(took, 12_100, `shutdown took ${took} ms`)
+    }).pipe(Effect.provide(InMemoryKafka.layer({ topics: [{ topic: "events", partitions: 1 }] })))
   )
 
   it.effect("with the window full and every commit failing (a fenced member), shutdown still ends in its timeout", () =>

@@ -413,12 +413,15 @@ export const make = (
         // kafkajs' own isStale() only covers seeks. A heartbeat refused because the group is rebalancing is how a
         // member learns of a rebalance; from then until it rejoins, its batch calls are stale.
         let rebalancing = false
+        // The partitions of the member's current generation, as `topic\u0000partition`.
+        let owned = new Set<string>()
         client.on(client.events.GROUP_JOIN, ({ payload }) => {
           rebalancing = false
           joins++
           const partitions = Object.entries(payload.memberAssignment).flatMap(([topic, list]) =>
             list.map((partition) => ({ topic, partition }))
           )
+          owned = new Set(partitions.map(({ topic, partition }) => `${topic}\u0000${partition}`))
           runLog(SubscriptionRef.set(assignment, { generation: joins, partitions }))
         })
         client.on(client.events.CRASH, ({ payload }) => {
@@ -462,6 +465,11 @@ export const make = (
                 partitionsConsumedConcurrently: options.partitionsConsumedConcurrently ?? 1,
                 eachBatch: async ({ batch, heartbeat, isStale, isRunning, resolveOffset }) => {
                   if (batch.isEmpty()) return
+                  // A batch fetched before a rejoin can start after it (kafkajs queues fetched batches): one of a
+                  // partition this member no longer has is neither handled (its new owner handles it) nor resolved
+                  // (kafkajs' new offset manager knows nothing of the partition and would throw, crashing the
+                  // consumer).
+                  if (!owned.has(`${batch.topic}\u0000${batch.partition}`)) return
                   // kafkajs may rejoin while this call runs: a fetch that finds a partition's leader moved rejoins
                   // from that broker's fetcher, whatever the other fetchers' batch calls are doing. Any join since
                   // this call began makes it stale.
@@ -469,6 +477,13 @@ export const make = (
                   const result = await Effect.runPromiseWith(callerContext)(
                     handle(toConsumerBatch(batch), {
                       heartbeat: attempt(brokers, "heartbeat", heartbeat).pipe(
+                        // Accepted: the member's generation is current. A refusal that needed no rejoin (the
+                        // coordinator moved, kafkajs found the new one) must not leave every later call stale.
+                        Effect.tap(() =>
+                          Effect.sync(() => {
+                            rebalancing = false
+                          })
+                        ),
                         Effect.tapError((error) =>
                           Effect.sync(() => {
                             if (error.reason._tag === "BrokerError" && rebalancingErrors.has(error.reason.type)) {
@@ -482,7 +497,11 @@ export const make = (
                     })
                   )
                   const lastTaken = result === undefined ? BigInt(batch.lastOffset()) : result.resumeAt - 1n
-                  if (lastTaken >= BigInt(batch.firstOffset() ?? "0")) resolveOffset(lastTaken.toString())
+                  // After a rejoin the offsets are the new generation's, fetched from the committed ones: resolving
+                  // this call's (maybe for a partition lost) would move or break them.
+                  if (joins === joinsAtStart && lastTaken >= BigInt(batch.firstOffset() ?? "0")) {
+                    resolveOffset(lastTaken.toString())
+                  }
                 }
               })
             )
