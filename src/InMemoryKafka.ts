@@ -354,9 +354,26 @@ export const make = (options: InMemoryKafkaOptions = {}) =>
           if (batch === undefined) continue
           member.handling.add(key)
           started = true
+          // As over kafkajs, a batch call learns of a rebalance only from a heartbeat it makes, which the group
+          // refuses while it rebalances; from then on the call is stale. (The fake's rebalance waits for running
+          // calls, as kafkajs' rejoin does, so no generation passes while one runs.)
+          let refused = false
           const session: KafkaClient.BatchSession = {
-            heartbeat: Effect.void,
-            isStale: Effect.sync(() => group.rebalancing),
+            heartbeat: Effect.suspend(() => {
+              if (!group.rebalancing) return Effect.void
+              refused = true
+              return Effect.fail(
+                error(
+                  "heartbeat",
+                  new KafkaClient.BrokerError({
+                    type: "REBALANCE_IN_PROGRESS",
+                    retriable: false,
+                    detail: "The group is rebalancing, so a rejoin is needed"
+                  })
+                )
+              )
+            }),
+            isStale: Effect.sync(() => refused),
             isRunning: Effect.sync(() => member.running)
           }
           yield* handler(batch, session).pipe(
@@ -437,6 +454,21 @@ export const make = (options: InMemoryKafkaOptions = {}) =>
 
         const commit = (offsets: ReadonlyArray<KafkaClient.TopicPartitionOffset>) =>
           Effect.gen(function* () {
+            // As over kafkajs (and its adapter): no commits before `run`, nor once the member has begun to stop.
+            if (!member.running) {
+              return yield* error(
+                "commit",
+                new KafkaClient.ClientFailed({
+                  retriable: false,
+                  detail:
+                    member.handler === undefined
+                      ? "the consumer group was not joined: run the consumer first"
+                      : "the consumer is stopping"
+                }),
+                offsets[0]?.topic,
+                offsets[0]?.partition
+              )
+            }
             if (!group.members.has(member.id)) {
               return yield* error(
                 "commit",

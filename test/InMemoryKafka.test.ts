@@ -1,5 +1,5 @@
 import { assert, describe, it } from "@effect/vitest"
-import { Deferred, Duration, Effect, Exit, Fiber, Layer, Option } from "effect"
+import { Deferred, Duration, Effect, Exit, Fiber, Layer, Option, Scope } from "effect"
 import { TestClock } from "effect/testing"
 import * as InMemoryKafka from "../src/InMemoryKafka.ts"
 import * as KafkaClient from "../src/KafkaClient.ts"
@@ -86,7 +86,7 @@ describe("InMemoryKafka", () => {
     }).pipe(Effect.scoped, Effect.provide(InMemoryKafka.layer()))
   )
 
-  it.effect("a member that left its group cannot commit: UNKNOWN_MEMBER_ID, as the broker says", () =>
+  it.effect("a member that left its group, or is leaving, cannot commit: ClientFailed, as over kafkajs", () =>
     Effect.gen(function* () {
       const client = yield* KafkaClient.KafkaClient
       yield* client.admin.createTopics([{ topic: "t", partitions: 1 }])
@@ -98,8 +98,31 @@ describe("InMemoryKafka", () => {
         })
       )
       const error = yield* Effect.flip(left.commit([{ topic: "t", partition: 0, offset: 1n }]))
-      assert.isTrue(error.reason._tag === "BrokerError" && error.reason.type === "UNKNOWN_MEMBER_ID")
+      assert.isTrue(error.reason._tag === "ClientFailed" && error.reason.detail === "the consumer is stopping")
       assert.isFalse(error.retriable)
+      // Leaving: the member waits for its running batch call, in which a commit fails the same way.
+      yield* InMemoryKafka.produce("t", [{ value: "a" }])
+      const inCall = yield* Deferred.make<void>()
+      const leave = yield* Deferred.make<void>()
+      const during = yield* Deferred.make<Exit.Exit<void, KafkaClient.KafkaError>>()
+      const scope = yield* Scope.make()
+      const leaving = yield* client
+        .consumer({ groupId: "g2", topics: ["t"], fromBeginning: true })
+        .pipe(Scope.provide(scope))
+      yield* leaving.run((batch) =>
+        Effect.gen(function* () {
+          yield* Deferred.succeed(inCall, undefined)
+          yield* Deferred.await(leave)
+          yield* Deferred.succeed(during, yield* Effect.exit(leaving.commit([{ ...batch, offset: 1n }])))
+        })
+      )
+      yield* Deferred.await(inCall)
+      const closing = yield* Effect.forkChild(Scope.close(scope, Exit.void))
+      yield* Effect.yieldNow
+      yield* Deferred.succeed(leave, undefined)
+      const failed = Exit.findErrorOption(yield* Deferred.await(during))
+      assert.isTrue(Option.isSome(failed) && failed.value.reason._tag === "ClientFailed", "the commit failed")
+      yield* Fiber.join(closing)
     }).pipe(Effect.provide(InMemoryKafka.layer()))
   )
 

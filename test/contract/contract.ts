@@ -263,6 +263,57 @@ export const contractSuite = (name: string, layer: () => Layer.Layer<KafkaClient
     )
 
     test(
+      "a running batch call learns of a rebalance from a refused heartbeat, and is stale from then on",
+      Effect.gen(function* () {
+        const topic = yield* createTopic(2)
+        const groupId = uniqueName("stale")
+        yield* send([{ topic, key: null, value: "x", partition: 0 }])
+        const client = yield* KafkaClient.KafkaClient
+        const a = yield* client.consumer(consumerOptions(groupId, [topic]))
+        const inCall = yield* Deferred.make<boolean>()
+        const refusal = yield* Deferred.make<{ readonly reason: string; readonly stale: boolean }>()
+        let calls = 0
+        yield* a.run((_batch, session) =>
+          Effect.gen(function* () {
+            // Only the first call waits for the rebalance; after it the batch may come back to this member.
+            if (++calls > 1) return
+            yield* Deferred.succeed(inCall, yield* session.isStale)
+            // Heartbeat as a long batch call must, until the group refuses one.
+            while (true) {
+              const exit = yield* Effect.exit(session.heartbeat)
+              if (Exit.isFailure(exit)) {
+                const reason = Option.match(Exit.findErrorOption(exit), {
+                  onNone: () => "none",
+                  onSome: (error) => (error.reason._tag === "BrokerError" ? error.reason.type : error.reason._tag)
+                })
+                yield* Deferred.succeed(refusal, { reason, stale: yield* session.isStale })
+                return
+              }
+              yield* Effect.sleep("100 millis")
+            }
+          })
+        )
+        assert.isFalse(yield* withinGroupTimeout("the batch call", Deferred.await(inCall)), "not stale at first")
+        // A second member joins: the group rebalances, and waits for a's call.
+        yield* collector(consumerOptions(groupId, [topic]))
+        const refused = yield* withinGroupTimeout("a refused heartbeat", Deferred.await(refusal))
+        assert.deepStrictEqual(refused, { reason: "REBALANCE_IN_PROGRESS", stale: true })
+      })
+    )
+
+    test(
+      "a commit before run fails, not retriable",
+      Effect.gen(function* () {
+        const topic = yield* createTopic(1)
+        const client = yield* KafkaClient.KafkaClient
+        const consumer = yield* client.consumer(consumerOptions(uniqueName("early"), [topic]))
+        const error = yield* Effect.flip(consumer.commit([{ topic, partition: 0, offset: 1n }]))
+        assert.strictEqual(error.reason._tag, "ClientFailed")
+        assert.isFalse(error.retriable)
+      })
+    )
+
+    test(
       "a paused partition delivers nothing until it is resumed; the others go on",
       Effect.gen(function* () {
         const topic = yield* createTopic(2)
