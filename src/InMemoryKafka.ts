@@ -23,7 +23,7 @@
  * }).pipe(Effect.provide(InMemoryKafka.layer({ topics: [{ topic: "events", partitions: 3 }] })))
  * ```
  */
-import { Clock, Context, Deferred, Effect, Layer, Scope, Semaphore, SubscriptionRef } from "effect"
+import { Cause, Clock, Context, Deferred, Effect, Layer, Scope, Semaphore, SubscriptionRef } from "effect"
 import * as ChangeSignal from "./internal/changeSignal.ts"
 import { partitionForKey } from "./internal/murmur2.ts"
 import * as KafkaClient from "./KafkaClient.ts"
@@ -61,7 +61,14 @@ interface Member {
   /** the handler given to `run`, with the services of its caller */
   handler: KafkaClient.BatchHandler | undefined
   running: boolean
+  /** batch calls that failed in a row; the member crashes once they outnumber kafkajs' retries */
+  failures: number
+  /** stops the member as kafkajs does when it gives up: `crashed` fails, the member leaves its group */
+  readonly crash: (cause: Cause.Cause<unknown>) => Effect.Effect<void>
 }
+
+/** How often kafkajs (as `layerKafkaJS` configures it) tries a failing batch call again before it crashes. */
+const batchRetries = 5
 
 interface Group {
   readonly id: string
@@ -379,6 +386,7 @@ export const make = (options: InMemoryKafkaOptions = {}) =>
           yield* handler(batch, session).pipe(
             Effect.tap((result) =>
               Effect.sync(() => {
+                member.failures = 0
                 const last = batch.records.at(-1)
                 const next = result === undefined ? (last?.offset ?? -1n) + 1n : result.resumeAt
                 // A rebalance waits for this handler, so the generation it was given is still the current one.
@@ -391,6 +399,9 @@ export const make = (options: InMemoryKafkaOptions = {}) =>
                 notify()
               })
             ),
+            // A failing call is tried again (the batch is fetched again from the same position); kafkajs gives up
+            // after its retries and crashes the consumer.
+            Effect.catchCause((cause) => (++member.failures > batchRetries ? member.crash(cause) : Effect.void)),
             Effect.forkIn(scope)
           )
         }
@@ -410,29 +421,45 @@ export const make = (options: InMemoryKafkaOptions = {}) =>
           paused: new Set(),
           handling: new Set(),
           handler: undefined,
-          running: false
+          running: false,
+          failures: 0,
+          crash: (cause) =>
+            Effect.gen(function* () {
+              if (!member.running) return
+              yield* Deferred.fail(
+                crashed,
+                error(
+                  "consume",
+                  new KafkaClient.ClientFailed({
+                    retriable: true,
+                    detail: `the batch handler failed ${member.failures} times in a row: ${Cause.pretty(cause)}`
+                  }),
+                  consumerOptions.topics[0]
+                )
+              )
+              yield* leave
+            })
         }
         const scope = yield* Scope.Scope
         const handlers = yield* Scope.fork(scope, "sequential")
         const crashed = yield* Deferred.make<never, KafkaClient.KafkaError>()
-
         // Leaving: stop fetching, let running handlers finish, leave the group, and rebalance the others.
-        yield* Effect.addFinalizer(() =>
-          Effect.gen(function* () {
-            if (!member.running) return
-            member.running = false
-            notify()
-            while (true) {
-              const next = nextChange()
-              if (member.handling.size === 0) break
-              yield* next
-            }
-            group.members.delete(member.id)
-            member.partitions = []
-            if (group.members.size > 0) yield* rebalance(group)
-            else notify()
-          })
-        )
+        const leave = Effect.gen(function* () {
+          if (!member.running) return
+          member.running = false
+          notify()
+          while (true) {
+            const next = nextChange()
+            if (member.handling.size === 0) break
+            yield* next
+          }
+          group.members.delete(member.id)
+          member.partitions = []
+          if (group.members.size > 0) yield* rebalance(group)
+          else notify()
+        })
+
+        yield* Effect.addFinalizer(() => leave)
 
         const fetchLoop = Effect.gen(function* () {
           while (member.running) {

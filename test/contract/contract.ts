@@ -302,6 +302,27 @@ export const contractSuite = (name: string, layer: () => Layer.Layer<KafkaClient
     )
 
     test(
+      "a batch handler that keeps failing is tried a few times, then the consumer crashes",
+      Effect.gen(function* () {
+        const topic = yield* createTopic(1)
+        yield* send([{ topic, key: null, value: "poison" }])
+        const client = yield* KafkaClient.KafkaClient
+        const consumer = yield* client.consumer(consumerOptions(uniqueName("crash"), [topic]))
+        let calls = 0
+        yield* consumer.run(() =>
+          Effect.suspend(() => {
+            calls++
+            return Effect.die(new Error("a handler bug"))
+          })
+        )
+        const error = yield* withinGroupTimeout("the crash", Effect.flip(consumer.crashed))
+        assert.strictEqual(error.operation, "consume")
+        // kafkajs, as the adapter configures it, tries a failed batch call 5 times more; so does the fake.
+        assert.strictEqual(calls, 6, "the batch was delivered again before the crash")
+      })
+    )
+
+    test(
       "a commit before run fails, not retriable",
       Effect.gen(function* () {
         const topic = yield* createTopic(1)
