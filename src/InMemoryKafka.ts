@@ -283,23 +283,23 @@ export const make = (options: InMemoryKafkaOptions = {}) =>
         }
       })
 
-    /** Range assignment per topic over the members subscribed to it, sorted by member id. */
+    /**
+     * Round-robin, as kafkajs' default assigner: the partitions of every topic in turn (topics by name, partitions in
+     * order) dealt to the members sorted by id, one each. (kafkajs deals to every member whatever it subscribed to;
+     * the fake deals a topic's partitions only to its subscribers.)
+     */
     const assign = (group: Group) => {
       const members = [...group.members.values()].filter((m) => m.running).sort((a, b) => a.id.localeCompare(b.id))
       const result = new Map<string, Array<KafkaClient.TopicPartition>>(members.map((m) => [m.id, []]))
       const names = new Set(members.flatMap((m) => m.options.topics))
+      let dealt = 0
       for (const name of [...names].sort()) {
         const count = topics.get(name)?.partitions.length ?? 0
         const subscribers = members.filter((m) => m.options.topics.includes(name))
-        if (subscribers.length === 0) continue
-        const per = Math.floor(count / subscribers.length)
-        const extra = count % subscribers.length
-        let next = 0
-        subscribers.forEach((member, index) => {
-          const take = per + (index < extra ? 1 : 0)
-          for (let p = next; p < next + take; p++) result.get(member.id)?.push({ topic: name, partition: p })
-          next += take
-        })
+        for (let partition = 0; partition < count; partition++) {
+          const member = subscribers[dealt++ % subscribers.length] as Member
+          result.get(member.id)?.push({ topic: name, partition })
+        }
       }
       return result
     }

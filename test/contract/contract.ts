@@ -250,6 +250,14 @@ export const contractSuite = (name: string, layer: () => Layer.Layer<KafkaClient
               (x) => x.generation >= ofB.generation && x.partitions.length === 4 - ofB.partitions.length
             )
             assert.deepStrictEqual([...partitionsOf(ofA), ...partitionsOf(ofB)].sort(), [0, 1, 2, 3])
+            // Round-robin, kafkajs' default: dealt one each, so each member has every other partition.
+            assert.sameDeepMembers(
+              [partitionsOf(ofA), partitionsOf(ofB)],
+              [
+                [0, 2],
+                [1, 3]
+              ]
+            )
           })
         )
         yield* assignmentWhere(a.consumer, "a to take all 4 back", (x) => x.partitions.length === 4)
