@@ -22,7 +22,7 @@
  * ```
  */
 import {
-  type Cause,
+  Cause,
   Clock,
   Context,
   Deferred,
@@ -50,7 +50,7 @@ export class ProducerClosed extends Schema.TaggedError<ProducerClosed>()("Produc
   topic: Schema.String
 }) {
   override get message() {
-    return `the producer is closed; the record for ${this.topic} was not sent`
+    return `the producer is closed; the record for ${this.topic} was not sent, or not acknowledged before the flush timeout`
   }
 }
 
@@ -175,7 +175,35 @@ interface Route {
 /** How often the partition counts of the topics in use are read again, as kafkajs' metadataMaxAge. */
 const partitionCountMaxAge = Duration.minutes(5)
 
+/** What is wrong with options given in code (`layer`, `make`), as the environment's are checked by `KafkaConfig`. */
+const problemsOf = (options: ProducerOptions): Array<KafkaConfig.ConfigProblem> => {
+  const problems: Array<KafkaConfig.ConfigProblem> = []
+  const check = (name: string, value: unknown, ok: boolean, expected: string) => {
+    if (!ok)
+      problems.push(
+        new KafkaConfig.ConfigProblem({ variable: `KafkaProducer option ${name}`, value: String(value), expected })
+      )
+  }
+  const whole = (n: number | undefined, min: number) => n === undefined || (Number.isSafeInteger(n) && n >= min)
+  check("acks", options.acks, [-1, 0, 1].includes(options.acks), "-1 (all), 0 or 1")
+  check(
+    "acks",
+    options.acks,
+    !options.idempotent || options.acks === -1,
+    "-1 (all) when idempotent is true (an idempotent producer needs every in-sync replica's ack)"
+  )
+  check("batchSize", options.batchSize, whole(options.batchSize, 1), "a whole number ≥ 1")
+  check("queueCapacity", options.queueCapacity, whole(options.queueCapacity, 1), "a whole number ≥ 1")
+  check("retries", options.retries, whole(options.retries, 0), "a whole number ≥ 0")
+  check("lanes", options.lanes, whole(options.lanes, 1), "a whole number ≥ 1")
+  check("maxBatchBytes", options.maxBatchBytes, whole(options.maxBatchBytes, 1), "a whole number ≥ 1")
+  return problems
+}
+
 export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
+  // A batch size of 0 would drain empty batches for ever; acks other than all would fail every idempotent send.
+  const problems = problemsOf(options)
+  if (problems.length > 0) return yield* new KafkaConfig.KafkaConfigError({ problems })
   const client = yield* KafkaClient.KafkaClient
   const laneCount = Math.max(1, Math.floor(options.lanes ?? defaultLanes))
   // The bound holds for all lanes together: each lane's queue takes its share.
@@ -210,7 +238,11 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
   )
   const maxBatchBytes = options.maxBatchBytes ?? 1_000_000
 
-  const sendBatch = (lane: Lane, batch: ReadonlyArray<Pending>) =>
+  // What the producer knows of each topic in use (see `routeFor`).
+  const routes = new Map<string, Route>()
+
+  /** One request of `batch`'s records, retriable failures tried again on the schedule; its outcome, with its time. */
+  const request = (lane: Lane, batch: ReadonlyArray<Pending>) =>
     Effect.suspend(() => {
       const records = new Array<KafkaClient.ProducerRecord>(batch.length)
       for (let index = 0; index < batch.length; index++) records[index] = (batch[index] as Pending).record
@@ -230,32 +262,59 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
         { captureStackTrace: false }
       ),
       Effect.timed,
-      Effect.exit,
-      Effect.flatMap((exit) => {
-        if (Exit.isSuccess(exit)) {
-          const metadata = exit.value[1]
-          for (let index = 0; index < batch.length; index++) {
-            Deferred.doneUnsafe(
-              (batch[index] as Pending).done,
-              Exit.succeed(metadata[index] as KafkaClient.RecordMetadata)
-            )
-          }
-        } else {
-          const failed = Exit.failCause(exit.cause)
-          for (const pending of batch) Deferred.doneUnsafe(pending.done, failed)
-        }
-        const perTopic = new Map<string, number>()
-        for (const pending of batch) perTopic.set(pending.record.topic, (perTopic.get(pending.record.topic) ?? 0) + 1)
-        const counter = Exit.isSuccess(exit) ? produced : produceFailed
-        return Effect.forEach(perTopic, ([topic, n]) => Metric.update(counter({ topic }), n), { discard: true }).pipe(
-          Effect.andThen(
-            Exit.isSuccess(exit)
-              ? Metric.update(Metrics.produceLatency, Duration.toSeconds(exit.value[0]))
-              : Effect.void
-          )
-        )
-      })
+      Effect.exit
     )
+
+  /** Completes each caller of `batch` with its metadata, or all of them with the request's failure. */
+  const complete = (
+    batch: ReadonlyArray<Pending>,
+    exit: Exit.Exit<[Duration.Duration, ReadonlyArray<KafkaClient.RecordMetadata>], KafkaClient.KafkaError>
+  ) =>
+    Effect.suspend(() => {
+      if (Exit.isSuccess(exit)) {
+        const metadata = exit.value[1]
+        for (let index = 0; index < batch.length; index++) {
+          Deferred.doneUnsafe(
+            (batch[index] as Pending).done,
+            Exit.succeed(metadata[index] as KafkaClient.RecordMetadata)
+          )
+        }
+      } else {
+        const failed = Exit.failCause(exit.cause)
+        for (const pending of batch) Deferred.doneUnsafe(pending.done, failed)
+        // A topic deleted since its route was read: the next record for it reads it again, and fails alone.
+        const error = Cause.findErrorOption(exit.cause)
+        if (Option.isSome(error) && error.value.reason._tag === "UnknownTopic") routes.delete(error.value.reason.topic)
+      }
+      const perTopic = new Map<string, number>()
+      for (const pending of batch) perTopic.set(pending.record.topic, (perTopic.get(pending.record.topic) ?? 0) + 1)
+      const counter = Exit.isSuccess(exit) ? produced : produceFailed
+      return Effect.forEach(perTopic, ([topic, n]) => Metric.update(counter({ topic }), n), { discard: true }).pipe(
+        Effect.andThen(
+          Exit.isSuccess(exit) ? Metric.update(Metrics.produceLatency, Duration.toSeconds(exit.value[0])) : Effect.void
+        )
+      )
+    }).pipe(Effect.uninterruptible)
+
+  /**
+   * Sends a batch and completes its callers. A request that fails for good may have failed for one record only:
+   * kafkajs fails the whole answer on the first partition's error (a record too large for its topic, a topic not
+   * authorised or deleted), so each caller would get another record's error. Its records are then sent again one
+   * at a time, in order, and each caller gets its own outcome; records of partitions the failed request had
+   * written may be stored twice (at-least-once).
+   */
+  const sendBatch = (lane: Lane, batch: ReadonlyArray<Pending>) =>
+    Effect.gen(function* () {
+      const exit = yield* request(lane, batch)
+      if (batch.length > 1 && Exit.isFailure(exit)) {
+        const error = Cause.findErrorOption(exit.cause)
+        if (Option.isSome(error) && !error.value.retriable) {
+          for (const pending of batch) yield* complete([pending], yield* request(lane, [pending]))
+          return
+        }
+      }
+      yield* complete(batch, exit)
+    })
 
   /** The longest prefix of `batch` within maxBatchBytes (at least one record); the rest is carried. */
   const withinBytes = (lane: Lane, batch: ReadonlyArray<Pending>) => {
@@ -333,7 +392,9 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
       while (true) {
         const batch = yield* nextBatch(lane)
         lane.inFlight = batch
-        yield* Effect.uninterruptible(sendBatch(lane, batch))
+        // Interruptible (only the flush timeout interrupts a drain fiber): its callers are then failed with
+        // ProducerClosed by the finalizer, instead of the scope waiting for retries and their back-offs.
+        yield* sendBatch(lane, batch)
         lane.inFlight = []
       }
     }).pipe(Effect.catchCause(() => Effect.void))
@@ -350,9 +411,19 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
         yield* Fiber.interruptAll(drainers)
         const abandoned: Array<Pending> = []
         for (const lane of lanes) {
-          abandoned.push(...lane.inFlight, ...lane.carried, ...(yield* Queue.clear(lane.queue)))
+          abandoned.push(...lane.inFlight, ...lane.carried)
+          // Clearing makes room, which lets in the sends that waited for it: clear until nothing comes, then shut
+          // the queue so that a send still waiting is refused (ProducerClosed) rather than left waiting for ever.
+          while (true) {
+            const waiting = yield* Queue.clear(lane.queue)
+            if (waiting.length === 0) break
+            abandoned.push(...waiting)
+          }
+          yield* Queue.shutdown(lane.queue)
         }
-        yield* Effect.logWarning(`producer closed with ${abandoned.length} records unsent after the flush timeout`)
+        yield* Effect.logWarning(
+          `producer closed with ${abandoned.length} records unsent or unacknowledged after the flush timeout`
+        )
         for (const pending of abandoned) {
           Deferred.doneUnsafe(pending.done, Effect.fail(new ProducerClosed({ topic: pending.record.topic })))
         }
@@ -364,7 +435,6 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
   // to send all of a partition's records through one lane. That needs partition counts: read once per topic and
   // again every `partitionCountMaxAge` (a topic can gain partitions). One lane leaves the choice to the client, and
   // reads the count only to check the topic and explicit partitions (`routeFor`).
-  const routes = new Map<string, Route>()
   const partitionCount = (topic: string) =>
     client.admin.partitionCount(topic).pipe(
       Effect.flatMap((partitions) =>
@@ -555,7 +625,7 @@ export const defaults: ProducerOptions = {
 /** The KafkaProducer with explicit options; what is left out takes its default (`defaults`). */
 export const layer = (
   options: Partial<ProducerOptions> = {}
-): Layer.Layer<KafkaProducer, KafkaClient.KafkaError, KafkaClient.KafkaClient> =>
+): Layer.Layer<KafkaProducer, KafkaClient.KafkaError | KafkaConfig.KafkaConfigError, KafkaClient.KafkaClient> =>
   Layer.effect(KafkaProducer, make({ ...defaults, ...options }))
 
 /** The KafkaProducer configured from the environment (`KafkaConfig.producer`). */

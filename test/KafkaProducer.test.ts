@@ -1,5 +1,5 @@
 import { assert, describe, it } from "@effect/vitest"
-import { Duration, Effect, Exit, Fiber, Layer, Scope } from "effect"
+import { Duration, Effect, Exit, Fiber, Layer, Option, Scope } from "effect"
 import { TestClock } from "effect/testing"
 import * as KafkaClient from "../src/KafkaClient.ts"
 import * as KafkaProducer from "../src/KafkaProducer.ts"
@@ -19,10 +19,11 @@ const options: KafkaProducer.ProducerOptions = {
 /** A producer over a scripted client (topics of `partitions` partitions), in a scope the test can close. */
 const setup = (
   overrides: Partial<KafkaProducer.ProducerOptions> = {},
-  partitions: number | ((topic: string) => number) = 1
+  partitions: number | ((topic: string) => number) = 1,
+  latency?: Duration.Input
 ) =>
   Effect.gen(function* () {
-    const scripted = yield* Scripted.makeWith({ partitions })
+    const scripted = yield* Scripted.makeWith({ partitions, ...(latency !== undefined && { latency }) })
     const scope = yield* Scope.make()
     const producer = yield* KafkaProducer.make({ ...options, ...overrides }).pipe(
       Effect.provideService(KafkaClient.KafkaClient, scripted.client),
@@ -258,23 +259,25 @@ describe("Producer", () => {
     })
   )
 
-  it.effect("a failed lane completes its own callers with the error; the other lane's callers are acked", () =>
+  it.effect("a request that fails for good is sent again record by record: each caller gets its own outcome", () =>
     Effect.gen(function* () {
-      const { scripted, producer } = yield* setup({ lanes: 2, linger: Duration.zero }, 2)
-      yield* scripted.script([fatal])
-      const exits = yield* Effect.forEach([0, 1, 0, 1], (partition, i) =>
-        Effect.forkChild(Effect.exit(producer.send({ partition, value: String(i) })))
-      ).pipe(Effect.flatMap((fibers) => Effect.forEach(fibers, Fiber.join)))
-      const [failedRequest] = (yield* scripted.recorded).requests
-      const failedPartition = failedRequest?.[0]?.partition
-      for (const [i, exit] of exits.entries()) {
-        if (i % 2 === failedPartition && failedRequest?.some((r) => r.value === String(i))) {
-          assert.isTrue(Exit.isFailure(exit), `record ${i} was in the failed request`)
-        } else {
-          assert.isTrue(Exit.isSuccess(exit), `record ${i} acked`)
-        }
-      }
-      assert.isTrue(exits.some(Exit.isFailure), "the failed request's callers failed")
+      const { scripted, producer } = yield* setup()
+      // The request of three fails for good (as kafkajs fails a whole answer for one partition's error); alone,
+      // the second record fails again, the others are written.
+      yield* scripted.script([fatal, "ok", fatal, "ok"])
+      const fibers = yield* Effect.forEach(["a", "b", "c"], (value) =>
+        Effect.forkChild(Effect.exit(producer.send({ value })))
+      )
+      yield* TestClock.adjust("50 millis")
+      const exits = yield* Effect.forEach(fibers, Fiber.join)
+      assert.deepStrictEqual(
+        exits.map((exit) => exit._tag),
+        ["Success", "Failure", "Success"]
+      )
+      assert.deepStrictEqual(
+        (yield* scripted.recorded).requests.map((request) => request.map((record) => record.value)),
+        [["a", "b", "c"], ["a"], ["b"], ["c"]]
+      )
     })
   )
 
@@ -320,6 +323,56 @@ describe("Producer", () => {
       const metadata = yield* Fiber.join(fiber)
       assert.strictEqual(metadata.offset, 0n)
       assert.deepStrictEqual((yield* scripted.recorded).events, ["connect", "request", "disconnect"])
+    })
+  )
+
+  it.effect(
+    "at the flush timeout every caller completes: those waiting for room in the queue with ProducerClosed",
+    () =>
+      Effect.gen(function* () {
+        const { scope, producer } = yield* setup(
+          { batchSize: 1, queueCapacity: 2, linger: Duration.zero, flushTimeout: Duration.millis(200) },
+          1,
+          "500 millis"
+        )
+        // One in flight, two queued, five waiting for room.
+        const fibers = yield* Effect.forEach(Array.from({ length: 8 }, String), (value) =>
+          Effect.forkChild(Effect.exit(producer.send({ value })))
+        )
+        yield* TestClock.adjust("50 millis")
+        const closing = yield* Effect.forkChild(Scope.close(scope, Exit.void))
+        yield* TestClock.adjust("1 second")
+        assert.isDefined(closing.pollUnsafe(), "closed")
+        const outcomes = fibers.map((fiber) => fiber.pollUnsafe())
+        assert.isTrue(
+          outcomes.every((outcome) => outcome !== undefined),
+          "every caller completed"
+        )
+        const closed = outcomes.filter(
+          (outcome) =>
+            outcome !== undefined &&
+            Exit.isSuccess(outcome) &&
+            Exit.isFailure(outcome.value) &&
+            Option.getOrUndefined(Exit.findErrorOption(outcome.value))?._tag === "ProducerClosed"
+        )
+        assert.strictEqual(closed.length, 8, "none acked within 200 ms: all told ProducerClosed")
+      })
+  )
+
+  it.effect("closing waits no longer than the flush timeout for a batch that is being retried", () =>
+    Effect.gen(function* () {
+      const { scripted, scope, producer } = yield* setup(
+        { linger: Duration.zero, retries: 5, flushTimeout: Duration.millis(200) },
+        1,
+        "300 millis"
+      )
+      yield* scripted.script([retriable, retriable, retriable, retriable, retriable, retriable])
+      const fiber = yield* Effect.forkChild(Effect.flip(producer.send({ value: "v" })))
+      yield* TestClock.adjust("10 millis")
+      const closing = yield* Effect.forkChild(Scope.close(scope, Exit.void))
+      yield* TestClock.adjust("250 millis")
+      assert.isDefined(closing.pollUnsafe(), "closed 200 ms after, not after the retries and their back-offs")
+      assert.strictEqual((yield* Fiber.join(fiber))._tag, "ProducerClosed")
     })
   )
 
@@ -383,6 +436,27 @@ describe("Producer", () => {
       assert.strictEqual(request?.[0]?.topic, "orders")
       assert.strictEqual(request?.[0]?.key, "o-1")
       assert.deepStrictEqual(JSON.parse(String(request?.[0]?.value)), { id: "o-1", total: 12.5 })
+    })
+  )
+
+  it.effect("options given in code are checked as the environment's are: the layer fails, naming each", () =>
+    Effect.gen(function* () {
+      const scripted = yield* Scripted.make
+      const error = yield* Effect.flip(
+        KafkaProducer.make({ ...KafkaProducer.defaults, acks: 1, batchSize: 0 }).pipe(
+          Effect.provideService(KafkaClient.KafkaClient, scripted.client),
+          Effect.scoped
+        )
+      )
+      assert.strictEqual(error._tag, "KafkaConfigError")
+      if (error._tag === "KafkaConfigError") {
+        assert.deepStrictEqual(
+          error.problems.map((problem) => problem.variable),
+          ["KafkaProducer option acks", "KafkaProducer option batchSize"]
+        )
+        assert.include(error.message, "-1 (all) when idempotent is true")
+      }
+      assert.deepStrictEqual((yield* scripted.recorded).events, [], "no connection was made")
     })
   )
 

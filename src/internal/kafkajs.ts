@@ -380,7 +380,11 @@ export const make = (
                 Effect.sync(() => {
                   if (options.idempotent) tainted = true
                 })
-              )
+              ),
+              // kafkajs gives these up (not retriable): the broker forgot the producer id (it was idle longer than
+              // producer.id.expiration.ms, or its segments were deleted) or its sequence. The next try goes out on a
+              // fresh producer, with a fresh id, which cures both.
+              Effect.mapError((error) => (options.idempotent ? retriableOnFreshProducer(error) : error))
             )
           })
         return { send } satisfies KafkaClient.ProducerConnection
@@ -552,6 +556,28 @@ const toKafkaJSHeaders = (headers: KafkaClient.Headers) => {
   }
   return out
 }
+
+/** Errors about an idempotent producer's id or sequence, which a fresh producer does not have. */
+const producerStateErrors = new Set([
+  "UNKNOWN_PRODUCER_ID",
+  "OUT_OF_ORDER_SEQUENCE_NUMBER",
+  "INVALID_PRODUCER_EPOCH",
+  "INVALID_PRODUCER_ID_MAPPING"
+])
+
+/**
+ * A produce error about the producer's id or sequence made retriable: the next try of the idempotent producer goes
+ * out on a fresh one (see `producer`), which has neither problem.
+ */
+export const retriableOnFreshProducer = (error: KafkaClient.KafkaError): KafkaClient.KafkaError =>
+  error.reason._tag === "BrokerError" && !error.reason.retriable && producerStateErrors.has(error.reason.type)
+    ? new KafkaClient.KafkaError({
+        operation: error.operation,
+        ...(error.topic !== undefined && { topic: error.topic }),
+        ...(error.partition !== undefined && { partition: error.partition }),
+        reason: new KafkaClient.BrokerError({ type: error.reason.type, retriable: true, detail: error.reason.detail })
+      })
+    : error
 
 /** The errors kafkajs treats as "the group is rebalancing: rejoin". */
 const rebalancingErrors = new Set([

@@ -8,7 +8,8 @@ import {
   KafkaJSRequestTimeoutError,
   KafkaJSSASLAuthenticationError
 } from "kafkajs"
-import { reasonOf } from "../../src/internal/kafkajs.ts"
+import { reasonOf, retriableOnFreshProducer } from "../../src/internal/kafkajs.ts"
+import * as KafkaClient from "../../src/KafkaClient.ts"
 
 // kafkajs' error classes, built as kafkajs builds them, mapped to our reasons.
 const connectionError = (message: string, code?: string) =>
@@ -106,6 +107,29 @@ describe("kafkajs errors → KafkaError reasons", () => {
         "b"
       )
       assert.isTrue(fatal._tag === "BrokerError" && !fatal.retriable)
+    })
+  )
+
+  it.effect("a producer id or sequence the broker forgot is retriable for the idempotent producer (a fresh one)", () =>
+    Effect.sync(() => {
+      const produceError = (type: string, code: number) =>
+        new KafkaClient.KafkaError({
+          operation: "produce",
+          topic: "t",
+          reason: reasonOf(new KafkaJSProtocolError({ type, code, retriable: false, message: type } as never), "b")
+        })
+      for (const [type, code] of [
+        ["UNKNOWN_PRODUCER_ID", 59],
+        ["OUT_OF_ORDER_SEQUENCE_NUMBER", 45]
+      ] as const) {
+        const before = produceError(type, code)
+        assert.isFalse(before.retriable, `kafkajs gives ${type} up`)
+        const after = retriableOnFreshProducer(before)
+        assert.isTrue(after.retriable, type)
+        assert.strictEqual(after.reason._tag === "BrokerError" && after.reason.type, type)
+        assert.strictEqual(after.topic, "t")
+      }
+      assert.isFalse(retriableOnFreshProducer(produceError("MESSAGE_TOO_LARGE", 10)).retriable)
     })
   )
 

@@ -3,7 +3,7 @@
  * outcome is scripted (succeed, or fail with a given reason). It is not a broker; contract behaviour is tested
  * against the real one and, later, the in-memory one.
  */
-import { Effect, Ref } from "effect"
+import { type Duration, Effect, Ref } from "effect"
 import * as KafkaClient from "../../src/KafkaClient.ts"
 
 export interface Recorded {
@@ -17,9 +17,16 @@ export type Outcome = "ok" | KafkaClient.KafkaErrorReason
 
 /**
  * `partitions`: every topic's partition count (default 1, so that every record goes to partition 0), or a function
- * giving each topic's, read each time the producer asks (0: the topic does not exist).
+ * giving each topic's, read each time the producer asks (0: the topic does not exist). `latency`: how long each
+ * request takes to be answered.
  */
-export const makeWith = (options: { readonly partitions?: number | ((topic: string) => number) } = {}) =>
+export const makeWith = (
+  options: {
+    readonly partitions?: number | ((topic: string) => number)
+    /** how long each request takes to be answered (TestClock time) */
+    readonly latency?: Duration.Input
+  } = {}
+) =>
   Effect.gen(function* () {
     const recorded = yield* Ref.make<Recorded>({ requests: [], events: [] })
     /** outcomes of the next requests, in order; "ok" once exhausted */
@@ -35,6 +42,7 @@ export const makeWith = (options: { readonly partitions?: number | ((topic: stri
     const send = (records: ReadonlyArray<KafkaClient.ProducerRecord>) =>
       Effect.gen(function* () {
         yield* note("request", records)
+        if (options.latency !== undefined) yield* Effect.sleep(options.latency)
         const outcomes = yield* Ref.getAndUpdate(script, (rest) => rest.slice(1))
         const outcome = outcomes[0] ?? "ok"
         if (outcome !== "ok") {
