@@ -562,19 +562,49 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
       return route
     })
 
+  /** Whether a record can go without reading its topic's route: the topic is known, and its partition if it names one. */
+  const known = (route: Route | undefined, partition: number | undefined): route is Route =>
+    route !== undefined &&
+    (partition === undefined || (Number.isInteger(partition) && partition >= 0 && partition < route.partitions))
+
+  // Sends of a topic whose route is being read wait in line, each behind the one before, so they are queued in the
+  // order they were made: reads of metadata can answer out of order, and a send made once the route is known must
+  // not overtake an earlier one still waiting. `lines` holds the last send in line for each topic.
+  const lines = new Map<string, Deferred.Deferred<void>>()
+  const inLine = <A, E>(topic: string, effect: Effect.Effect<A, E>): Effect.Effect<A, E> =>
+    Effect.suspend(() => {
+      const previous = lines.get(topic)
+      const mine = Deferred.makeUnsafe<void>()
+      lines.set(topic, mine)
+      const leave = Effect.sync(() => {
+        Deferred.doneUnsafe(mine, Exit.void)
+        if (lines.get(topic) === mine) lines.delete(topic)
+      })
+      if (previous === undefined) return Effect.ensuring(effect, leave)
+      // An interrupted send still leaves in turn, so the one behind it cannot overtake the one before it.
+      return Effect.andThen(Deferred.await(previous), effect).pipe(
+        Effect.ensuring(Effect.andThen(Deferred.await(previous), leave))
+      )
+    })
+
   const enqueue = (record: OutgoingRecord) => {
     const topic = record.topic ?? options.topic
     const route = routes.get(topic)
     const partition = record.partition
-    // The path of almost every record: a known topic, and no partition or one known to exist.
-    if (
-      route !== undefined &&
-      (partition === undefined || (Number.isInteger(partition) && partition >= 0 && partition < route.partitions))
-    ) {
+    // The path of almost every record: a known topic, no partition or one known to exist, nobody in line.
+    if (known(route, partition) && (lines.size === 0 || !lines.has(topic))) {
       return enqueueTo(record, topic, laneCount === 1 ? undefined : route)
     }
-    return Effect.flatMap(routeFor(topic, partition), (route) =>
-      enqueueTo(record, topic, laneCount === 1 ? undefined : route)
+    return inLine(
+      topic,
+      Effect.suspend(() => {
+        const now = routes.get(topic)
+        return known(now, partition)
+          ? enqueueTo(record, topic, laneCount === 1 ? undefined : now)
+          : Effect.flatMap(routeFor(topic, partition), (route) =>
+              enqueueTo(record, topic, laneCount === 1 ? undefined : route)
+            )
+      })
     )
   }
 

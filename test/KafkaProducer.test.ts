@@ -233,6 +233,32 @@ describe("Producer", () => {
     })
   )
 
+  it.effect("sends made while a topic's route is read are queued in the order they were made", () =>
+    Effect.gen(function* () {
+      const scripted = yield* Scripted.make
+      // The first metadata read is slow; a second one would answer at once, and overtake it.
+      let reads = 0
+      const client = KafkaClient.KafkaClient.of({
+        ...scripted.client,
+        admin: {
+          ...scripted.client.admin,
+          partitionCount: (topic) =>
+            Effect.delay(scripted.client.admin.partitionCount(topic), ++reads === 1 ? "30 millis" : "0 millis")
+        }
+      })
+      const producer = yield* KafkaProducer.make({ ...options, linger: Duration.zero }).pipe(
+        Effect.provideService(KafkaClient.KafkaClient, client)
+      )
+      const first = yield* Effect.forkChild(producer.send({ key: "k", value: "first" }))
+      yield* TestClock.adjust("5 millis")
+      const second = yield* Effect.forkChild(producer.send({ key: "k", value: "second" }))
+      yield* TestClock.adjust("30 millis")
+      const offsets = [(yield* Fiber.join(first)).offset, (yield* Fiber.join(second)).offset]
+      assert.deepStrictEqual(offsets, [0n, 1n], "first written first")
+      assert.strictEqual(reads, 1, "one read of the topic for both")
+    }).pipe(Effect.scoped)
+  )
+
   it.effect("a record for a topic that does not exist fails alone; a partition added later is found", () =>
     Effect.gen(function* () {
       let partitions = 2
