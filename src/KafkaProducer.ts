@@ -294,7 +294,7 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
           Exit.isSuccess(exit) ? Metric.update(Metrics.produceLatency, Duration.toSeconds(exit.value[0])) : Effect.void
         )
       )
-    }).pipe(Effect.uninterruptible)
+    })
 
   /**
    * Sends a batch and completes its callers. A request that fails for good may have failed for one record only:
@@ -304,16 +304,20 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
    * written may be stored twice (at-least-once).
    */
   const sendBatch = (lane: Lane, batch: ReadonlyArray<Pending>) =>
-    Effect.gen(function* () {
-      const exit = yield* request(lane, batch)
+    Effect.flatMap(request(lane, batch), (exit) => {
       if (batch.length > 1 && Exit.isFailure(exit)) {
         const error = Cause.findErrorOption(exit.cause)
         if (Option.isSome(error) && !error.value.retriable) {
-          for (const pending of batch) yield* complete([pending], yield* request(lane, [pending]))
-          return
+          return Effect.forEach(
+            batch,
+            (pending) => Effect.flatMap(request(lane, [pending]), (one) => complete([pending], one)),
+            {
+              discard: true
+            }
+          )
         }
       }
-      yield* complete(batch, exit)
+      return complete(batch, exit)
     })
 
   /** The longest prefix of `batch` within maxBatchBytes (at least one record); the rest is carried. */
@@ -392,9 +396,7 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
       while (true) {
         const batch = yield* nextBatch(lane)
         lane.inFlight = batch
-        // Interruptible (only the flush timeout interrupts a drain fiber): its callers are then failed with
-        // ProducerClosed by the finalizer, instead of the scope waiting for retries and their back-offs.
-        yield* sendBatch(lane, batch)
+        yield* Effect.uninterruptible(sendBatch(lane, batch))
         lane.inFlight = []
       }
     }).pipe(Effect.catchCause(() => Effect.void))
@@ -408,7 +410,9 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
         Effect.timeoutOption(options.flushTimeout ?? Duration.seconds(30))
       )
       if (Option.isNone(flushed)) {
-        yield* Fiber.interruptAll(drainers)
+        // Not waited for: a batch being sent goes on (uninterruptible) with its retries and back-offs, which could
+        // outlast the flush timeout by minutes; its callers are failed below, and the fiber ends after that batch.
+        yield* Effect.forkDetach(Fiber.interruptAll(drainers))
         const abandoned: Array<Pending> = []
         for (const lane of lanes) {
           abandoned.push(...lane.inFlight, ...lane.carried)
