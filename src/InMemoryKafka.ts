@@ -82,8 +82,7 @@ const tpKey = (topic: string, partition: number) => `${topic}\u0000${partition}`
 
 // Stored as Node Buffers, as kafkajs hands them out: code that reads a value with `String(value)` or
 // `value.toString()` behaves as it will over kafkajs (on a plain Uint8Array it would print the bytes' numbers).
-const bytes = (value: string | Uint8Array | null): Uint8Array | null =>
-  value === null ? null : Buffer.from(value)
+const bytes = (value: string | Uint8Array | null): Uint8Array | null => (value === null ? null : Buffer.from(value))
 
 export interface InMemoryKafkaOptions {
   /** topics that exist from the start */
