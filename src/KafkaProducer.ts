@@ -251,7 +251,13 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
       Effect.tapError((error) =>
         error.retriable ? Effect.logWarning(`produce failed, will retry: ${error.message}`) : Effect.void
       ),
-      Effect.retry({ schedule: retry, times: options.retries, while: (error) => error.retriable }),
+      // An unknown topic too: its first record found it (`routeFor`), so now it is being re-created, or the answering
+      // broker has not heard of it yet (kafkajs itself deems that error retriable); deleted, it fails after the retries.
+      Effect.retry({
+        schedule: retry,
+        times: options.retries,
+        while: (error) => error.retriable || error.reason._tag === "UnknownTopic"
+      }),
       Effect.withSpan(
         "kafka.produce",
         {
@@ -297,25 +303,33 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
     })
 
   /**
-   * Sends a batch and completes its callers. A request that fails for good may have failed for one record only:
-   * kafkajs fails the whole answer on the first partition's error (a record too large for its topic, a topic not
-   * authorised or deleted), so each caller would get another record's error. Its records are then sent again one
-   * at a time, in order, and each caller gets its own outcome; records of partitions the failed request had
-   * written may be stored twice (at-least-once).
+   * Sends a batch and completes its callers, each with its own outcome where the request's failure may not be
+   * theirs. A request that failed for good (or after its retries) holding several topics is sent again topic by
+   * topic, so a topic that is deleted, not authorised or unreachable fails its own records only. One of a single
+   * topic that failed for good is sent again record by record: kafkajs fails a whole answer on the first partition's
+   * error (a record too large for its topic's `max.message.bytes`), which would fail its batch-mates too — unless
+   * the topic is unknown, which all of its records share. Resends go in order, so a partition keeps its order;
+   * records of partitions the failed request had written may be stored twice (at-least-once).
    */
-  const sendBatch = (lane: Lane, batch: ReadonlyArray<Pending>) =>
+  const sendBatch = (lane: Lane, batch: ReadonlyArray<Pending>): Effect.Effect<void> =>
     Effect.flatMap(request(lane, batch), (exit) => {
-      if (batch.length > 1 && Exit.isFailure(exit)) {
-        const error = Cause.findErrorOption(exit.cause)
-        if (Option.isSome(error) && !error.value.retriable) {
-          return Effect.forEach(
-            batch,
-            (pending) => Effect.flatMap(request(lane, [pending]), (one) => complete([pending], one)),
-            {
-              discard: true
-            }
-          )
-        }
+      if (batch.length === 1 || Exit.isSuccess(exit)) return complete(batch, exit)
+      const byTopic = new Map<string, Array<Pending>>()
+      for (const pending of batch) {
+        const of = byTopic.get(pending.record.topic)
+        if (of === undefined) byTopic.set(pending.record.topic, [pending])
+        else of.push(pending)
+      }
+      if (byTopic.size > 1) {
+        return Effect.forEach(byTopic.values(), (records) => sendBatch(lane, records), { discard: true })
+      }
+      const error = Cause.findErrorOption(exit.cause)
+      if (Option.isSome(error) && !error.value.retriable && error.value.reason._tag !== "UnknownTopic") {
+        return Effect.forEach(
+          batch,
+          (pending) => Effect.flatMap(request(lane, [pending]), (one) => complete([pending], one)),
+          { discard: true }
+        )
       }
       return complete(batch, exit)
     })

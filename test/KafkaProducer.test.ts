@@ -307,6 +307,49 @@ describe("Producer", () => {
     })
   )
 
+  it.effect("a request of several topics failing after its retries is sent again topic by topic", () =>
+    Effect.gen(function* () {
+      const scripted = yield* Scripted.makeWith({ partitions: 1 })
+      // Every request holding a record for "unreachable" fails, retriably.
+      const client = KafkaClient.KafkaClient.of({
+        ...scripted.client,
+        producer: (producerOptions) =>
+          Effect.map(scripted.client.producer(producerOptions), (connection) => ({
+            send: (records) =>
+              records.some((record) => record.topic === "unreachable")
+                ? Effect.fail(
+                    new KafkaClient.KafkaError({ operation: "produce", topic: "unreachable", reason: retriable })
+                  )
+                : connection.send(records)
+          }))
+      })
+      const producer = yield* KafkaProducer.make({ ...options, retries: 2 }).pipe(
+        Effect.provideService(KafkaClient.KafkaClient, client)
+      )
+      const fibers = yield* Effect.forEach(["unreachable", "events", "unreachable", "events"], (topic, i) =>
+        Effect.forkChild(Effect.exit(producer.send({ topic, value: String(i) })))
+      )
+      yield* TestClock.adjust("1 minute")
+      const exits = yield* Effect.forEach(fibers, Fiber.join)
+      assert.deepStrictEqual(
+        exits.map((exit) => exit._tag),
+        ["Failure", "Success", "Failure", "Success"],
+        "the reachable topic's records are written"
+      )
+    }).pipe(Effect.scoped)
+  )
+
+  it.effect("an unknown topic at send time (its first record found it) is tried again", () =>
+    Effect.gen(function* () {
+      const { scripted, producer } = yield* setup({ linger: Duration.zero })
+      yield* producer.send({ value: "first" })
+      yield* scripted.script([new KafkaClient.UnknownTopic({ topic: "events" }), "ok"])
+      const fiber = yield* Effect.forkChild(producer.send({ value: "second" }))
+      yield* TestClock.adjust("1 second")
+      assert.strictEqual((yield* Fiber.join(fiber)).offset, 1n)
+    })
+  )
+
   it.effect("a lane waiting to retry does not hold up the other lanes", () =>
     Effect.gen(function* () {
       const { scripted, producer } = yield* setup({ lanes: 2, linger: Duration.zero }, 2)
