@@ -122,6 +122,27 @@ export const make = (
         const commitCounter = Metric.withAttributes(Metrics.commits, group)
         const consumed = Metrics.tagged(Metrics.recordsConsumed)
         const lag = Metrics.tagged(Metrics.consumerLag)
+        // Partitions whose lag this member reports: set to 0 once the partition is no longer its own (another member
+        // reports it now), so that the sum over members counts no lag twice.
+        const lagged = new Map<string, { readonly topic: string; readonly partition: number }>()
+        const reportLag = (topic: string, partition: number, behind: bigint) =>
+          Effect.suspend(() => {
+            lagged.set(`${partition}\u0000${topic}`, { topic, partition })
+            return Metric.update(
+              lag({ group: options.groupId, topic, partition: String(partition) }),
+              Math.max(0, Number(behind))
+            )
+          })
+        const clearLag = (keep: ReadonlySet<string>) =>
+          Effect.forEach(
+            [...lagged].filter(([key]) => !keep.has(key)),
+            ([key, { topic, partition }]) =>
+              Effect.suspend(() => {
+                lagged.delete(key)
+                return Metric.update(lag({ group: options.groupId, topic, partition: String(partition) }), 0)
+              }),
+            { discard: true }
+          )
         inFlight = Effect.sync(() => uncommitted)
         yield* Effect.addFinalizer(() =>
           Effect.sync(() => (inFlight = Effect.succeed(0))).pipe(Effect.andThen(Metric.update(inFlightGauge, 0)))
@@ -232,7 +253,10 @@ export const make = (
         // Partitions with a running batch call, which this member owns for as long as the call runs: commits go
         // only to them. Progress left in the tracker for a partition given up (its last commit failed) is not
         // committed later, possibly over the commits of its new owner.
-        const active = new Map<string, { readonly topic: string; readonly partition: number; calls: number }>()
+        const active = new Map<
+          string,
+          { readonly topic: string; readonly partition: number; calls: number; highWatermark: bigint }
+        >()
         const activeKey = (topic: string, partition: number) => `${partition}\u0000${topic}`
         // One commit at a time, each for every active partition's progress (so the commits of batch calls ending
         // together make one request); never interrupted halfway: a commit cut off between taking its offsets and
@@ -287,6 +311,18 @@ export const make = (
             return yield* answerOf(connection, commits, stopping).pipe(
               Effect.tap(() => Effect.sync(() => release(commits.reduce((n, c) => n + c.records, 0)))),
               Effect.tap(() => Metric.update(commitCounter, 1)),
+              // While a batch call runs, its partition's lag is what lies beyond the commit, as of the fetch: a call
+              // held by a record that does not finish shows its partition falling behind.
+              Effect.tap(() =>
+                Effect.forEach(
+                  commits,
+                  (c) => {
+                    const hw = active.get(activeKey(c.topic, c.partition))?.highWatermark
+                    return hw === undefined ? Effect.void : reportLag(c.topic, c.partition, hw - c.offset)
+                  },
+                  { discard: true }
+                )
+              ),
               Effect.tap(() => Effect.suspend(() => Metric.update(inFlightGauge, uncommitted))),
               Effect.tap(() =>
                 Effect.logDebug("committed").pipe(
@@ -375,7 +411,9 @@ export const make = (
               // Nothing of this partition is in flight between batch calls: start it afresh (it may have moved).
               release(tracker.forget(batch.topic, batch.partition))
               const key = activeKey(batch.topic, batch.partition)
-              const entry = active.get(key) ?? { ...partition, calls: 0 }
+              const entry = active.get(key) ?? { ...partition, calls: 0, highWatermark: batch.highWatermark }
+              entry.highWatermark = batch.highWatermark
+              yield* reportLag(batch.topic, batch.partition, batch.highWatermark - first.offset)
               entry.calls++
               active.set(key, entry)
               yield* Effect.addFinalizer(() =>
@@ -498,10 +536,7 @@ export const make = (
               yield* Metric.update(inFlightGauge, uncommitted)
               // What is left of the partition after what this call took, as of the fetch.
               const next = resumeAt ?? (records.at(-1)?.offset ?? first.offset) + 1n
-              yield* Metric.update(
-                lag({ group: options.groupId, topic: batch.topic, partition: String(batch.partition) }),
-                Math.max(0, Number(batch.highWatermark - next))
-              )
+              yield* reportLag(batch.topic, batch.partition, batch.highWatermark - next)
               if (resumeAt === first.offset && !paused) {
                 // Nothing taken: the member waits to rejoin. Pause a moment, or kafkajs refetches in a hot loop.
                 yield* Effect.sleep(Duration.min(tick, Duration.millis(100)))
@@ -535,11 +570,17 @@ export const make = (
           const service = `consumer ${options.groupId}`
           yield* Observability.report(service, false)
           yield* Effect.addFinalizer(() => Observability.report(service, false))
+          yield* Effect.addFinalizer(() => clearLag(new Set()))
           yield* connection.assignments.pipe(
             // A member with an assignment is ready, with partitions or without (more members than partitions).
             Stream.tap((assignment) =>
               assignment.generation > 0
-                ? Observability.report(service, true).pipe(Effect.andThen(Metric.update(rebalancesCounter, 1)))
+                ? Observability.report(service, true).pipe(
+                    Effect.andThen(Metric.update(rebalancesCounter, 1)),
+                    Effect.andThen(
+                      clearLag(new Set(assignment.partitions.map((tp) => `${tp.partition}\u0000${tp.topic}`)))
+                    )
+                  )
                 : Effect.void
             ),
             Stream.runForEach((assignment) =>

@@ -443,7 +443,10 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
           `producer closed with ${abandoned.length} records unsent or unacknowledged after the flush timeout`
         )
         for (const pending of abandoned) {
+          // A record whose batch was completed meanwhile (its ack or error came) is counted there.
+          if (Deferred.isDoneUnsafe(pending.done)) continue
           Deferred.doneUnsafe(pending.done, Effect.fail(new ProducerClosed({ topic: pending.record.topic })))
+          yield* Metric.update(produceFailed({ topic: pending.record.topic }), 1)
         }
       }
     })
@@ -478,7 +481,11 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
         const route: Route = { partitions, roundRobin: start, laneOffset: routes.size }
         routes.set(topic, route)
         return route
-      })
+      }).pipe(
+        // The topic's counters from 0, so that its first failure is an increase that alerts see.
+        Effect.tap(() => Metric.update(produced({ topic }), 0)),
+        Effect.tap(() => Metric.update(produceFailed({ topic }), 0))
+      )
     )
   if (laneCount > 1) {
     yield* Effect.forkScoped(
@@ -619,8 +626,10 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
         const now = routes.get(topic)
         return known(now, partition)
           ? enqueueTo(record, topic, laneCount === 1 ? undefined : now)
-          : Effect.flatMap(routeFor(topic, partition), (route) =>
-              enqueueTo(record, topic, laneCount === 1 ? undefined : route)
+          : Effect.flatMap(
+              // Refused before it was queued (no such topic or partition): a failed send all the same.
+              Effect.tapError(routeFor(topic, partition), () => Metric.update(produceFailed({ topic }), 1)),
+              (route) => enqueueTo(record, topic, laneCount === 1 ? undefined : route)
             )
       })
     )

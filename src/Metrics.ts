@@ -40,11 +40,11 @@ export const recordsConsumed = Metric.counter("records_consumed_total", {
   incremental: true
 })
 export const recordsProcessed = Metric.counter("records_processed_total", {
-  description: "processor outcomes: done, retried (sent to a retry topic), dead_lettered",
+  description: "processor outcomes: done, retried (sent to a retry topic), dead_lettered, skipped (another group's)",
   incremental: true
 })
 export const handlerDuration = Metric.histogram("handler_duration_seconds", {
-  description: "one handler run",
+  description: "processing one record: decoding and the handler with its in-place retries",
   boundaries: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 })
 export const recordsInFlight = Metric.gauge("records_in_flight", {
@@ -52,7 +52,7 @@ export const recordsInFlight = Metric.gauge("records_in_flight", {
 })
 export const commits = Metric.counter("commits_total", { description: "successful offset commits", incremental: true })
 export const consumerLag = Metric.gauge("consumer_lag", {
-  description: "records after the last one handled in a partition, as of its fetch"
+  description: "records after the last one handled (or committed, while its batch runs) in a partition, as of its fetch"
 })
 export const rebalances = Metric.counter("rebalances_total", {
   description: "assignments received (joins and rebalances)",

@@ -397,6 +397,12 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
       const ladder = RetryPolicy.retryTopics(policy).map((topic, index) => ({ topic, number: index + 1 }))
       const retryGroup = (number: number) => `${groupId}-retry-${number}`
       yield* Observability.report(routingService, true)
+      // Every outcome of every topic from 0, so that the first dead letter of a process's life is an increase that
+      // `increase()` and alerts see, not a series born at 1.
+      for (const topic of byTopic.keys()) {
+        for (const outcome of ["done", "retried", "dead_lettered"])
+          yield* Metric.update(processed({ topic, outcome }), 0)
+      }
       // Not ready until every consumer joined its group (each reports itself ready then).
       for (const group of [groupId, ...ladder.map(({ number }) => retryGroup(number))]) {
         yield* Observability.report(`consumer ${group}`, false)
@@ -430,11 +436,14 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
           const group = fromRetryTopic ? RetryPolicy.consumerGroupOf(record) : ""
           if (group !== "" && group !== groupId) {
             counts.skipped++
+            yield* Metric.update(processed({ topic: record.topic, outcome: "skipped" }), 1)
             return
           }
           const attempt = Option.match(history, { onNone: () => 0, onSome: (h) => h.attempt })
           const topic = fromRetryTopic && Option.isSome(history) ? history.value.originalTopic : record.topic
           const topicHandler = byTopic.get(topic)
+          // The metrics' topic: a handler's, else the record's own (a header names no new label value).
+          const label = topicHandler === undefined ? record.topic : topic
           const processing: Effect.Effect<void, Failure, R> =
             topicHandler === undefined
               ? Effect.fail({ tag: "NoHandler", message: `no handler for topic ${topic}`, fatal: true })
@@ -449,10 +458,10 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
                   Effect.retry({ schedule: inPlaceRetry, while: (failure) => !failure.fatal })
                 )
           const [duration, exit] = yield* Effect.timed(Effect.exit(processing))
-          yield* Metric.update(handlerDuration({ topic }), Duration.toSeconds(duration))
+          yield* Metric.update(handlerDuration({ topic: label }), Duration.toSeconds(duration))
           if (Exit.isSuccess(exit)) {
             counts.done++
-            yield* Metric.update(processed({ topic, outcome: "done" }), 1)
+            yield* Metric.update(processed({ topic: label, outcome: "done" }), 1)
             return
           }
           // The last failure was counted as if a retry would follow: it does not.
@@ -460,7 +469,7 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
           // No failure in the cause: it is interrupts only (defects became failures in `handler`), so E is never.
           if (Option.isNone(failure)) return yield* Effect.failCause(exit.cause as Cause.Cause<never>)
           if (!failure.value.fatal) counts.retriedInPlace--
-          yield* route(record, history, topic, failure.value)
+          yield* route(record, history, label, failure.value)
         }).pipe(
           Effect.annotateLogs(coordinates(record)),
           // A span per record, continuing the producer's trace when the record carries one (W3C traceparent).

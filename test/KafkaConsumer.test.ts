@@ -207,6 +207,28 @@ describe("KafkaConsumer", () => {
     }).pipe(Effect.provide(setup(1, { shutdownTimeout: Duration.millis(500) })))
   )
 
+  it.effect("lag shows a partition held by a record that does not finish, and falls to 0 once it is not ours", () =>
+    Effect.gen(function* () {
+      yield* InMemoryKafka.produce(
+        "events",
+        Array.from({ length: 10 }, (_, i) => ({ key: `k${i}`, value: String(i) }))
+      )
+      const fiber = yield* Effect.forkChild(
+        KafkaConsumer.run((record) => (record.offset === 2n ? Effect.never : Effect.void))
+      )
+      const lagOf = Metric.value(
+        Metric.withAttributes(Metrics.consumerLag, { group: "g", topic: "events", partition: "0" })
+      ).pipe(Effect.map((state) => state.value))
+      yield* advanceUntil(() => false, "500 millis", 6)
+      // Committed up to the stuck record (2) of the 10 fetched: 8 behind, while the batch call never returns.
+      assert.strictEqual(yield* lagOf, 8)
+      const stopping = yield* Effect.forkChild(Fiber.interrupt(fiber))
+      yield* TestClock.adjust("1 second")
+      yield* Fiber.join(stopping)
+      assert.strictEqual(yield* lagOf, 0, "another member reports it now")
+    }).pipe(Effect.provide(setup(1, { shutdownTimeout: Duration.millis(500) })))
+  )
+
   it.effect("progress is committed on the interval while a batch is still running", () =>
     Effect.gen(function* () {
       yield* InMemoryKafka.produce("events", [

@@ -1,8 +1,9 @@
 import { assert, describe, it } from "@effect/vitest"
-import { Duration, Effect, Exit, Fiber, Layer, Option, Scope } from "effect"
+import { Duration, Effect, Exit, Fiber, Layer, Metric, Option, Scope } from "effect"
 import { TestClock } from "effect/testing"
 import * as KafkaClient from "../src/KafkaClient.ts"
 import * as KafkaProducer from "../src/KafkaProducer.ts"
+import * as Metrics from "../src/Metrics.ts"
 import { kafkajsPartitionFor } from "./support/partitioner.ts"
 import * as Scripted from "./support/scriptedClient.ts"
 
@@ -269,6 +270,9 @@ describe("Producer", () => {
       })
       const unknown = yield* Effect.flip(producer.send({ topic: "missing", value: "lost?" }))
       assert.strictEqual(unknown._tag === "KafkaError" && unknown.reason._tag, "UnknownTopic")
+      const failed = (topic: string) =>
+        Effect.map(Metric.value(Metric.withAttributes(Metrics.recordsProduceFailed, { topic })), (state) => state.count)
+      assert.strictEqual(yield* failed("missing"), 1, "a send refused before it was queued counts as failed")
       yield* producer.send({ value: "a" })
       yield* producer.send({ value: "b", partition: 1 })
       const readsBefore = reads
@@ -282,7 +286,8 @@ describe("Producer", () => {
         requests.flatMap((request) => request.map((record) => record.value)),
         ["a", "b", "c", "d"]
       )
-    })
+      assert.strictEqual(yield* failed("events"), 0, "the topic's failed counter exists from its first send")
+    }).pipe(Effect.provideService(Metric.MetricRegistry, new Map()))
   )
 
   it.effect("a request that fails for good is sent again record by record: each caller gets its own outcome", () =>

@@ -1,9 +1,10 @@
 import { assert, describe, it } from "@effect/vitest"
-import { Clock, Duration, Effect, Exit, Fiber, Layer, Logger, Option, Schedule, Schema } from "effect"
+import { Clock, Duration, Effect, Exit, Fiber, Layer, Logger, Metric, Option, Schedule, Schema } from "effect"
 import { TestClock } from "effect/testing"
 import * as InMemoryKafka from "../src/InMemoryKafka.ts"
 import * as KafkaClient from "../src/KafkaClient.ts"
 import * as KafkaProducer from "../src/KafkaProducer.ts"
+import * as Metrics from "../src/Metrics.ts"
 import * as Observability from "../src/Observability.ts"
 import * as Processor from "../src/Processor.ts"
 import * as Replay from "../src/Replay.ts"
@@ -519,8 +520,30 @@ describe("Processor", () => {
       assert.strictEqual(calls, 0)
       assert.strictEqual(stats.skipped, 2)
       assert.deepStrictEqual(yield* InMemoryKafka.records("orders-dlq"), [], "not dead-lettered by this group")
+      const processed = (topic: string, outcome: string) =>
+        Effect.map(
+          Metric.value(Metric.withAttributes(Metrics.recordsProcessed, { topic, outcome })),
+          (state) => state.count
+        )
+      assert.strictEqual(yield* processed("orders-retry-1", "skipped"), 2, "skipped records are counted")
+      // Every outcome of a handled topic exists from the start, at 0, so that its first increase shows.
+      const dead = yield* Metric.snapshot
+      assert.isTrue(
+        dead.some(
+          (metric) =>
+            metric.id === "records_processed_total" &&
+            metric.attributes?.topic === "orders" &&
+            metric.attributes?.outcome === "dead_lettered"
+        ),
+        "orders' dead_lettered series exists"
+      )
+      assert.strictEqual(yield* processed("orders", "dead_lettered"), 0)
       yield* Fiber.interrupt(fiber)
-    }).pipe(Effect.provide(setup()))
+    }).pipe(
+      Effect.provide(setup()),
+      // A registry of its own: the counts of the tests before would be in the global one.
+      Effect.provideService(Metric.MetricRegistry, new Map())
+    )
   )
 
   it.effect(

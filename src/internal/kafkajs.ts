@@ -136,13 +136,36 @@ const levelOf = (level: KafkaJSLogLevel): LogLevel.Severity => {
  */
 const mutedMessages = new Set(["Limiting retries for the idempotent producer may invalidate EoS guarantees"])
 
+/**
+ * Errors kafkajs logs at ERROR that this library handles and reports itself (a rebalance that the consumer rejoins,
+ * a connection that `retryConnect` retries and logs as a warning, a crash the consumer restarts from): at WARN, so
+ * that every deploy or scale-out does not page whoever alerts on errors.
+ */
+const handledErrors = [
+  /REBALANCE_IN_PROGRESS|rebalancing|not aware of this member|UNKNOWN_MEMBER_ID|ILLEGAL_GENERATION/i,
+  /Connection error|Connection timeout|ECONNREFUSED|ECONNRESET|Closed connection|Failed to connect/i,
+  /^Crash:/
+]
+const handled = (message: string, fields: Record<string, unknown>) => {
+  const text = `${message} ${typeof fields.error === "string" ? fields.error : ""} ${typeof fields.type === "string" ? fields.type : ""}`
+  return handledErrors.some((pattern) => pattern.test(text))
+}
+
+/** The level a kafkajs log entry goes to the Effect logger at. */
+export const bridgedLevel = (level: KafkaJSLogLevel, message: string, fields: Record<string, unknown>) =>
+  level === KafkaJSLogLevel.ERROR && handled(message, fields) ? "Warn" : levelOf(level)
+
 const logCreator =
   (log: (effect: Effect.Effect<void>) => void) =>
   () =>
   ({ namespace, level, log: entry }: LogEntry) => {
     const { message, timestamp: _timestamp, logger: _logger, ...fields } = entry
     if (mutedMessages.has(message)) return
-    log(Effect.logWithLevel(levelOf(level))(message).pipe(Effect.annotateLogs({ kafkajs: namespace, ...fields })))
+    log(
+      Effect.logWithLevel(bridgedLevel(level, message, fields))(message).pipe(
+        Effect.annotateLogs({ kafkajs: namespace, ...fields })
+      )
+    )
   }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import {
   KafkaJSRequestTimeoutError,
   KafkaJSSASLAuthenticationError
 } from "kafkajs"
-import { reasonOf, retriableOnFreshProducer } from "../../src/internal/kafkajs.ts"
+import { bridgedLevel, reasonOf, retriableOnFreshProducer } from "../../src/internal/kafkajs.ts"
 import * as KafkaClient from "../../src/KafkaClient.ts"
 
 // kafkajs' error classes, built as kafkajs builds them, mapped to our reasons.
@@ -131,6 +131,35 @@ describe("kafkajs errors → KafkaError reasons", () => {
       }
       assert.isFalse(retriableOnFreshProducer(produceError("MESSAGE_TOO_LARGE", 10)).retriable)
     })
+  )
+
+  it.effect(
+    "kafkajs errors this library handles (rebalances, connections it retries, crashes it restarts) log at Warn",
+    () =>
+      Effect.sync(() => {
+        const ERROR = 1 as Parameters<typeof bridgedLevel>[0]
+        assert.strictEqual(
+          bridgedLevel(ERROR, "Response Heartbeat(key: 12, version: 3)", {
+            error: "The group is rebalancing, so a rejoin is needed",
+            type: "REBALANCE_IN_PROGRESS"
+          }),
+          "Warn"
+        )
+        assert.strictEqual(
+          bridgedLevel(ERROR, "The coordinator is not aware of this member, re-joining the group", {}),
+          "Warn"
+        )
+        assert.strictEqual(bridgedLevel(ERROR, "Connection error: connect ECONNREFUSED 127.0.0.1:9092", {}), "Warn")
+        assert.strictEqual(bridgedLevel(ERROR, "Crash: KafkaJSNumberOfRetriesExceeded: a handler bug", {}), "Warn")
+        assert.strictEqual(
+          bridgedLevel(ERROR, "Response Produce(key: 0, version: 7)", {
+            error: "not authorized",
+            type: "TOPIC_AUTHORIZATION_FAILED"
+          }),
+          "Error"
+        )
+        assert.strictEqual(bridgedLevel(4 as Parameters<typeof bridgedLevel>[0], "Starting", {}), "Info")
+      })
   )
 
   it.effect("anything else is ClientFailed with kafkajs' retriable flag", () =>
