@@ -263,6 +263,9 @@ const parentOf = (record: KafkaClient.ConsumedRecord): { parent?: Tracer.Externa
   return Option.isSome(parent) ? { parent: parent.value } : {}
 }
 
+/** The attribute of a record's `kafka.process` span saying what came of it: done, retried, dead_lettered, skipped. */
+export const outcomeAttribute = "kafka_effect.outcome"
+
 const tooLarge = (error: KafkaProducer.ProduceError) =>
   error._tag === "KafkaError" &&
   error.reason._tag === "BrokerError" &&
@@ -382,6 +385,11 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
       if (deadLettered) increment(counts.deadLettered, failure.tag)
       else increment(counts.retried, next.topic)
       yield* Metric.update(processed({ topic, outcome: deadLettered ? "dead_lettered" : "retried" }), 1)
+      // The record's span ends without an error (its failure was handled): it says what happened instead.
+      yield* Effect.annotateCurrentSpan({
+        [outcomeAttribute]: deadLettered ? "dead_lettered" : "retried",
+        "error.type": failure.tag
+      })
       const log = deadLettered
         ? Effect.logError(`dead-lettered: ${failure.tag}: ${failure.message}`)
         : Effect.logWarning(`sent to ${next.topic}: ${failure.tag}: ${failure.message}`)
@@ -437,6 +445,7 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
           if (group !== "" && group !== groupId) {
             counts.skipped++
             yield* Metric.update(processed({ topic: record.topic, outcome: "skipped" }), 1)
+            yield* Effect.annotateCurrentSpan(outcomeAttribute, "skipped")
             return
           }
           const attempt = Option.match(history, { onNone: () => 0, onSome: (h) => h.attempt })
@@ -462,6 +471,7 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
           if (Exit.isSuccess(exit)) {
             counts.done++
             yield* Metric.update(processed({ topic: label, outcome: "done" }), 1)
+            yield* Effect.annotateCurrentSpan(outcomeAttribute, "done")
             return
           }
           // The last failure was counted as if a retry would follow: it does not.

@@ -88,6 +88,12 @@ describe("Observability", () => {
         assert.strictEqual(span.traceId, publish.traceId)
         assert.strictEqual(span.kind, "consumer")
       }
+      // The first try's span says it was retried, and why; the second's that it was done.
+      assert.deepStrictEqual(
+        handled.map(({ span }) => span.attributes.get(Processor.outcomeAttribute)),
+        ["retried", "done"]
+      )
+      assert.isDefined(handled[0]?.span.attributes.get("error.type"))
       const produceSpans = spans.filter((span) => span.name === "kafka.produce")
       assert.isAbove(produceSpans.length, 0, "a span per produced batch")
       assert.isTrue(produceSpans.every((span) => span.kind === "producer"))
