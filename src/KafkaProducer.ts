@@ -113,7 +113,11 @@ export interface ProducerOptions {
 interface Pending {
   readonly record: KafkaClient.ProducerRecord
   readonly done: Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>
+  /** the caller's span, which the request's `kafka.produce` span links to */
+  readonly span: Tracer.AnySpan | undefined
 }
+
+const noAttributes: Readonly<Record<string, unknown>> = Object.freeze({})
 
 const textBytes = (value: string | Uint8Array | null | undefined) =>
   value === null || value === undefined ? 0 : typeof value === "string" ? Buffer.byteLength(value) : value.length
@@ -245,31 +249,40 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
   const request = (lane: Lane, batch: ReadonlyArray<Pending>) =>
     Effect.suspend(() => {
       const records = new Array<KafkaClient.ProducerRecord>(batch.length)
-      for (let index = 0; index < batch.length; index++) records[index] = (batch[index] as Pending).record
-      return lane.connection.send(records)
-    }).pipe(
-      Effect.tapError((error) =>
-        error.retriable ? Effect.logWarning(`produce failed, will retry: ${error.message}`) : Effect.void
-      ),
-      // An unknown topic too: its first record found it (`routeFor`), so now it is being re-created, or the answering
-      // broker has not heard of it yet (kafkajs itself deems that error retriable); deleted, it fails after the retries.
-      Effect.retry({
-        schedule: retry,
-        times: options.retries,
-        while: (error) => error.retriable || error.reason._tag === "UnknownTopic"
-      }),
-      Effect.withSpan(
-        "kafka.produce",
-        {
-          kind: "producer",
-          attributes: { "messaging.system": "kafka", "messaging.batch.message_count": batch.length }
-        },
-        // The drain fiber's stack says nothing about the callers, and capturing it costs an Error per request.
-        { captureStackTrace: false }
-      ),
-      Effect.timed,
-      Effect.exit
-    )
+      // The drain fiber has no span of its own: the request's span links to each caller's, so that a trace of a
+      // send leads to the request that carried it.
+      const links: Array<Tracer.SpanLink> = []
+      for (let index = 0; index < batch.length; index++) {
+        const pending = batch[index] as Pending
+        records[index] = pending.record
+        if (pending.span !== undefined) links.push({ span: pending.span, attributes: noAttributes })
+      }
+      return lane.connection.send(records).pipe(
+        Effect.tapError((error) =>
+          error.retriable ? Effect.logWarning(`produce failed, will retry: ${error.message}`) : Effect.void
+        ),
+        // An unknown topic too: its first record found it (`routeFor`), so now it is being re-created, or the
+        // answering broker has not heard of it yet (kafkajs itself deems that error retriable); deleted, it fails
+        // after the retries.
+        Effect.retry({
+          schedule: retry,
+          times: options.retries,
+          while: (error) => error.retriable || error.reason._tag === "UnknownTopic"
+        }),
+        Effect.withSpan(
+          "kafka.produce",
+          {
+            kind: "producer",
+            attributes: { "messaging.system": "kafka", "messaging.batch.message_count": batch.length },
+            links
+          },
+          // The drain fiber's stack says nothing about the callers, and capturing it costs an Error per request.
+          { captureStackTrace: false }
+        ),
+        Effect.timed,
+        Effect.exit
+      )
+    })
 
   /** Completes each caller of `batch` with its metadata, or all of them with the request's failure. */
   const complete = (
@@ -540,7 +553,8 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
           partition,
           timestamp: record.timestamp
         },
-        done: Deferred.makeUnsafe<KafkaClient.RecordMetadata, ProduceError>()
+        done: Deferred.makeUnsafe<KafkaClient.RecordMetadata, ProduceError>(),
+        span
       }
       const accepted = (offered: boolean) => {
         if (!offered) return Effect.fail(new ProducerClosed({ topic }))

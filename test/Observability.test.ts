@@ -97,6 +97,10 @@ describe("Observability", () => {
       const produceSpans = spans.filter((span) => span.name === "kafka.produce")
       assert.isAbove(produceSpans.length, 0, "a span per produced batch")
       assert.isTrue(produceSpans.every((span) => span.kind === "producer"))
+      assert.isTrue(
+        produceSpans.some((span) => span.links.some((link) => link.span.spanId === publish.spanId)),
+        "the request's span links to the span of the send it carried"
+      )
       yield* Fiber.interrupt(fiber)
     }).pipe(Effect.provide(setup), Effect.provide(layer))
   })
