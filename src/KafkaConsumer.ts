@@ -125,9 +125,11 @@ export const make = (
         // Partitions whose lag this member reports: set to 0 once the partition is no longer its own (another member
         // reports it now), so that the sum over members counts no lag twice.
         const lagged = new Map<string, { readonly topic: string; readonly partition: number }>()
+        /** A partition's key in `lagged` and in `active` (below). */
+        const activeKey = (topic: string, partition: number) => `${partition}\u0000${topic}`
         const reportLag = (topic: string, partition: number, behind: bigint) =>
           Effect.suspend(() => {
-            lagged.set(`${partition}\u0000${topic}`, { topic, partition })
+            lagged.set(activeKey(topic, partition), { topic, partition })
             return Metric.update(
               lag({ group: options.groupId, topic, partition: String(partition) }),
               Math.max(0, Number(behind))
@@ -257,7 +259,6 @@ export const make = (
           string,
           { readonly topic: string; readonly partition: number; calls: number; highWatermark: bigint }
         >()
-        const activeKey = (topic: string, partition: number) => `${partition}\u0000${topic}`
         // One commit at a time, each for every active partition's progress (so the commits of batch calls ending
         // together make one request); never interrupted halfway: a commit cut off between taking its offsets and
         // its answer would neither give its places back nor offer its offsets again, and kafkajs, still retrying
@@ -578,7 +579,7 @@ export const make = (
                 ? Observability.report(service, true).pipe(
                     Effect.andThen(Metric.update(rebalancesCounter, 1)),
                     Effect.andThen(
-                      clearLag(new Set(assignment.partitions.map((tp) => `${tp.partition}\u0000${tp.topic}`)))
+                      clearLag(new Set(assignment.partitions.map((tp) => activeKey(tp.topic, tp.partition))))
                     )
                   )
                 : Effect.void

@@ -441,8 +441,7 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
             : Option.none()
           // Left alone only when it names another group, even if the rest of its history is unreadable (that group
           // deals with it); a record without the header is ours (skipping it would lose it).
-          const group = fromRetryTopic ? RetryPolicy.consumerGroupOf(record) : ""
-          if (group !== "" && group !== groupId) {
+          if (fromRetryTopic && !RetryPolicy.isOfGroup(RetryPolicy.consumerGroupOf(record), groupId)) {
             counts.skipped++
             yield* Metric.update(processed({ topic: record.topic, outcome: "skipped" }), 1)
             yield* Effect.annotateCurrentSpan(outcomeAttribute, "skipped")

@@ -108,7 +108,7 @@ export const replay = Effect.fn("Replay.replay")(function* (options: ReplayOptio
     (options.until === undefined || record.timestamp < options.until)
 
   const ownGroup = (history: RetryPolicy.History) =>
-    options.allGroups === true || history.consumerGroup === "" || history.consumerGroup === options.groupId
+    options.allGroups === true || RetryPolicy.isOfGroup(history.consumerGroup, options.groupId)
 
   // Whether each original topic exists, read once per topic: a send to a deleted one would fail the replay.
   const exists = new Map<string, boolean>()

@@ -136,6 +136,13 @@ export const dueAtOn =
     return due === undefined ? undefined : Math.min(due, record.timestamp + Duration.toMillis(delay(policy, n)))
   }
 
+/**
+ * Whether a retry or dead-letter record that names `consumerGroup` (`consumerGroupOf`) is `groupId`'s: it is when it
+ * names that group, or none (written by an older or foreign tool; leaving it alone would lose it).
+ */
+export const isOfGroup = (consumerGroup: string, groupId: string): boolean =>
+  consumerGroup === "" || consumerGroup === groupId
+
 /** The consumer group whose handler failed a retry or dead-letter record ("" when it names none). */
 export const consumerGroupOf = (record: KafkaClient.ConsumedRecord): string => text(record, headers.consumerGroup) ?? ""
 

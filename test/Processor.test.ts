@@ -372,14 +372,7 @@ describe("Processor", () => {
         "a failure there goes to the DLQ, not further up"
       )
       yield* Fiber.interrupt(fiber)
-    }).pipe(
-      Effect.provide(
-        Processor.layer(options({ retryMax: 1 })).pipe(
-          Layer.provideMerge(KafkaProducer.layer({ linger: Duration.zero, idempotent: false, acks: -1 })),
-          Layer.provideMerge(InMemoryKafka.layer({ topics: allTopics(1) }))
-        )
-      )
-    )
+    }).pipe(Effect.provide(setup({ retryMax: 1 }, 1)))
   )
 
   it.effect("readiness is down while a dead-letter send keeps failing, and up again once it goes through", () => {
