@@ -30,6 +30,7 @@ import {
   Effect,
   Exit,
   Fiber,
+  FiberSet,
   Layer,
   Metric,
   Option,
@@ -429,14 +430,36 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
     }).pipe(Effect.catchCause(() => Effect.void))
 
   const drainers = yield* Effect.forEach(lanes, (lane) => Effect.forkDetach(drain(lane)))
+  // The fibers that read a topic's route and release the sends waiting for it (`inLine`). Made before the
+  // finalizer below, so that they are interrupted after it (finalizers run in reverse), not before it waits for them.
+  const readers = yield* FiberSet.make<void>()
 
   yield* Effect.addFinalizer(() =>
     Effect.gen(function* () {
-      for (const lane of lanes) yield* Queue.end(lane.queue)
-      const flushed = yield* Fiber.joinAll(drainers).pipe(
+      closing = true
+      // Nothing lingers from here on.
+      for (const lane of lanes) {
+        lane.flushes++
+        if (lane.wakeUp !== undefined) Deferred.doneUnsafe(lane.wakeUp, Effect.void)
+      }
+      // Sends waiting for a route are queued first (or refused), then the queues end and drain; all within the
+      // flush timeout.
+      const flushed = yield* FiberSet.awaitEmpty(readers).pipe(
+        Effect.andThen(Effect.forEach(lanes, (lane) => Queue.end(lane.queue), { discard: true })),
+        Effect.andThen(Fiber.joinAll(drainers)),
         Effect.timeoutOption(options.flushTimeout ?? Duration.seconds(30))
       )
       if (Option.isNone(flushed)) {
+        yield* FiberSet.clear(readers)
+        for (const [topic, line] of lines) {
+          for (const waiting of line) {
+            if (!Deferred.isDoneUnsafe(waiting.done)) {
+              yield* refuse(topic, waiting, Cause.fail(new ProducerClosed({ topic })))
+            }
+          }
+        }
+        lines.clear()
+        for (const lane of lanes) yield* Queue.end(lane.queue)
         // Not waited for: a batch being sent goes on (uninterruptible) with its retries and back-offs, which could
         // outlast the flush timeout by minutes; its callers are failed below, and the fiber ends after that batch.
         yield* Effect.forkDetach(Fiber.interruptAll(drainers))
@@ -527,46 +550,49 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
     return route.roundRobin
   }
 
-  /** Puts the record in its lane's queue (waiting while the queue is full) and succeeds with its completion. */
+  /**
+   * Puts the record in its lane's queue, waiting while the queue is full, and succeeds once it is queued. `done` is
+   * its completion, made before it is queued: a flush waits on it from the moment the record has a place in line.
+   */
   const enqueueTo = (
+    fiber: Fiber.Fiber<unknown, unknown>,
     record: OutgoingRecord,
     topic: string,
-    route: Route | undefined
-  ): Effect.Effect<Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>, ProducerClosed> =>
-    Effect.withFiber((fiber) => {
-      const partition = route === undefined ? record.partition : partitionOf(record, route)
-      const lane = (
-        route === undefined || partition === undefined ? lanes[0] : lanes[(partition + route.laneOffset) % laneCount]
-      ) as Lane
-      // The caller's span travels with the record (W3C trace context), so its consumer continues the trace.
-      const span = Context.getOrUndefined(fiber.context, Tracer.ParentSpan)
-      const headers =
-        span !== undefined && record.headers?.[traceparentHeader] === undefined
-          ? { ...record.headers, [traceparentHeader]: traceparentOf(span) }
-          : record.headers
-      const pending: Pending = {
-        record: {
-          topic,
-          key: record.key ?? null,
-          value: record.value,
-          headers,
-          partition,
-          timestamp: record.timestamp
-        },
-        done: Deferred.makeUnsafe<KafkaClient.RecordMetadata, ProduceError>(),
-        span
-      }
-      const accepted = (offered: boolean) => {
-        if (!offered) return Effect.fail(new ProducerClosed({ topic }))
-        lane.lastEnqueued = pending.done
-        if (lane.waitingSince === undefined) lane.waitingSince = fiber.getRef(Clock.Clock).currentTimeMillisUnsafe()
-        return Effect.succeed(pending.done)
-      }
-      // offerUnsafe refuses when the queue is full or ended; offer then waits for room, or says that it ended.
-      return Queue.offerUnsafe(lane.queue, pending)
-        ? accepted(true)
-        : Effect.flatMap(Queue.offer(lane.queue, pending), accepted)
-    })
+    route: Route | undefined,
+    span: Tracer.AnySpan | undefined,
+    done: Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>
+  ): Effect.Effect<void, ProducerClosed> => {
+    const partition = route === undefined ? record.partition : partitionOf(record, route)
+    const lane = (
+      route === undefined || partition === undefined ? lanes[0] : lanes[(partition + route.laneOffset) % laneCount]
+    ) as Lane
+    // The caller's span travels with the record (W3C trace context), so its consumer continues the trace.
+    const headers =
+      span !== undefined && record.headers?.[traceparentHeader] === undefined
+        ? { ...record.headers, [traceparentHeader]: traceparentOf(span) }
+        : record.headers
+    const pending: Pending = {
+      record: { topic, key: record.key ?? null, value: record.value, headers, partition, timestamp: record.timestamp },
+      done,
+      span
+    }
+    // The lane's last record from here on, also while it waits for room (offers wait in line): a flush waits for it.
+    lane.lastEnqueued = done
+    const queued = () => {
+      if (lane.waitingSince === undefined) lane.waitingSince = fiber.getRef(Clock.Clock).currentTimeMillisUnsafe()
+    }
+    // offerUnsafe refuses when the queue is full or ended; offer then waits for room, or says that it ended.
+    if (Queue.offerUnsafe(lane.queue, pending)) return Effect.sync(queued)
+    return Queue.offer(lane.queue, pending).pipe(
+      Effect.onInterrupt(() => Effect.sync(() => Deferred.doneUnsafe(done, Exit.interrupt(fiber.id)))),
+      Effect.flatMap((offered) => {
+        if (offered) return Effect.sync(queued)
+        const closed = new ProducerClosed({ topic })
+        Deferred.doneUnsafe(done, Exit.fail(closed))
+        return Effect.fail(closed)
+      })
+    )
+  }
 
   const partitionError = (topic: string, partition: number, detail: string) =>
     new KafkaClient.KafkaError({
@@ -576,78 +602,143 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
       reason: new KafkaClient.BrokerError({ type: "UNKNOWN_TOPIC_OR_PARTITION", retriable: false, detail })
     })
 
-  /**
-   * The route of a record's topic, read on its first record (so a record for a topic that does not exist fails
-   * alone, not with the batch it would have joined); a record's explicit partition must exist. kafkajs leaves out
-   * the records of a partition it has no metadata for and writes the rest of the request, which then fails as a
-   * whole (no answer for that partition) and would be sent again: its other records twice. A partition beyond the
-   * count known reads the count again first, as the topic may have gained partitions.
-   */
-  const routeFor = (topic: string, partition: number | undefined): Effect.Effect<Route, KafkaClient.KafkaError> =>
-    Effect.gen(function* () {
-      if (partition !== undefined && !(Number.isSafeInteger(partition) && partition >= 0)) {
-        return yield* partitionError(topic, partition, `partition ${partition} is not a whole number from 0`)
-      }
-      let route = routes.get(topic)
-      if (route === undefined) route = yield* routeOf(topic)
-      else route.partitions = yield* partitionCount(topic)
-      if (partition !== undefined && partition >= route.partitions) {
-        return yield* partitionError(
-          topic,
-          partition,
-          `partition ${partition} of ${topic} does not exist (it has ${route.partitions})`
-        )
-      }
-      return route
-    })
-
   /** Whether a record can go without reading its topic's route: the topic is known, and its partition if it names one. */
   const known = (route: Route | undefined, partition: number | undefined): route is Route =>
     route !== undefined &&
-    (partition === undefined || (Number.isInteger(partition) && partition >= 0 && partition < route.partitions))
+    (partition === undefined || (Number.isSafeInteger(partition) && partition >= 0 && partition < route.partitions))
 
-  // Sends of a topic whose route is being read wait in line, each behind the one before, so they are queued in the
-  // order they were made: reads of metadata can answer out of order, and a send made once the route is known must
-  // not overtake an earlier one still waiting. `lines` holds the last send in line for each topic.
-  const lines = new Map<string, Deferred.Deferred<void>>()
-  const inLine = <A, E>(topic: string, effect: Effect.Effect<A, E>): Effect.Effect<A, E> =>
-    Effect.suspend(() => {
-      const previous = lines.get(topic)
-      const mine = Deferred.makeUnsafe<void>()
-      lines.set(topic, mine)
-      const leave = Effect.sync(() => {
-        Deferred.doneUnsafe(mine, Exit.void)
-        if (lines.get(topic) === mine) lines.delete(topic)
-      })
-      if (previous === undefined) return Effect.ensuring(effect, leave)
-      // An interrupted send still leaves in turn, so the one behind it cannot overtake the one before it.
-      return Effect.andThen(Deferred.await(previous), effect).pipe(
-        Effect.ensuring(Effect.andThen(Deferred.await(previous), leave))
-      )
-    })
-
-  const enqueue = (record: OutgoingRecord) => {
-    const topic = record.topic ?? options.topic
+  /**
+   * The topic's route: read on its first record (so a record for a topic that does not exist fails alone, not with
+   * the batch it would have joined), and the partition count read again when a record names a partition beyond it
+   * (the topic may have gained partitions). kafkajs leaves out the records of a partition it has no metadata for and
+   * writes the rest of the request, which then fails as a whole (no answer for that partition) and would be sent
+   * again: its other records twice.
+   */
+  const readRoute = (topic: string): Effect.Effect<Route, KafkaClient.KafkaError> => {
     const route = routes.get(topic)
-    const partition = record.partition
-    // The path of almost every record: a known topic, no partition or one known to exist, nobody in line.
-    if (known(route, partition) && (lines.size === 0 || !lines.has(topic))) {
-      return enqueueTo(record, topic, laneCount === 1 ? undefined : route)
-    }
-    return inLine(
-      topic,
-      Effect.suspend(() => {
-        const now = routes.get(topic)
-        return known(now, partition)
-          ? enqueueTo(record, topic, laneCount === 1 ? undefined : now)
-          : Effect.flatMap(
-              // Refused before it was queued (no such topic or partition): a failed send all the same.
-              Effect.tapError(routeFor(topic, partition), () => Metric.update(produceFailed({ topic }), 1)),
-              (route) => enqueueTo(record, topic, laneCount === 1 ? undefined : route)
-            )
+    if (route === undefined) return routeOf(topic)
+    return Effect.map(partitionCount(topic), (partitions) => {
+      route.partitions = partitions
+      return route
+    })
+  }
+
+  /**
+   * Sends of a topic whose route is being read wait in that topic's line, in the order they were made, and one
+   * fiber (`release`) reads the route once and queues them all in that order: a send made meanwhile joins the line
+   * rather than overtake those in it. The line is a plain array walked by a loop, so however many sends wait, the
+   * stack and the work to release them stay flat (sends that each awaited the one before nested one resumption in
+   * the next, thousands deep).
+   */
+  interface Waiting {
+    readonly record: OutgoingRecord
+    readonly span: Tracer.AnySpan | undefined
+    readonly done: Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>
+    /** succeeds once the record is queued; fails with why it was not */
+    readonly queued: Deferred.Deferred<void, ProduceError>
+    /** its caller was interrupted while it waited: it is not sent */
+    cancelled: boolean
+  }
+  const lines = new Map<string, Array<Waiting>>()
+  let closing = false
+
+  const refuse = (topic: string, waiting: Waiting, cause: Cause.Cause<ProduceError>) => {
+    Deferred.doneUnsafe(waiting.queued, Exit.failCause(cause))
+    Deferred.doneUnsafe(waiting.done, Exit.failCause(cause))
+    // Refused before it was queued (no such topic or partition, or closed): a failed send all the same.
+    return Metric.update(produceFailed({ topic }), 1)
+  }
+
+  const release = (topic: string, line: Array<Waiting>) =>
+    Effect.withFiber((fiber) =>
+      Effect.flatMap(Effect.exit(readRoute(topic)), (read) => {
+        let index = 0
+        const next: Effect.Effect<void> = Effect.suspend(() => {
+          // The line is dropped in the same synchronous step as its last entry is seen: a send that finds no line
+          // goes straight to its lane, behind every record of this line.
+          if (index >= line.length) {
+            lines.delete(topic)
+            return Effect.void
+          }
+          const waiting = line[index++] as Waiting
+          if (waiting.cancelled) {
+            Deferred.doneUnsafe(waiting.done, Exit.interrupt())
+            return next
+          }
+          if (Exit.isFailure(read)) return Effect.andThen(refuse(topic, waiting, read.cause), next)
+          const route = read.value
+          const partition = waiting.record.partition
+          if (partition !== undefined && partition >= route.partitions) {
+            const detail = `partition ${partition} of ${topic} does not exist (it has ${route.partitions})`
+            return Effect.andThen(refuse(topic, waiting, Cause.fail(partitionError(topic, partition, detail))), next)
+          }
+          return enqueueTo(
+            fiber,
+            waiting.record,
+            topic,
+            laneCount === 1 ? undefined : route,
+            waiting.span,
+            waiting.done
+          ).pipe(
+            Effect.matchEffect({
+              onSuccess: () => Effect.sync(() => Deferred.doneUnsafe(waiting.queued, Exit.void)),
+              onFailure: (closed) => refuse(topic, waiting, Cause.fail(closed))
+            }),
+            Effect.andThen(next)
+          )
+        })
+        return next
       })
     )
+
+  /** Joins the topic's line (starting it, and its route read, if there is none); succeeds once the record is queued. */
+  const inLine = (
+    topic: string,
+    record: OutgoingRecord,
+    span: Tracer.AnySpan | undefined,
+    done: Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>
+  ): Effect.Effect<void, ProduceError> => {
+    const waiting: Waiting = { record, span, done, queued: Deferred.makeUnsafe(), cancelled: false }
+    const line = lines.get(topic)
+    const joined = Deferred.await(waiting.queued).pipe(
+      Effect.onInterrupt(() =>
+        Effect.sync(() => {
+          waiting.cancelled = true
+        })
+      )
+    )
+    if (line !== undefined) {
+      line.push(waiting)
+      return joined
+    }
+    const started: Array<Waiting> = [waiting]
+    lines.set(topic, started)
+    return Effect.andThen(FiberSet.run(readers, release(topic, started)), joined)
   }
+
+  /** Queues a record (waiting for its topic's route on first use) and succeeds with its completion. */
+  const enqueue = (
+    record: OutgoingRecord
+  ): Effect.Effect<Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>, ProduceError> =>
+    Effect.withFiber((fiber) => {
+      const topic = record.topic ?? options.topic
+      const partition = record.partition
+      const done = Deferred.makeUnsafe<KafkaClient.RecordMetadata, ProduceError>()
+      const span = Context.getOrUndefined(fiber.context, Tracer.ParentSpan)
+      // The path of almost every record: a known topic, no partition or one known to exist, nobody in line.
+      if (lines.size === 0 || !lines.has(topic)) {
+        const route = routes.get(topic)
+        if (known(route, partition)) {
+          return Effect.as(enqueueTo(fiber, record, topic, laneCount === 1 ? undefined : route, span, done), done)
+        }
+      }
+      if (partition !== undefined && !(Number.isSafeInteger(partition) && partition >= 0)) {
+        const error = partitionError(topic, partition, `partition ${partition} is not a whole number from 0`)
+        return Effect.andThen(Metric.update(produceFailed({ topic }), 1), Effect.fail(error))
+      }
+      if (closing) return Effect.fail(new ProducerClosed({ topic }))
+      return Effect.as(inLine(topic, record, span, done), done)
+    })
 
   const send = (record: OutgoingRecord) => Effect.flatMap(enqueue(record), Deferred.await)
 
@@ -658,20 +749,30 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
       return yield* Effect.forEach(pending, Deferred.await)
     })
 
-  // Each lane completes its records in queue order, so its last record enqueued is its last to complete.
-  const flushLane = (lane: Lane) => {
-    const last = lane.lastEnqueued
-    if (last === undefined) return Effect.void
+  /**
+   * What lingers leaves at once, and so does what is sent until every record sent before the flush is done: each
+   * lane's last record (lanes complete in queue order; a record waiting for room counts) and the sends still waiting
+   * for their topic's route.
+   */
+  const flush = Effect.suspend(() => {
+    const awaited: Array<Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>> = []
+    for (const lane of lanes) if (lane.lastEnqueued !== undefined) awaited.push(lane.lastEnqueued)
+    for (const line of lines.values()) for (const waiting of line) awaited.push(waiting.done)
+    if (awaited.length === 0) return Effect.void
     return Effect.acquireUseRelease(
       Effect.sync(() => {
-        lane.flushes++
-        if (lane.wakeUp !== undefined) Deferred.doneUnsafe(lane.wakeUp, Effect.void)
+        for (const lane of lanes) {
+          lane.flushes++
+          if (lane.wakeUp !== undefined) Deferred.doneUnsafe(lane.wakeUp, Effect.void)
+        }
       }),
-      () => Effect.ignore(Deferred.await(last)),
-      () => Effect.sync(() => lane.flushes--)
+      () => Effect.forEach(awaited, (done) => Effect.ignore(Deferred.await(done)), { discard: true }),
+      () =>
+        Effect.sync(() => {
+          for (const lane of lanes) lane.flushes--
+        })
     )
-  }
-  const flush = Effect.suspend(() => Effect.forEach(lanes, flushLane, { concurrency: "unbounded", discard: true }))
+  })
 
   return KafkaProducer.of({ send, sendAll, flush })
 })

@@ -1,6 +1,7 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Duration, Effect, Exit, Fiber, Layer, Metric, Option, Scope } from "effect"
 import { TestClock } from "effect/testing"
+import * as InMemoryKafka from "../src/InMemoryKafka.ts"
 import * as KafkaClient from "../src/KafkaClient.ts"
 import * as KafkaProducer from "../src/KafkaProducer.ts"
 import * as Metrics from "../src/Metrics.ts"
@@ -31,6 +32,16 @@ const setup = (
       Scope.provide(scope)
     )
     return { scripted, scope, producer }
+  })
+
+/** The scripted client, its topic metadata reads taking `delay(topic)` (TestClock time). */
+const slowRoutes = (scripted: Scripted.Scripted, delay: (topic: string) => Duration.Input) =>
+  KafkaClient.KafkaClient.of({
+    ...scripted.client,
+    admin: {
+      ...scripted.client.admin,
+      partitionCount: (topic) => Effect.delay(scripted.client.admin.partitionCount(topic), delay(topic))
+    }
   })
 
 const retriable = new KafkaClient.BrokerError({ type: "NOT_LEADER_OR_FOLLOWER", retriable: true, detail: "moved" })
@@ -239,14 +250,7 @@ describe("Producer", () => {
       const scripted = yield* Scripted.make
       // The first metadata read is slow; a second one would answer at once, and overtake it.
       let reads = 0
-      const client = KafkaClient.KafkaClient.of({
-        ...scripted.client,
-        admin: {
-          ...scripted.client.admin,
-          partitionCount: (topic) =>
-            Effect.delay(scripted.client.admin.partitionCount(topic), ++reads === 1 ? "30 millis" : "0 millis")
-        }
-      })
+      const client = slowRoutes(scripted, () => (++reads === 1 ? "30 millis" : "0 millis"))
       const producer = yield* KafkaProducer.make({ ...options, linger: Duration.zero }).pipe(
         Effect.provideService(KafkaClient.KafkaClient, client)
       )
@@ -257,6 +261,150 @@ describe("Producer", () => {
       const offsets = [(yield* Fiber.join(first)).offset, (yield* Fiber.join(second)).offset]
       assert.deepStrictEqual(offsets, [0n, 1n], "first written first")
       assert.strictEqual(reads, 1, "one read of the topic for both")
+    }).pipe(Effect.scoped)
+  )
+
+  describe("sends waiting for their topic's route (in memory, 100,000 at once)", () => {
+    /** InMemoryKafka whose partition-count reads take `delay` (TestClock time) and are counted in `reads`. */
+    const slowInMemory = (reads: { n: number }, delay: Duration.Input) =>
+      Layer.effect(
+        KafkaClient.KafkaClient,
+        Effect.gen(function* () {
+          const client = yield* KafkaClient.KafkaClient
+          return KafkaClient.KafkaClient.of({
+            ...client,
+            admin: {
+              ...client.admin,
+              partitionCount: (topic) =>
+                Effect.suspend(() => {
+                  reads.n++
+                  return Effect.delay(client.admin.partitionCount(topic), delay)
+                })
+            }
+          })
+        })
+      ).pipe(Layer.provideMerge(InMemoryKafka.layer({ topics: [{ topic: "events", partitions: 6 }] })))
+
+    const count = 100_000
+    const record = (i: number) => ({ key: `k${i % 1_000}`, value: String(i) })
+
+    /** Advances the clock in linger-sized steps until `fiber` ends (each step runs everything then due). */
+    const runToEnd = <A, E>(fiber: Fiber.Fiber<A, E>) =>
+      Effect.gen(function* () {
+        while (fiber.pollUnsafe() === undefined) yield* TestClock.adjust("5 millis")
+        return yield* Fiber.join(fiber)
+      })
+
+    /** Each partition's values are in send order, and every record is there once. */
+    const assertStoredInOrder = Effect.gen(function* () {
+      const stored = yield* InMemoryKafka.records("events")
+      assert.strictEqual(stored.length, count)
+      const last = new Map<number, number>()
+      for (const r of stored) {
+        const value = Number(Buffer.from(r.value ?? new Uint8Array()).toString())
+        assert.isTrue(
+          value > (last.get(r.partition) ?? -1),
+          `partition ${r.partition}: ${value} after ${last.get(r.partition)}`
+        )
+        last.set(r.partition, value)
+      }
+    })
+
+    it.effect("concurrent sends: every one completes, each partition keeps send order, the route is read once", () => {
+      const reads = { n: 0 }
+      return Effect.gen(function* () {
+        const producer = yield* KafkaProducer.KafkaProducer
+        const all = yield* Effect.forkChild(
+          Effect.forEach(
+            Array.from({ length: count }, (_, i) => i),
+            (i) => producer.send(record(i)),
+            {
+              concurrency: "unbounded"
+            }
+          )
+        )
+        const metadata = yield* runToEnd(all)
+        assert.strictEqual(metadata.length, count)
+        assert.strictEqual(reads.n, 1, "one route read for all of them")
+        yield* assertStoredInOrder
+      }).pipe(Effect.provide(KafkaProducer.layer().pipe(Layer.provideMerge(slowInMemory(reads, "200 millis")))))
+    })
+
+    it.effect("sendAll: every record completes in order, the route is read once", () => {
+      const reads = { n: 0 }
+      return Effect.gen(function* () {
+        const producer = yield* KafkaProducer.KafkaProducer
+        const all = yield* Effect.forkChild(producer.sendAll(Array.from({ length: count }, (_, i) => record(i))))
+        const metadata = yield* runToEnd(all)
+        assert.strictEqual(metadata.length, count)
+        assert.strictEqual(reads.n, 1, "one route read")
+        yield* assertStoredInOrder
+      }).pipe(Effect.provide(KafkaProducer.layer().pipe(Layer.provideMerge(slowInMemory(reads, "200 millis")))))
+    })
+  })
+
+  it.effect("flush waits for sends still waiting for their topic's route, and they do not linger", () =>
+    Effect.gen(function* () {
+      const scripted = yield* Scripted.make
+      const client = slowRoutes(scripted, () => "100 millis")
+      const producer = yield* KafkaProducer.make({ ...options, linger: Duration.hours(1) }).pipe(
+        Effect.provideService(KafkaClient.KafkaClient, client)
+      )
+      const sends = yield* Effect.forkChild(producer.sendAll([{ value: "a" }, { value: "b" }]))
+      yield* TestClock.adjust("1 millis")
+      const flushing = yield* Effect.forkChild(producer.flush)
+      yield* TestClock.adjust("100 millis")
+      assert.isDefined(flushing.pollUnsafe(), "flushed once the route came, not an hour later")
+      assert.deepStrictEqual(
+        (yield* scripted.recorded).requests.map((request) => request.map((r) => r.value)),
+        [["a", "b"]]
+      )
+      yield* Fiber.join(sends)
+    }).pipe(Effect.scoped)
+  )
+
+  it.effect(
+    "closing queues and sends what waits for a route; past the flush timeout it fails it with ProducerClosed",
+    () =>
+      Effect.gen(function* () {
+        const scripted = yield* Scripted.make
+        const client = slowRoutes(scripted, (topic) => (topic === "slow" ? "1 hour" : "100 millis"))
+        const scope = yield* Scope.make()
+        const producer = yield* KafkaProducer.make({ ...options, flushTimeout: Duration.seconds(1) }).pipe(
+          Effect.provideService(KafkaClient.KafkaClient, client),
+          Scope.provide(scope)
+        )
+        const ok = yield* Effect.forkChild(producer.send({ value: "ok" }))
+        const hung = yield* Effect.forkChild(Effect.flip(producer.send({ topic: "slow", value: "hung" })))
+        yield* TestClock.adjust("1 millis")
+        const closing = yield* Effect.forkChild(Scope.close(scope, Exit.void))
+        yield* TestClock.adjust("100 millis")
+        assert.strictEqual((yield* Fiber.join(ok)).offset, 0n, "queued and sent while closing")
+        yield* TestClock.adjust("1 second")
+        assert.isDefined(closing.pollUnsafe(), "closed at the flush timeout")
+        assert.strictEqual((yield* Fiber.join(hung))._tag, "ProducerClosed")
+      })
+  )
+
+  it.effect("a send interrupted while it waits for its topic's route is not sent", () =>
+    Effect.gen(function* () {
+      const scripted = yield* Scripted.make
+      const client = slowRoutes(scripted, () => "100 millis")
+      const producer = yield* KafkaProducer.make({ ...options, linger: Duration.zero }).pipe(
+        Effect.provideService(KafkaClient.KafkaClient, client)
+      )
+      const first = yield* Effect.forkChild(producer.send({ value: "first" }))
+      const dropped = yield* Effect.forkChild(producer.send({ value: "dropped" }))
+      const last = yield* Effect.forkChild(producer.send({ value: "last" }))
+      yield* TestClock.adjust("1 millis")
+      yield* Fiber.interrupt(dropped)
+      yield* TestClock.adjust("100 millis")
+      yield* Fiber.join(first)
+      yield* Fiber.join(last)
+      assert.deepStrictEqual(
+        (yield* scripted.recorded).requests.flatMap((request) => request.map((r) => r.value)),
+        ["first", "last"]
+      )
     }).pipe(Effect.scoped)
   )
 
