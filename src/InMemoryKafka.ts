@@ -191,7 +191,8 @@ export const make = (options: InMemoryKafkaOptions = {}) =>
 
     const append = (records: ReadonlyArray<KafkaClient.ProducerRecord>) =>
       Effect.gen(function* () {
-        const now = yield* Clock.currentTimeMillis
+        // Kafka's timestamps are whole milliseconds; TestClock can read fractions.
+        const now = Math.floor(yield* Clock.currentTimeMillis)
         // Check every record first: a request either fails as a whole or is written as a whole.
         const placed: Array<{ topic: Topic; partition: number; record: KafkaClient.ProducerRecord }> = []
         for (const record of records) {

@@ -179,7 +179,7 @@ export const replay = Effect.fn("Replay.replay")(function* (options: ReplayOptio
       Effect.catch((error) => Effect.asVoid(Deferred.fail(done, error)))
     )
 
-  const now = yield* Clock.currentTimeMillis
+  const now = Math.floor(yield* Clock.currentTimeMillis)
   yield* Effect.scoped(
     Effect.gen(function* () {
       const connection = yield* client.consumer({

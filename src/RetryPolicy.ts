@@ -120,8 +120,15 @@ const text = (record: KafkaClient.ConsumedRecord, name: string): string | undefi
 const integer = (value: string | undefined): number | undefined =>
   value !== undefined && /^-?\d+$/.test(value) ? Number(value) : undefined
 
-/** When a retry record may be handled: its due-at header (undefined when absent or unreadable: now). */
-export const dueAt = (record: KafkaClient.ConsumedRecord): number | undefined => integer(text(record, headers.dueAt))
+/**
+ * When a retry record may be handled: its due-at header (undefined when absent or unreadable: now). We write whole
+ * milliseconds; a fractional one (from an older kafka-effect, under a clock that reads fractions) is rounded up, so
+ * that it is never handled early.
+ */
+export const dueAt = (record: KafkaClient.ConsumedRecord): number | undefined => {
+  const value = text(record, headers.dueAt)
+  return value !== undefined && /^\d+\.\d+$/.test(value) ? Math.ceil(Number(value)) : integer(value)
+}
 
 /**
  * When a record of retry topic `n` (from 1) may be handled: its due-at header, but never later than the record's
@@ -210,6 +217,9 @@ export const nextHop = (
   failure: Failure & { readonly fatal: boolean },
   context: { readonly now: number; readonly consumerGroup: string; readonly history: Option.Option<History> }
 ): KafkaClient.ProducerRecord => {
+  // Kafka's times are whole milliseconds, and so are our headers: a clock can read fractions (TestClock after a
+  // jittered delay), which a reader of whole numbers would not accept.
+  const now = Math.floor(context.now)
   const previous = context.history
   const attempt = Option.match(previous, { onNone: () => 1, onSome: (history) => history.attempt + 1 })
   const deadLetter = failure.fatal || attempt > policy.retryMax
@@ -218,7 +228,7 @@ export const nextHop = (
     originalPartition: record.partition,
     originalOffset: record.offset,
     originalTimestamp: record.timestamp,
-    firstFailureAt: context.now
+    firstFailureAt: now
   }))
   const added: Record<string, string> = {
     [headers.originalTopic]: original.originalTopic,
@@ -231,7 +241,7 @@ export const nextHop = (
     [headers.errorMessage]: failure.message.length > 1000 ? `${failure.message.slice(0, 999)}…` : failure.message,
     [headers.consumerGroup]: context.consumerGroup
   }
-  if (!deadLetter) added[headers.dueAt] = String(context.now + Duration.toMillis(delay(policy, attempt)))
+  if (!deadLetter) added[headers.dueAt] = String(Math.ceil(context.now + Duration.toMillis(delay(policy, attempt))))
   return {
     topic: deadLetter ? policy.dlqTopic : retryTopic(policy, attempt),
     key: record.key,

@@ -149,6 +149,32 @@ describe("Processor", () => {
     }).pipe(Effect.provide(setup()))
   )
 
+  it.effect("with the default, jittered in-place retry, a record on retry-1 still waits its delay", () =>
+    Effect.gen(function* () {
+      const calls: Array<{ attempt: number; at: number }> = []
+      const fiber = yield* runOrders(({ value, attempt }) =>
+        Effect.gen(function* () {
+          calls.push({ attempt, at: yield* Clock.currentTimeMillis })
+          if (attempt < 1) return yield* new PaymentDown({ id: value.id })
+        })
+      )
+      yield* InMemoryKafka.produce("orders", [order("o-1")])
+      yield* advanceUntil(() => calls.some((call) => call.attempt === 1), "10 millis")
+      const inPlace = calls.filter((call) => call.attempt === 0)
+      assert.strictEqual(inPlace.length, 3, "the first try and two in-place retries")
+      const lastFailure = (inPlace[2] as (typeof calls)[0]).at
+      assert.isFalse(Number.isInteger(lastFailure), `the jittered clock reads fractions (${lastFailure})`)
+      const hop = (yield* InMemoryKafka.records("orders-retry-1"))[0]
+      const dueAt = text(hop?.headers[RetryPolicy.headers.dueAt])
+      assert.match(dueAt ?? "", /^\d+$/, "whole milliseconds")
+      const retried = calls.find((call) => call.attempt === 1) as (typeof calls)[0]
+      // Kafka's timestamps are whole milliseconds: the delay counts from the millisecond of the failure.
+      const waited = retried.at - Math.floor(lastFailure)
+      assert.isAtLeast(waited, 5_000, `retry-1 handled ${waited} ms after the failure`)
+      yield* Fiber.interrupt(fiber)
+    }).pipe(Effect.provide(setup({ inPlaceRetry: undefined })))
+  )
+
   it.effect("an always-failing record climbs exactly N retry topics, then the DLQ, with its history headers", () =>
     Effect.gen(function* () {
       const attempts: Array<number> = []
