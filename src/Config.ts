@@ -90,6 +90,8 @@ export interface ProducerConfig {
   readonly batchSize: number
   /** most records waiting to be sent; `send` waits when the queue is full */
   readonly queueCapacity: number
+  /** how long closing waits for pending records; those still unacknowledged then fail with ProducerClosed */
+  readonly flushTimeout: Duration.Duration
 }
 
 export interface ConsumerConfig {
@@ -258,6 +260,7 @@ export const variables = [
   "KAFKA_PRODUCER_LINGER_MS",
   "KAFKA_PRODUCER_BATCH_SIZE",
   "KAFKA_PRODUCER_QUEUE_CAPACITY",
+  "KAFKA_PRODUCER_FLUSH_TIMEOUT_MS",
   "KAFKA_CONSUMER_TOPIC",
   "KAFKA_CONSUMER_GROUP_ID",
   "KAFKA_CONSUMER_WORKERS",
@@ -410,7 +413,13 @@ const readProducer = (r: Reader): ProducerConfig => {
   if (queueCapacity < batchSize) {
     r.conflict("KAFKA_PRODUCER_QUEUE_CAPACITY", queueCapacity, `at least KAFKA_PRODUCER_BATCH_SIZE (${batchSize})`)
   }
-  return { topic, acks, retries, idempotent, linger, batchSize, queueCapacity }
+  const flushTimeout = r.field(
+    "KAFKA_PRODUCER_FLUSH_TIMEOUT_MS",
+    Duration.seconds(30),
+    millis(100, 600_000),
+    "a whole number of milliseconds from 100 to 600000"
+  )
+  return { topic, acks, retries, idempotent, linger, batchSize, queueCapacity, flushTimeout }
 }
 
 const readConsumer = (r: Reader): ConsumerConfig => {

@@ -55,6 +55,7 @@ describe("KafkaConfig", () => {
         KAFKA_PRODUCER_LINGER_MS: "20",
         KAFKA_PRODUCER_BATCH_SIZE: "1000",
         KAFKA_PRODUCER_QUEUE_CAPACITY: "50000",
+        KAFKA_PRODUCER_FLUSH_TIMEOUT_MS: "5000",
         KAFKA_CONSUMER_TOPIC: "orders",
         KAFKA_CONSUMER_GROUP_ID: "billing-group",
         KAFKA_CONSUMER_WORKERS: "64",
@@ -89,7 +90,11 @@ describe("KafkaConfig", () => {
       assert.strictEqual(Duration.toMillis(connection.reconnectBackoff), 100)
       assert.strictEqual(Duration.toMillis(connection.reconnectBackoffMax), 5000)
       assert.deepStrictEqual(
-        { ...producer, linger: Duration.toMillis(producer.linger) },
+        {
+          ...producer,
+          linger: Duration.toMillis(producer.linger),
+          flushTimeout: Duration.toMillis(producer.flushTimeout)
+        },
         {
           topic: "orders",
           acks: 1,
@@ -97,7 +102,8 @@ describe("KafkaConfig", () => {
           idempotent: false,
           linger: 20,
           batchSize: 1000,
-          queueCapacity: 50000
+          queueCapacity: 50000,
+          flushTimeout: 5000
         }
       )
       assert.deepStrictEqual(

@@ -95,6 +95,17 @@ export const reasonOf = (cause: unknown, brokers: string): KafkaClient.KafkaErro
   return new KafkaClient.ClientFailed({ retriable: error.retriable === true, detail })
 }
 
+/**
+ * Disconnects a kafkajs client (admin or producer), waiting at most 2 s: kafkajs first waits for the requests in
+ * flight, which a hung broker answers only at the request timeout (30 s by default), and closing must not wait that
+ * long; what is left of the client is dropped with the process.
+ */
+const disconnect = (client: { readonly disconnect: () => Promise<void> }) =>
+  Effect.promise(() => client.disconnect().catch(() => undefined)).pipe(
+    Effect.timeoutOption(Duration.seconds(2)),
+    Effect.asVoid
+  )
+
 const attempt = <A>(
   brokers: string,
   operation: string,
@@ -251,13 +262,13 @@ export const make = (
             return attempt(brokers, "connect", () => admin.connect()).pipe(
               Effect.andThen(attempt(brokers, "connect", () => admin.listTopics())),
               Effect.as(admin),
-              Effect.onError(() => Effect.promise(() => admin.disconnect().catch(() => undefined)))
+              Effect.onError(() => disconnect(admin))
             )
           }),
           schedule
         )
       ),
-      (admin) => Effect.promise(() => admin.disconnect().catch(() => undefined))
+      (admin) => disconnect(admin)
     )
     yield* Effect.logInfo(`Connected to Kafka at ${brokers}`)
 
@@ -342,10 +353,8 @@ export const make = (
             schedule
           )
         yield* Effect.acquireRelease(
-          Effect.interruptible(connect(client)).pipe(
-            Effect.onInterrupt(() => Effect.promise(() => client.disconnect().catch(() => undefined)))
-          ),
-          () => Effect.promise(() => client.disconnect().catch(() => undefined))
+          Effect.interruptible(connect(client)).pipe(Effect.onInterrupt(() => disconnect(client))),
+          () => disconnect(client)
         )
         const healthyClient = Effect.suspend(() => {
           if (!tainted) return Effect.succeed(client)
@@ -355,7 +364,7 @@ export const make = (
           // until the broker is back would hold the send, which the Producer does not interrupt, and so its
           // callers and its shutdown, for as long as the broker is away.
           return attempt(brokers, "connect producer", () => fresh.connect()).pipe(
-            Effect.tapError(() => Effect.promise(() => fresh.disconnect().catch(() => undefined))),
+            Effect.tapError(() => disconnect(fresh)),
             Effect.tap(() =>
               Effect.sync(() => {
                 client = fresh
@@ -467,7 +476,7 @@ export const make = (
               attempt(brokers, "connect consumer", () => client.connect()),
               schedule
             )
-          ).pipe(Effect.onInterrupt(() => Effect.promise(() => client.disconnect().catch(() => undefined)))),
+          ).pipe(Effect.onInterrupt(() => disconnect(client))),
           // disconnect stops fetching, waits for running batch handlers, and leaves the group.
           () =>
             Effect.promise(() => {

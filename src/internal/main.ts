@@ -4,14 +4,15 @@
  * - SIGINT/SIGTERM interrupt the program; its scopes close (flush, commit, disconnect) and the process exits 0,
  *   since stopping on request is success — or with `process.exitCode` when the program set it: the producer
  *   program's verdict on its input (invalid lines, failed sends) holds however the run ended. A second signal
- *   while that runs exits at once with 128 + the signal's number (130 for SIGINT, 143 for SIGTERM).
+ *   while that runs exits at once with 128 + the signal's number (130 for SIGINT, 143 for SIGTERM). A program
+ *   that has not stopped within its bound (`boundShutdown`) of the first signal exits with 1.
  * - A `ProgramFailed` exits with its code after printing its message, without a stack trace: it is an expected
  *   outcome (invalid input lines, say), not a crash.
  * - Anything else fails as Effect reports it, with exit code 1.
  */
 import * as Os from "node:os"
 import { NodeRuntime } from "@effect/platform-node"
-import { Cause, Data, type Effect, Exit, Runtime } from "effect"
+import { Cause, Data, Duration, Effect, Exit, Runtime } from "effect"
 
 export class ProgramFailed extends Data.TaggedError("ProgramFailed")<{
   readonly message: string
@@ -28,6 +29,20 @@ export const wholeFlag = (name: string, raw: string, min: number): number => {
   return n
 }
 
+/** How long a program may take to stop once signalled, before `run` exits regardless (see `boundShutdown`). */
+let shutdownBound = Duration.seconds(10)
+
+/**
+ * Sets how long the program may take to stop after a signal: its own bound (the producer's flush timeout, the
+ * consumer's shutdown timeout) plus a margin. Past it, the process exits with code 1 whatever it is doing: the
+ * program's own timeouts end every state we know of well before, and this is the guarantee for the ones we do not
+ * (a stack overflow in a dependency, a promise that never settles). Until a program sets it: 10 s, for start-up.
+ */
+export const boundShutdown = (bound: Duration.Duration): Effect.Effect<void> =>
+  Effect.sync(() => {
+    shutdownBound = bound
+  })
+
 export const run = <E>(program: Effect.Effect<void, E>): void => {
   let signals = 0
   const onSignal = (signal: NodeJS.Signals) => {
@@ -36,6 +51,15 @@ export const run = <E>(program: Effect.Effect<void, E>): void => {
       process.stderr.write("second signal: exiting now without waiting for shutdown\n")
       process.exit(128 + (Os.constants.signals[signal] ?? 2))
     }
+    // A plain timer, not an Effect: it must fire even if the program's fibers cannot run. unref'd, it does not keep
+    // a process that has finished alive.
+    const seconds = Duration.toSeconds(shutdownBound)
+    setTimeout(() => {
+      process.stderr.write(
+        `did not stop within ${seconds} s of ${signal}: exiting now, with what was unfinished lost\n`
+      )
+      process.exit(1)
+    }, Duration.toMillis(shutdownBound)).unref()
   }
   process.on("SIGINT", onSignal)
   process.on("SIGTERM", onSignal)

@@ -12,13 +12,27 @@
  */
 import * as Fs from "node:fs"
 import { parseArgs } from "node:util"
-import { Cause, Deferred, Duration, Effect, Exit, Fiber, Layer, Ref, Schedule, type Schema, Stream } from "effect"
+import {
+  Cause,
+  Deferred,
+  Duration,
+  Effect,
+  Exit,
+  Fiber,
+  Layer,
+  Option,
+  Ref,
+  Schedule,
+  type Schema,
+  Scope,
+  Stream
+} from "effect"
 import * as KafkaConfig from "../Config.ts"
 import * as Event from "../Event.ts"
 import * as KafkaClient from "../KafkaClient.ts"
 import * as KafkaProducer from "../KafkaProducer.ts"
 import * as Observability from "../Observability.ts"
-import { ProgramFailed, wholeFlag } from "./main.ts"
+import { boundShutdown, ProgramFailed, wholeFlag } from "./main.ts"
 
 const usage = `usage: node dist/producer.js [--generate] [--count N] [--rate N] [--subjects N] [--source NAME]
   NDJSON events on stdin are validated and sent; without stdin, sample events are generated.
@@ -85,6 +99,8 @@ const stdinHasData = () => {
 }
 
 interface Tally {
+  /** sends begun (each ends acked, failed, or unfinished when the program stops) */
+  readonly started: number
   readonly sent: number
   readonly invalid: number
   readonly failed: number
@@ -156,13 +172,18 @@ export const main = (argv: ReadonlyArray<string>) =>
 const produce = (options: Options) =>
   Effect.gen(function* () {
     const producerConfig = yield* KafkaConfig.producer
-    const tally = yield* Ref.make<Tally>({ sent: 0, invalid: 0, failed: 0 })
+    // Closing takes the flush timeout at most, and a disconnect 2 s (see internal/kafkajs.ts).
+    yield* boundShutdown(Duration.sum(producerConfig.flushTimeout, Duration.seconds(5)))
+    const tally = yield* Ref.make<Tally>({ started: 0, sent: 0, invalid: 0, failed: 0 })
     const startedAt = performance.now()
     const elapsed = () => (performance.now() - startedAt) / 1000
     const rate = (sent: number) => Math.round(sent / Math.max(elapsed(), 0.001))
 
+    // A send once begun is not interrupted: it ends acked or failed, and is counted, once the producer closes at the
+    // latest (closing fails what it could not flush with ProducerClosed, within the flush timeout).
     const send = (event: Event.Event) =>
-      Event.encode(event).pipe(
+      Ref.update(tally, (t) => ({ ...t, started: t.started + 1 })).pipe(
+        Effect.andThen(Event.encode(event)),
         Effect.flatMap((value) =>
           // The span's trace context travels in the record's traceparent header to the processor's span.
           KafkaProducer.send({ key: Event.keyOf(event), value }).pipe(
@@ -173,11 +194,15 @@ const produce = (options: Options) =>
           onSuccess: () => Ref.update(tally, (t) => ({ ...t, sent: t.sent + 1 })),
           onFailure: (error) =>
             Ref.update(tally, (t) => ({ ...t, failed: t.failed + 1 })).pipe(
+              // Those the closing producer refused are counted in the summary, not logged one by one.
               Effect.andThen(
-                Effect.logError(`send failed: ${error.message}`).pipe(Effect.annotateLogs({ id: event.id }))
+                error._tag === "ProducerClosed"
+                  ? Effect.void
+                  : Effect.logError(`send failed: ${error.message}`).pipe(Effect.annotateLogs({ id: event.id }))
               )
             )
-        })
+        }),
+        Effect.uninterruptible
       )
 
     const invalidLine = (number: number, reason: string) =>
@@ -252,13 +277,20 @@ const produce = (options: Options) =>
     const progress = tty
       ? Effect.flatMap(progressLine, (line) => Effect.sync(() => process.stderr.write(`\r${line}   `)))
       : Effect.flatMap(progressLine, (line) => Effect.logInfo(`progress: ${line}`))
+    // Sends still unfinished when the program stops (a producer that did not close in time) count as failed.
     const summary = Effect.gen(function* () {
       const t = yield* Ref.get(tally)
+      const unfinished = t.started - t.sent - t.failed
+      const failed = t.failed + unfinished
       if (tty) process.stderr.write("\n")
       process.stdout.write(
-        `summary: sent ${t.sent}, invalid ${t.invalid}, failed ${t.failed} in ${elapsed().toFixed(2)} s (${rate(t.sent)} msgs/s)\n`
+        `summary: sent ${t.sent}, invalid ${t.invalid}, failed ${failed} in ${elapsed().toFixed(2)} s (${rate(t.sent)} msgs/s)\n`
       )
-      return t
+      if (t.invalid > 0 || failed > 0) {
+        const unacked = unfinished > 0 ? ` (${unfinished} of them unfinished when the program stopped)` : ""
+        process.stderr.write(`${t.invalid} invalid line(s) and ${failed} failed send(s)${unacked}\n`)
+        process.exitCode = 1
+      }
     })
 
     if (options.createTopic) {
@@ -275,9 +307,10 @@ const produce = (options: Options) =>
         ? `reading NDJSON events from stdin for ${producerConfig.topic}`
         : `generating ${options.count === 0 ? "unbounded" : options.count} events at ${options.rate === 0 ? "max" : options.rate}/s for ${producerConfig.topic}`
     )
-    // A signal interrupts this fiber. Reading (or generating) then stops, but not the sends it started: they run
-    // to their end, acked or failed, and are counted, so the summary and the exit code tell what happened to
-    // every event read. (Cut off, their records would still be flushed when the producer closes, uncounted.)
+    // A signal interrupts this fiber. Reading (or generating) then stops, and the producer closes at once: what
+    // lingers leaves, and within the flush timeout every send begun ends acked or failed (ProducerClosed), and is
+    // counted, so the summary and the exit code tell what happened to every event read. The producer is built in
+    // a scope of its own so that it can close before the sends are waited for: they wait on it.
     const work = Effect.scoped(
       Effect.gen(function* () {
         yield* Effect.forkScoped(
@@ -285,34 +318,33 @@ const produce = (options: Options) =>
             Effect.delay(tty ? "1 second" : "5 seconds")
           )
         )
+        const producerScope = yield* Scope.fork(yield* Effect.scope)
+        const producer = yield* Layer.buildWithScope(KafkaProducer.layerConfig, producerScope)
         const stopping = yield* Deferred.make<void>()
         const stop = Deferred.await(stopping)
         yield* Effect.uninterruptibleMask((restore) =>
           Effect.gen(function* () {
             const producing = yield* Effect.forkChild(
-              Effect.interruptible(mode === "stdin" ? fromStdin(stop) : generated(stop))
+              Effect.interruptible(mode === "stdin" ? fromStdin(stop) : generated(stop)).pipe(
+                Effect.provideContext(producer)
+              )
             )
             let exit = yield* Effect.exit(restore(Fiber.join(producing)))
             if (Exit.isFailure(exit) && Cause.hasInterrupts(exit.cause)) {
               yield* Deferred.succeed(stopping, undefined)
-              // What lingers leaves now (records enqueued while the flush runs do not linger either).
-              yield* KafkaProducer.flush
-              exit = yield* Fiber.await(producing)
+              yield* Scope.close(producerScope, Exit.void)
+              // Every send has its outcome now, or is stuck for a reason of its own: not waited for beyond a second;
+              // the summary counts it as failed.
+              exit = Option.getOrElse(yield* Effect.timeoutOption(Fiber.await(producing), "1 second"), () => exit)
             }
-            // Every send has ended: the tally is final. The verdict is the exit code, set here rather than failed:
-            // once a signal has interrupted the program, a failure is dropped by the first error handler it passes
-            // (Effect gives an interrupted fiber's handlers no say), and invalid lines or failed sends would exit 0.
-            const t = yield* Effect.andThen(Effect.ignore(summary), Ref.get(tally))
-            if (t.invalid > 0 || t.failed > 0) {
-              yield* Effect.sync(() => {
-                process.stderr.write(`${t.invalid} invalid line(s) and ${t.failed} failed send(s)\n`)
-                process.exitCode = 1
-              })
-            }
+            // The verdict is the exit code, set by the summary rather than failed: once a signal has interrupted the
+            // program, a failure is dropped by the first error handler it passes (Effect gives an interrupted
+            // fiber's handlers no say), and invalid lines or failed sends would exit 0.
+            yield* Effect.ignore(summary)
             return yield* exit
           })
         )
       })
     )
-    yield* work.pipe(Effect.provide(KafkaProducer.layerConfig))
+    yield* work
   })
