@@ -116,4 +116,25 @@ describe("the programs without a broker", () => {
       }),
     timeout
   )
+
+  it.live(
+    "a program that does not stop within its shutdown bound of the signal is ended then, exit 1, saying so",
+    () =>
+      Effect.gen(function* () {
+        const signalled = yield* Deferred.make<number>()
+        const result = yield* run(Path.join(Program.root, "test", "support", "stuckProgram.ts"), {
+          env: {},
+          onStderr: (soFar, started) => {
+            if (soFar.includes("ready") && Deferred.doneUnsafe(signalled, Effect.succeed(performance.now()))) {
+              started.child.kill("SIGTERM")
+            }
+          }
+        })
+        const took = performance.now() - (yield* Deferred.await(signalled))
+        assert.strictEqual(result.exitCode, 1, result.stderr)
+        assert.include(result.stderr, "did not stop within 1 s of SIGTERM")
+        assert.isBelow(took, 5_000)
+      }),
+    timeout
+  )
 })

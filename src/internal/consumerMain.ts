@@ -20,7 +20,7 @@ import * as KafkaProducer from "../KafkaProducer.ts"
 import * as Observability from "../Observability.ts"
 import * as Processor from "../Processor.ts"
 import * as Replay from "../Replay.ts"
-import { ProgramFailed, wholeFlag } from "./main.ts"
+import { boundShutdown, ProgramFailed, wholeFlag } from "./main.ts"
 
 const usage = `usage: node dist/consumer.js [--transient-failures R] [--permanent-failures R] [--work-ms N]
        node dist/consumer.js replay [--error-tag TAG]… [--topic TOPIC]… [--since TIME] [--until TIME] [--max N] [--all-groups] [--dry-run]
@@ -202,6 +202,18 @@ const runProcessor = (options: Extract<Options, { command: "run" }>) =>
     return yield* processor.run([exampleHandler(config.topic, options)]).pipe(Effect.ensuring(summary))
   }).pipe(Effect.scoped)
 
+/**
+ * The Processor's producer, for retry and dead-letter hops. Closing waits 2 s at most for what it still holds: a hop
+ * the Processor still waits for belongs to a record whose handling shutdown cut off, which is not committed and is
+ * handled again after a restart (sent now, it would only be sent twice).
+ */
+const producerLayer = Layer.effect(
+  KafkaProducer.KafkaProducer,
+  Effect.flatMap(KafkaConfig.producer, (config) =>
+    KafkaProducer.make({ ...config, flushTimeout: Duration.min(config.flushTimeout, Duration.seconds(2)) })
+  )
+)
+
 const runReplay = (options: Extract<Options, { command: "replay" }>) =>
   Effect.gen(function* () {
     const config = yield* KafkaConfig.consumer
@@ -222,9 +234,12 @@ export const main = (argv: ReadonlyArray<string>) =>
         : runProcessor(options).pipe(Effect.provide(Processor.layerConfig))
     // The flags (above) and every variable are checked before anything connects: a mistake stops start-up at
     // once (exit 2), whether a broker answers or not.
-    yield* KafkaConfig.all
+    const config = yield* KafkaConfig.all
+    // After a signal: the members' shutdown (the shutdown timeout, then 5 s at most for the last commits and 3 s to
+    // leave the group), the producer (below), and a second for each client's disconnect.
+    yield* boundShutdown(Duration.sum(config.consumer.shutdownTimeout, Duration.seconds(15)))
     yield* work.pipe(
-      Effect.provide(KafkaProducer.layerConfig),
+      Effect.provide(producerLayer),
       Effect.provide(KafkaClient.layerConfig),
       // Logger, health, /metrics, OTLP: outside the client, so that connecting is logged and reported.
       Effect.provide(Observability.layerConfig)

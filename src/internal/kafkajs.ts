@@ -96,15 +96,14 @@ export const reasonOf = (cause: unknown, brokers: string): KafkaClient.KafkaErro
 }
 
 /**
- * Disconnects a kafkajs client (admin or producer), waiting at most 2 s: kafkajs first waits for the requests in
+ * Disconnects a kafkajs client, waiting at most `bound` (1 s by default): kafkajs first waits for the requests in
  * flight, which a hung broker answers only at the request timeout (30 s by default), and closing must not wait that
- * long; what is left of the client is dropped with the process.
+ * long; what is left of the client is dropped with the process. On a broker that answers it takes milliseconds.
  */
-const disconnect = (client: { readonly disconnect: () => Promise<void> }) =>
-  Effect.promise(() => client.disconnect().catch(() => undefined)).pipe(
-    Effect.timeoutOption(Duration.seconds(2)),
-    Effect.asVoid
-  )
+const disconnect = (
+  client: { readonly disconnect: () => Promise<void> },
+  bound: Duration.Duration = Duration.seconds(1)
+) => Effect.promise(() => client.disconnect().catch(() => undefined)).pipe(Effect.timeoutOption(bound), Effect.asVoid)
 
 const attempt = <A>(
   brokers: string,
@@ -477,11 +476,13 @@ export const make = (
               schedule
             )
           ).pipe(Effect.onInterrupt(() => disconnect(client))),
-          // disconnect stops fetching, waits for running batch handlers, and leaves the group.
+          // disconnect stops fetching, waits for running batch handlers (done by now: KafkaConsumer's shutdown
+          // waited for them), and leaves the group: 3 s at most, as a member that leaves without a word holds its
+          // partitions from the others until its session times out.
           () =>
-            Effect.promise(() => {
+            Effect.suspend(() => {
               disconnecting = true
-              return client.disconnect().catch(() => undefined)
+              return disconnect(client, Duration.seconds(3))
             })
         )
         yield* attempt(

@@ -59,6 +59,22 @@ export const createTopic = (brokers: string, topic: string, partitions: number) 
     Effect.retry({ schedule: Schedule.spaced("500 millis"), times: 10 })
   )
 
+/** What `groupId` has committed on each partition of `topic` (-1 for none), read with plain kafkajs admin. */
+export const committedOffsets = (brokers: string, groupId: string, topic: string) =>
+  Effect.tryPromise({
+    try: async () => {
+      const admin = plainKafka(brokers).admin()
+      await admin.connect()
+      try {
+        const [offsets] = await admin.fetchOffsets({ groupId, topics: [topic] })
+        return new Map((offsets?.partitions ?? []).map((p) => [p.partition, BigInt(p.offset)]))
+      } finally {
+        await admin.disconnect()
+      }
+    },
+    catch: (cause) => new ReadError({ message: `committed offsets of ${groupId} on ${topic}: ${String(cause)}` })
+  })
+
 /**
  * Reads every record of `topic` up to its high watermarks with a plain kafkajs consumer in a fresh group,
  * so what the test checks does not go through the code under test.
