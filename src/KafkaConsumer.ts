@@ -284,14 +284,16 @@ export const make = (
               Deferred.await(stopping).pipe(
                 Effect.andThen(Effect.sleep(shutdownGrace)),
                 Effect.andThen(
-                  Deferred.fail(
-                    answer,
-                    new KafkaClient.KafkaError({
-                      operation: "commit",
-                      reason: new KafkaClient.RequestTimedOut({
-                        detail: `no answer ${Duration.format(shutdownGrace)} into shutdown; leaving without it`
+                  Effect.suspend(() =>
+                    Deferred.fail(
+                      answer,
+                      new KafkaClient.KafkaError({
+                        operation: "commit",
+                        reason: new KafkaClient.RequestTimedOut({
+                          detail: `no answer ${Duration.format(shutdownGrace)} into shutdown; leaving without it`
+                        })
                       })
-                    })
+                    )
                   )
                 )
               )
@@ -299,13 +301,23 @@ export const make = (
             return yield* Deferred.await(answer).pipe(Effect.ensuring(Fiber.interrupt(deadline)))
           })
 
+        // The keys of the assignment, made again only when it changes: commits come every tick from every batch call.
+        let assignedFor: KafkaClient.Assignment | undefined
+        let assignedSet = new Set<string>()
+        const assignedKeys = (assignment: KafkaClient.Assignment) => {
+          if (assignment !== assignedFor) {
+            assignedFor = assignment
+            assignedSet = new Set(assignment.partitions.map((tp) => activeKey(tp.topic, tp.partition)))
+          }
+          return assignedSet
+        }
+
         /** Commits the progress of the active partitions still assigned; succeeds with false when that failed. */
         const commitNow = (connection: KafkaClient.ConsumerConnection, stopping: Deferred.Deferred<void>) =>
           Effect.gen(function* () {
             // A partition this member no longer has (kafkajs rejoined while a batch call for it still runs) is
             // left out: the group accepts a commit of the current generation for any partition.
-            const { partitions } = yield* connection.assignment
-            const assigned = new Set(partitions.map((tp) => activeKey(tp.topic, tp.partition)))
+            const assigned = assignedKeys(yield* connection.assignment)
             const owned = [...active].filter(([key]) => assigned.has(key)).map(([, entry]) => entry)
             const commits = tracker.takeCommits(owned)
             if (commits.length === 0) return true

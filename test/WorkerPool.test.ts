@@ -1,5 +1,5 @@
 import { assert, describe, it } from "@effect/vitest"
-import { Effect } from "effect"
+import { Deferred, Effect, Fiber } from "effect"
 import { partitionForKey } from "../src/internal/murmur2.ts"
 import * as WorkerPool from "../src/WorkerPool.ts"
 
@@ -18,5 +18,80 @@ describe("WorkerPool", () => {
         assert.strictEqual(shards.size, workers, `${partitions} partitions, ${workers} workers`)
       }
     })
+  )
+
+  it.effect(
+    "100,000 concurrent submits: every job runs once, each key in order, never more than maxInFlight at once",
+    () =>
+      Effect.gen(function* () {
+        const pool = yield* WorkerPool.make({ workers: 8, maxInFlight: 1000 })
+        const ran = new Map<string, Array<number>>()
+        let most = 0
+        yield* Effect.forEach(
+          Array.from({ length: 100_000 }, (_, i) => i),
+          (i) => {
+            const key = `k${i % 500}`
+            return pool.submit(
+              key,
+              Effect.flatMap(pool.inFlight, (inFlight) =>
+                Effect.sync(() => {
+                  most = Math.max(most, inFlight)
+                  const seen = ran.get(key) ?? []
+                  seen.push(i)
+                  ran.set(key, seen)
+                })
+              )
+            )
+          },
+          { concurrency: "unbounded", discard: true }
+        )
+        // Every submit has returned (its job is queued); wait for the pool to run them all.
+        while ((yield* pool.inFlight) > 0) yield* Effect.yieldNow
+        let total = 0
+        for (const [key, order] of ran) {
+          total += order.length
+          assert.deepStrictEqual(
+            order,
+            [...order].sort((a, b) => a - b),
+            `${key} in submit order`
+          )
+        }
+        assert.strictEqual(total, 100_000)
+        assert.isAtMost(most, 1000, "queued or running at once")
+        assert.isAbove(most, 500, "the pool was kept full")
+      }).pipe(Effect.scoped)
+  )
+
+  it.effect("a submit interrupted while it waits for places gives them up: the next in line gets them", () =>
+    Effect.gen(function* () {
+      const pool = yield* WorkerPool.make({ workers: 1, maxInFlight: 1 })
+      const release = yield* Deferred.make<void>()
+      const ran: Array<string> = []
+      yield* pool.submit(
+        "a",
+        Effect.andThen(
+          Deferred.await(release),
+          Effect.sync(() => ran.push("a"))
+        )
+      )
+      const waiting = yield* Effect.forkChild(
+        pool.submit(
+          "b",
+          Effect.sync(() => ran.push("b"))
+        )
+      )
+      const after = yield* Effect.forkChild(
+        pool.submit(
+          "c",
+          Effect.sync(() => ran.push("c"))
+        )
+      )
+      yield* Effect.yieldNow
+      yield* Fiber.interrupt(waiting)
+      yield* Deferred.succeed(release, undefined)
+      yield* Fiber.join(after)
+      while ((yield* pool.inFlight) > 0) yield* Effect.yieldNow
+      assert.deepStrictEqual(ran, ["a", "c"])
+    }).pipe(Effect.scoped)
   )
 })
