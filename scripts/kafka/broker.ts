@@ -20,7 +20,7 @@ import * as Fs from "node:fs"
 import * as Net from "node:net"
 import * as Os from "node:os"
 import * as Path from "node:path"
-import { Data, Duration, Effect, Schedule, type Scope } from "effect"
+import { Data, Duration, Effect, Exit, Schedule, Scope } from "effect"
 import { Kafka, logLevel } from "kafkajs"
 
 const here = Path.dirname(new URL(import.meta.url).pathname)
@@ -439,17 +439,34 @@ const awaitReady = (broker: Broker, timeout: Duration.Input) =>
 
 /**
  * Starts a broker and waits until it accepts a topic. The broker keeps running after this process exits;
- * stop it with `stop`. Prefer `acquire` inside a scope.
+ * stop it with `stop`. Prefer `acquire` inside a scope. Failed or interrupted part way, it stops what it started.
  */
 export const start = (options: BrokerOptions = {}): Effect.Effect<Broker, BrokerError> =>
+  Effect.flatMap(Scope.make(), (scope) =>
+    acquire(options).pipe(
+      Scope.provide(scope),
+      // Left open on success: the broker outlives the effect, as `start` promises.
+      Effect.onExit((exit) => (Exit.isSuccess(exit) ? Effect.void : Scope.close(scope, exit)))
+    )
+  )
+
+/**
+ * A broker for the life of the scope. Starting it can be interrupted at any point (a signal during a slow start):
+ * the JVM's stop is registered in the same uninterruptible step that spawns it, so no path leaves it running.
+ */
+export const acquire = (options: BrokerOptions = {}): Effect.Effect<Broker, BrokerError, Scope.Scope> =>
   Effect.gen(function* () {
     const jarsDir = yield* resolveJars
     const ownsDir = options.dir === undefined
-    const dir = options.dir ?? Fs.mkdtempSync(Path.join(Os.tmpdir(), "kafka-effect-broker-"))
-    Fs.mkdirSync(dir, { recursive: true })
-    return yield* launch(dir, ownsDir, jarsDir, options).pipe(
-      Effect.onError(() => Effect.sync(() => ownsDir && Fs.rmSync(dir, { recursive: true, force: true })))
+    const dir = yield* Effect.acquireRelease(
+      Effect.sync(() => {
+        const dir = options.dir ?? Fs.mkdtempSync(Path.join(Os.tmpdir(), "kafka-effect-broker-"))
+        Fs.mkdirSync(dir, { recursive: true })
+        return dir
+      }),
+      (dir) => Effect.sync(() => ownsDir && Fs.rmSync(dir, { recursive: true, force: true }))
     )
+    return yield* launch(dir, ownsDir, jarsDir, options)
   })
 
 const launch = (dir: string, ownsDir: boolean, jarsDir: string, options: BrokerOptions) =>
@@ -488,6 +505,27 @@ const launch = (dir: string, ownsDir: boolean, jarsDir: string, options: BrokerO
       ])
     }
     const logFile = Path.join(dir, "broker.log")
+    const broker = yield* Effect.acquireRelease(
+      spawnBroker({ dir, ownsDir, jarsDir, propertiesFile, logFile, port, sasl, tls }),
+      stop
+    )
+    yield* awaitReady(broker, options.readyTimeout ?? "120 seconds")
+    return broker
+  })
+
+/** Spawns `kafka.Kafka` detached (it outlives this process until `stop`) and records its PID in `dir`. */
+const spawnBroker = (options: {
+  readonly dir: string
+  readonly ownsDir: boolean
+  readonly jarsDir: string
+  readonly propertiesFile: string
+  readonly logFile: string
+  readonly port: number
+  readonly sasl: SaslListener | undefined
+  readonly tls: (TlsListener & { readonly caFile: string }) | undefined
+}) =>
+  Effect.gen(function* () {
+    const { dir, ownsDir, jarsDir, propertiesFile, logFile, port, sasl, tls } = options
     const out = Fs.openSync(logFile, "a")
     const child: ChildProcess = spawn(javaBin(), [...jvmOptions(jarsDir), "kafka.Kafka", propertiesFile], {
       detached: true,
@@ -513,7 +551,6 @@ const launch = (dir: string, ownsDir: boolean, jarsDir: string, options: BrokerO
       ...(sasl ? { saslBrokers: `127.0.0.1:${sasl.port}` } : {}),
       ...(tls ? { tlsBrokers: `127.0.0.1:${tls.port}`, caFile: tls.caFile } : {})
     }
-    yield* awaitReady(broker, options.readyTimeout ?? "120 seconds").pipe(Effect.onError(() => stop(broker)))
     return broker
   })
 
@@ -536,10 +573,6 @@ export const stop = (broker: Pick<Broker, "pid" | "dir" | "ownsDir">): Effect.Ef
     }
     if (broker.ownsDir) Fs.rmSync(broker.dir, { recursive: true, force: true })
   })
-
-/** A broker for the life of the scope. */
-export const acquire = (options: BrokerOptions = {}): Effect.Effect<Broker, BrokerError, Scope.Scope> =>
-  Effect.acquireRelease(start(options), stop)
 
 /** Reads what `start` left in `dir`, for a later `stop` from another process. */
 export const fromDir = (dir: string): Effect.Effect<Broker, BrokerError> =>
