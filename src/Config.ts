@@ -50,6 +50,9 @@ export class KafkaConfigError extends Schema.TaggedError<KafkaConfigError>()("Ka
 
 export type Acks = -1 | 0 | 1
 
+/** How the producer compresses its record batches (`KAFKA_PRODUCER_COMPRESSION`); consumers read every one. */
+export type Compression = "none" | "gzip" | "snappy" | "lz4" | "zstd"
+
 export type SaslMechanism = "plain" | "scram-sha-256" | "scram-sha-512"
 
 export interface SaslConfig {
@@ -92,6 +95,8 @@ export interface ProducerConfig {
   readonly queueCapacity: number
   /** how long closing waits for pending records; those still unacknowledged then fail with ProducerClosed */
   readonly flushTimeout: Duration.Duration
+  /** the codec of the record batches it writes */
+  readonly compression: Compression
 }
 
 export interface ConsumerConfig {
@@ -261,6 +266,7 @@ export const variables = [
   "KAFKA_PRODUCER_BATCH_SIZE",
   "KAFKA_PRODUCER_QUEUE_CAPACITY",
   "KAFKA_PRODUCER_FLUSH_TIMEOUT_MS",
+  "KAFKA_PRODUCER_COMPRESSION",
   "KAFKA_CONSUMER_TOPIC",
   "KAFKA_CONSUMER_GROUP_ID",
   "KAFKA_CONSUMER_WORKERS",
@@ -419,7 +425,13 @@ const readProducer = (r: Reader): ProducerConfig => {
     millis(100, 600_000),
     "a whole number of milliseconds from 100 to 600000"
   )
-  return { topic, acks, retries, idempotent, linger, batchSize, queueCapacity, flushTimeout }
+  const compression = r.field<Compression>(
+    "KAFKA_PRODUCER_COMPRESSION",
+    "none",
+    oneOf<Compression>({ none: "none", gzip: "gzip", snappy: "snappy", lz4: "lz4", zstd: "zstd" }),
+    "none, gzip, snappy, lz4 or zstd"
+  )
+  return { topic, acks, retries, idempotent, linger, batchSize, queueCapacity, flushTimeout, compression }
 }
 
 const readConsumer = (r: Reader): ConsumerConfig => {

@@ -178,6 +178,8 @@ export interface ProducerOptions {
   readonly acks: KafkaConfig.Acks
   /** how long the broker may wait for replicas' acks before answering */
   readonly ackTimeout?: Duration.Duration | undefined
+  /** the codec of the record batches it writes. Default none */
+  readonly compression?: KafkaConfig.Compression | undefined
 }
 
 /** A connected producer: one `send` is one produce request (per broker) for all its records. */
@@ -330,26 +332,28 @@ export const reconnectSchedule = (options: {
 
 /**
  * Runs `connect` until it succeeds, retrying retriable failures on `schedule` and logging each failed attempt
- * with the delay before the next; a non-retriable failure (bad credentials, TLS) ends it at once.
+ * with the delay before the next; a non-retriable failure (bad credentials, TLS) ends it at once. `step` names a
+ * start-up step other than connecting (creating topics, say), whose retries are not reconnects.
  */
 export const retryConnect = <A, R>(
   connect: Effect.Effect<A, KafkaError, R>,
-  schedule: Schedule.Schedule<Duration.Duration>
+  schedule: Schedule.Schedule<Duration.Duration>,
+  step?: string | undefined
 ): Effect.Effect<A, KafkaError, R> =>
   Effect.retry(connect, {
     schedule: schedule.pipe(
       // The schedule steps before `while` is asked, so a non-retriable error must not be logged as a retry.
-      Schedule.tap(({ attempt, duration, input }: Schedule.Metadata<Duration.Duration, KafkaError>) =>
-        input.retriable
+      Schedule.tap(({ attempt, duration, input }: Schedule.Metadata<Duration.Duration, KafkaError>) => {
+        if (!input.retriable) return Effect.void
+        const next = Duration.format(Duration.millis(Math.round(Duration.toMillis(duration))))
+        return step === undefined
           ? Metric.update(Metrics.reconnects, 1).pipe(
               Effect.andThen(
-                Effect.logWarning(
-                  `Kafka not reachable (attempt ${attempt}): ${input.message}; retrying in ${Duration.format(Duration.millis(Math.round(Duration.toMillis(duration))))}`
-                )
+                Effect.logWarning(`Kafka not reachable (attempt ${attempt}): ${input.message}; retrying in ${next}`)
               )
             )
-          : Effect.void
-      )
+          : Effect.logWarning(`${step} failed (attempt ${attempt}): ${input.message}; retrying in ${next}`)
+      })
     ),
     while: (error: KafkaError) => error.retriable
   })

@@ -100,6 +100,8 @@ export interface ProducerOptions {
   readonly maxBatchBytes?: number | undefined
   /** how long closing the scope waits for pending records. Default 30 s */
   readonly flushTimeout?: Duration.Duration | undefined
+  /** the codec of the record batches it writes (consumers read every one). Default none */
+  readonly compression?: KafkaConfig.Compression | undefined
   /**
    * how many produce requests may be in flight at once. The producer keeps this many producer connections
    * ("lanes"), each with its own kafkajs producer (and producer id), queue and drain fiber; it picks each record's
@@ -217,7 +219,11 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
     Array.from({ length: laneCount }, (_, index) => index),
     () =>
       Effect.gen(function* () {
-        const connection = yield* client.producer({ idempotent: options.idempotent, acks: options.acks })
+        const connection = yield* client.producer({
+          idempotent: options.idempotent,
+          acks: options.acks,
+          compression: options.compression
+        })
         const queue = yield* Queue.bounded<Pending, Cause.Done>(laneCapacity)
         const lane: Lane = {
           connection,

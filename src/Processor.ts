@@ -415,7 +415,16 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
       for (const group of [groupId, ...ladder.map(({ number }) => retryGroup(number))]) {
         yield* Observability.report(`consumer ${group}`, false)
       }
-      const beyond = yield* ensureTopics(mainTopics)
+      // A retriable failure (a broker that cannot answer yet for a topic another replica has just created) is not a
+      // reason to stop: tried again, as a reconnect is.
+      const beyond = yield* ensureTopics(mainTopics).pipe(
+        Effect.tapError((error) =>
+          error._tag === "KafkaError" && error.retriable
+            ? Effect.logWarning(`checking the topics failed: ${error.message}; trying again`)
+            : Effect.void
+        ),
+        Effect.retry({ schedule: routeRetry, while: (error) => error._tag === "KafkaError" && error.retriable })
+      )
       for (const { number } of beyond) yield* Observability.report(`consumer ${retryGroup(number)}`, false)
       if (beyond.length > 0) {
         yield* Effect.logWarning(

@@ -56,6 +56,7 @@ describe("KafkaConfig", () => {
         KAFKA_PRODUCER_BATCH_SIZE: "1000",
         KAFKA_PRODUCER_QUEUE_CAPACITY: "50000",
         KAFKA_PRODUCER_FLUSH_TIMEOUT_MS: "5000",
+        KAFKA_PRODUCER_COMPRESSION: "zstd",
         KAFKA_CONSUMER_TOPIC: "orders",
         KAFKA_CONSUMER_GROUP_ID: "billing-group",
         KAFKA_CONSUMER_WORKERS: "64",
@@ -103,7 +104,8 @@ describe("KafkaConfig", () => {
           linger: 20,
           batchSize: 1000,
           queueCapacity: 50000,
-          flushTimeout: 5000
+          flushTimeout: 5000,
+          compression: "zstd"
         }
       )
       assert.deepStrictEqual(
@@ -229,6 +231,13 @@ describe("KafkaConfig", () => {
         ["KAFKA_BROKERS", "KAFKA_CONSUMER_WORKERS", "LOG_LEVEL"]
       )
       assert.include(error.message, 'KAFKA_CONSUMER_WORKERS is "0"')
+    })
+  )
+
+  it.effect("a compression Kafka has no codec for is refused, naming the ones it has", () =>
+    Effect.gen(function* () {
+      const error = yield* Effect.flip(load({ KAFKA_PRODUCER_COMPRESSION: "brotli" }))
+      assert.include(error.message, 'KAFKA_PRODUCER_COMPRESSION is "brotli"; expected none, gzip, snappy, lz4 or zstd')
     })
   )
 

@@ -286,6 +286,8 @@ describe("Producer", () => {
       ).pipe(Layer.provideMerge(InMemoryKafka.layer({ topics: [{ topic: "events", partitions: 6 }] })))
 
     const count = 100_000
+    // Correctness at scale, not speed: about a second here, many more on a machine that is busy with other work.
+    const scale = 120_000
     const record = (i: number) => ({ key: `k${i % 1_000}`, value: String(i) })
 
     /** Advances the clock in linger-sized steps until `fiber` ends (each step runs everything then due). */
@@ -310,37 +312,45 @@ describe("Producer", () => {
       }
     })
 
-    it.effect("concurrent sends: every one completes, each partition keeps send order, the route is read once", () => {
-      const reads = { n: 0 }
-      return Effect.gen(function* () {
-        const producer = yield* KafkaProducer.KafkaProducer
-        const all = yield* Effect.forkChild(
-          Effect.forEach(
-            Array.from({ length: count }, (_, i) => i),
-            (i) => producer.send(record(i)),
-            {
-              concurrency: "unbounded"
-            }
+    it.effect(
+      "concurrent sends: every one completes, each partition keeps send order, the route is read once",
+      () => {
+        const reads = { n: 0 }
+        return Effect.gen(function* () {
+          const producer = yield* KafkaProducer.KafkaProducer
+          const all = yield* Effect.forkChild(
+            Effect.forEach(
+              Array.from({ length: count }, (_, i) => i),
+              (i) => producer.send(record(i)),
+              {
+                concurrency: "unbounded"
+              }
+            )
           )
-        )
-        const metadata = yield* runToEnd(all)
-        assert.strictEqual(metadata.length, count)
-        assert.strictEqual(reads.n, 1, "one route read for all of them")
-        yield* assertStoredInOrder
-      }).pipe(Effect.provide(KafkaProducer.layer().pipe(Layer.provideMerge(slowInMemory(reads, "200 millis")))))
-    })
+          const metadata = yield* runToEnd(all)
+          assert.strictEqual(metadata.length, count)
+          assert.strictEqual(reads.n, 1, "one route read for all of them")
+          yield* assertStoredInOrder
+        }).pipe(Effect.provide(KafkaProducer.layer().pipe(Layer.provideMerge(slowInMemory(reads, "200 millis")))))
+      },
+      scale
+    )
 
-    it.effect("sendAll: every record completes in order, the route is read once", () => {
-      const reads = { n: 0 }
-      return Effect.gen(function* () {
-        const producer = yield* KafkaProducer.KafkaProducer
-        const all = yield* Effect.forkChild(producer.sendAll(Array.from({ length: count }, (_, i) => record(i))))
-        const metadata = yield* runToEnd(all)
-        assert.strictEqual(metadata.length, count)
-        assert.strictEqual(reads.n, 1, "one route read")
-        yield* assertStoredInOrder
-      }).pipe(Effect.provide(KafkaProducer.layer().pipe(Layer.provideMerge(slowInMemory(reads, "200 millis")))))
-    })
+    it.effect(
+      "sendAll: every record completes in order, the route is read once",
+      () => {
+        const reads = { n: 0 }
+        return Effect.gen(function* () {
+          const producer = yield* KafkaProducer.KafkaProducer
+          const all = yield* Effect.forkChild(producer.sendAll(Array.from({ length: count }, (_, i) => record(i))))
+          const metadata = yield* runToEnd(all)
+          assert.strictEqual(metadata.length, count)
+          assert.strictEqual(reads.n, 1, "one route read")
+          yield* assertStoredInOrder
+        }).pipe(Effect.provide(KafkaProducer.layer().pipe(Layer.provideMerge(slowInMemory(reads, "200 millis")))))
+      },
+      scale
+    )
   })
 
   it.effect("flush waits for sends still waiting for their topic's route, and they do not linger", () =>

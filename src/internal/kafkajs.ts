@@ -4,7 +4,8 @@
 import * as Fs from "node:fs"
 import { Deferred, Duration, Effect, Option, Redacted, type Schedule, type Scope, SubscriptionRef } from "effect"
 import type * as LogLevel from "effect/LogLevel"
-import {
+import KafkaJS, {
+  CompressionTypes,
   type IHeaders,
   Kafka,
   type Admin as KafkaJSAdmin,
@@ -18,6 +19,7 @@ import {
   type SASLOptions
 } from "kafkajs"
 import type * as KafkaConfig from "../Config.ts"
+import * as Codecs from "./codecs.ts"
 import * as KafkaClient from "../KafkaClient.ts"
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -104,6 +106,30 @@ const disconnect = (
   client: { readonly disconnect: () => Promise<void> },
   bound: Duration.Duration = Duration.seconds(1)
 ) => Effect.promise(() => client.disconnect().catch(() => undefined)).pipe(Effect.timeoutOption(bound), Effect.asVoid)
+
+/**
+ * kafkajs reads and writes gzip itself, and leaves snappy, lz4 and zstd to codecs registered in its process-wide
+ * table: ours (`codecs.ts`) are registered once, when the first client is made.
+ */
+const registerCodecs = () => {
+  const kafkajsCodec = (codec: Codecs.Codec) => () => ({
+    compress: (encoder: { readonly buffer: Buffer }) => codec.compress(encoder.buffer),
+    decompress: (buffer: Buffer) => codec.decompress(buffer)
+  })
+  // Not a named import: Node's reading of kafkajs' CommonJS exports does not see this one.
+  const table = KafkaJS.CompressionCodecs
+  table[CompressionTypes.Snappy] = kafkajsCodec(Codecs.codecs.snappy)
+  table[CompressionTypes.LZ4] = kafkajsCodec(Codecs.codecs.lz4)
+  table[CompressionTypes.ZSTD] = kafkajsCodec(Codecs.codecs.zstd)
+}
+
+const compressionType: Readonly<Record<KafkaConfig.Compression, CompressionTypes>> = {
+  none: CompressionTypes.None,
+  gzip: CompressionTypes.GZIP,
+  snappy: CompressionTypes.Snappy,
+  lz4: CompressionTypes.LZ4,
+  zstd: CompressionTypes.ZSTD
+}
 
 const attempt = <A>(
   brokers: string,
@@ -215,7 +241,8 @@ export const make = (
   connection: KafkaConfig.ConnectionConfig,
   retryConnect: <A, R>(
     connect: Effect.Effect<A, KafkaClient.KafkaError, R>,
-    schedule: Schedule.Schedule<Duration.Duration>
+    schedule: Schedule.Schedule<Duration.Duration>,
+    step?: string | undefined
   ) => Effect.Effect<A, KafkaClient.KafkaError, R>
 ): Effect.Effect<KafkaClient.KafkaClient["Service"], KafkaClient.KafkaError, Scope.Scope> =>
   Effect.gen(function* () {
@@ -245,6 +272,7 @@ export const make = (
         "SASL PLAIN without TLS: the password crosses the network in clear text (set KAFKA_TLS=true, or use SCRAM)"
       )
     }
+    registerCodecs()
     const kafka = new Kafka(config)
     const schedule = KafkaClient.reconnectSchedule({
       initial: connection.reconnectBackoff,
@@ -277,24 +305,34 @@ export const make = (
       )
 
     const adminPort: KafkaClient.Admin = {
-      createTopics: (topics) =>
-        Effect.gen(function* () {
-          const existing = new Set(yield* attempt(brokers, "list topics", () => admin.listTopics()))
-          const missing = topics.filter((spec) => !existing.has(spec.topic))
-          if (missing.length === 0) return []
-          yield* attempt(brokers, "create topics", () =>
-            admin.createTopics({
-              waitForLeaders: true,
-              topics: missing.map((spec) => ({
-                topic: spec.topic,
-                numPartitions: spec.partitions,
-                replicationFactor: spec.replicationFactor ?? -1,
-                configEntries: Object.entries(spec.configs ?? {}).map(([name, value]) => ({ name, value }))
-              }))
-            })
-          )
-          return missing.map((spec) => spec.topic)
-        }),
+      // Retriable failures are tried again on the reconnect schedule, the whole step from the listing: replicas of
+      // a deployment start together and create the same topics, and a broker can answer for a new topic's
+      // partitions only once it hosts them ("This server does not host this topic-partition").
+      createTopics: (topics) => {
+        const missingOf = Effect.map(attempt(brokers, "list topics", () => admin.listTopics()), (existing) =>
+          topics.filter((spec) => !existing.includes(spec.topic))
+        )
+        return retryConnect(
+          Effect.gen(function* () {
+            const missing = yield* missingOf
+            if (missing.length === 0) return []
+            yield* attempt(brokers, "create topics", () =>
+              admin.createTopics({
+                waitForLeaders: true,
+                topics: missing.map((spec) => ({
+                  topic: spec.topic,
+                  numPartitions: spec.partitions,
+                  replicationFactor: spec.replicationFactor ?? -1,
+                  configEntries: Object.entries(spec.configs ?? {}).map(([name, value]) => ({ name, value }))
+                }))
+              })
+            )
+            return missing.map((spec) => spec.topic)
+          }),
+          schedule,
+          "create topics"
+        )
+      },
       deleteTopics: (topics) => attempt(brokers, "delete topics", () => admin.deleteTopics({ topics: [...topics] })),
       listTopics: attempt(brokers, "list topics", () => admin.listTopics()),
       partitionCount,
@@ -375,6 +413,7 @@ export const make = (
           )
         })
         const timeout = options.ackTimeout === undefined ? undefined : Duration.toMillis(options.ackTimeout)
+        const compression = compressionType[options.compression ?? "none"]
         const send = (records: ReadonlyArray<KafkaClient.ProducerRecord>) =>
           Effect.suspend(() => {
             const byTopic = new Map<string, Array<Message>>()
@@ -402,7 +441,12 @@ export const make = (
                 brokers,
                 "produce",
                 () =>
-                  current.sendBatch({ topicMessages, acks: options.acks, ...(timeout !== undefined && { timeout }) }),
+                  current.sendBatch({
+                    topicMessages,
+                    acks: options.acks,
+                    compression,
+                    ...(timeout !== undefined && { timeout })
+                  }),
                 byTopic.size === 1 ? { topic: firstTopic } : undefined
               )
             ).pipe(

@@ -1,0 +1,120 @@
+/**
+ * Kafka's compression codecs, as the engines need them: `compress` and `decompress` of a record batch's records.
+ *
+ * - gzip and zstd: Node's own `zlib` (zstd since Node 22.15).
+ * - snappy: `snappy` (napi-rs, prebuilt binaries from the npm registry). Java's producer writes snappy in xerial's
+ *   framing (a magic header, then length-prefixed blocks); librdkafka and Go clients write a plain snappy block.
+ *   Both are read; we write xerial's framing, which every client reads.
+ * - lz4: `lz4-napi` (napi-rs over lz4_flex, prebuilt binaries from the npm registry). Kafka's lz4 (record batch
+ *   magic 2) is the standard LZ4 frame format, with independent blocks.
+ *
+ * The native packages are loaded on first use: a process that never meets a snappy or lz4 batch never loads them.
+ * A batch that cannot be decompressed fails with `CodecError`, which says which codec and why.
+ */
+import { promisify } from "node:util"
+import * as Zlib from "node:zlib"
+import type { Compression } from "../Config.ts"
+
+export interface Codec {
+  readonly compress: (data: Buffer) => Promise<Buffer>
+  readonly decompress: (data: Buffer) => Promise<Buffer>
+}
+
+/** A batch that its codec could not decompress (corrupt data), or a codec that could not be loaded. */
+export class CodecError extends Error {
+  override readonly name = "CodecError"
+  readonly codec: Compression
+  readonly detail: string
+  constructor(codec: Compression, detail: string) {
+    super(`${codec} batch could not be decompressed: ${detail}`)
+    this.codec = codec
+    this.detail = detail
+  }
+}
+
+const failed = (codec: Compression) => (cause: unknown) => {
+  throw new CodecError(codec, cause instanceof Error ? cause.message : String(cause))
+}
+
+const gzip = promisify(Zlib.gzip)
+const unzip = promisify(Zlib.unzip)
+const zstdCompress = promisify(Zlib.zstdCompress)
+const zstdDecompress = promisify(Zlib.zstdDecompress)
+
+const once = <A>(load: () => Promise<A>) => {
+  let loaded: Promise<A> | undefined
+  return () => {
+    loaded ??= load()
+    return loaded
+  }
+}
+const snappyModule = once(() => import("snappy"))
+const lz4Module = once(() => import("lz4-napi"))
+
+/** xerial's snappy framing: this magic, a version and a compatible version (int32 each), then blocks. */
+const xerialMagic = Buffer.from([0x82, 0x53, 0x4e, 0x41, 0x50, 0x50, 0x59, 0x00])
+const xerialHeaderLength = 16
+/** The uncompressed size of a block we write, as Java's snappy-java (32 KiB). */
+const xerialBlockSize = 32 * 1024
+
+const isXerial = (data: Buffer) =>
+  data.length >= xerialHeaderLength && data.subarray(0, xerialMagic.length).equals(xerialMagic)
+
+const snappyDecompress = async (data: Buffer): Promise<Buffer> => {
+  const snappy = await snappyModule()
+  const block = async (bytes: Buffer) => {
+    const out = await snappy.uncompress(bytes)
+    return typeof out === "string" ? Buffer.from(out) : out
+  }
+  if (!isXerial(data)) return block(data)
+  const blocks: Array<Buffer> = []
+  let at = xerialHeaderLength
+  while (at < data.length) {
+    if (at + 4 > data.length) throw new Error(`truncated xerial block header at byte ${at}`)
+    const length = data.readInt32BE(at)
+    at += 4
+    if (length < 0 || at + length > data.length) throw new Error(`xerial block of ${length} bytes past the end`)
+    blocks.push(await block(data.subarray(at, at + length)))
+    at += length
+  }
+  return Buffer.concat(blocks)
+}
+
+const snappyCompress = async (data: Buffer): Promise<Buffer> => {
+  const snappy = await snappyModule()
+  const header = Buffer.alloc(xerialHeaderLength)
+  xerialMagic.copy(header)
+  header.writeInt32BE(1, 8)
+  header.writeInt32BE(1, 12)
+  const parts: Array<Buffer> = [header]
+  const blocks = Math.max(1, Math.ceil(data.length / xerialBlockSize))
+  for (let index = 0; index < blocks; index++) {
+    const block = await snappy.compress(data.subarray(index * xerialBlockSize, (index + 1) * xerialBlockSize))
+    const length = Buffer.alloc(4)
+    length.writeInt32BE(block.length)
+    parts.push(length, block)
+  }
+  return Buffer.concat(parts)
+}
+
+export const codecs: Readonly<Record<Exclude<Compression, "none">, Codec>> = {
+  gzip: {
+    compress: (data) => gzip(data),
+    decompress: (data) => unzip(data).catch(failed("gzip"))
+  },
+  snappy: {
+    compress: snappyCompress,
+    decompress: (data) => snappyDecompress(data).catch(failed("snappy"))
+  },
+  lz4: {
+    compress: async (data) => (await lz4Module()).compressFrame(data),
+    decompress: async (data) => {
+      const lz4 = await lz4Module().catch(failed("lz4"))
+      return lz4.decompressFrame(data).catch(failed("lz4"))
+    }
+  },
+  zstd: {
+    compress: (data) => zstdCompress(data),
+    decompress: (data) => zstdDecompress(data).catch(failed("zstd"))
+  }
+}
