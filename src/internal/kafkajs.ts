@@ -19,8 +19,8 @@ import KafkaJS, {
   type SASLOptions
 } from "kafkajs"
 import type * as KafkaConfig from "../Config.ts"
-import * as Codecs from "./codecs.ts"
 import * as KafkaClient from "../KafkaClient.ts"
+import * as Codecs from "./codecs.ts"
 
 // ---------------------------------------------------------------------------------------------------------------
 // Errors
@@ -309,8 +309,9 @@ export const make = (
       // a deployment start together and create the same topics, and a broker can answer for a new topic's
       // partitions only once it hosts them ("This server does not host this topic-partition").
       createTopics: (topics) => {
-        const missingOf = Effect.map(attempt(brokers, "list topics", () => admin.listTopics()), (existing) =>
-          topics.filter((spec) => !existing.includes(spec.topic))
+        const missingOf = Effect.map(
+          attempt(brokers, "list topics", () => admin.listTopics()),
+          (existing) => topics.filter((spec) => !existing.includes(spec.topic))
         )
         return retryConnect(
           Effect.gen(function* () {
