@@ -98,11 +98,34 @@ const member = (name: string, env: Record<string, string>) =>
     (m) => Effect.sync(() => m.exitCode === undefined && m.signal("SIGKILL"))
   )
 
-/** Polls until `condition` holds, failing with `what` after `timeout`. */
-const until = (what: string, condition: () => boolean, timeout: Duration = "120 seconds") =>
-  Effect.sync(condition).pipe(
+/**
+ * Polls until `condition` holds, failing with `what` after `timeout`, or at once if one of `running` exited (with
+ * the end of its stderr: a member that stopped will not make the condition come true).
+ */
+const until = (
+  what: string,
+  condition: () => boolean,
+  running: ReadonlyArray<Member>,
+  timeout: Duration = "120 seconds"
+) =>
+  Effect.sync(() => {
+    const exited = running.find((m) => m.exitCode !== undefined)
+    if (exited !== undefined && !condition()) {
+      throw new Error(`${exited.name} exited with ${exited.exitCode} before ${what}:\n${exited.stderr.slice(-3000)}`)
+    }
+    return condition()
+  }).pipe(
+    Effect.orDie,
     Effect.repeat({ until: (done) => done, schedule: Schedule.spaced("100 millis") }),
-    Effect.timeoutOrElse({ duration: timeout, orElse: () => Effect.die(new Error(`timed out waiting for ${what}`)) })
+    Effect.timeoutOrElse({
+      duration: timeout,
+      orElse: () =>
+        Effect.die(
+          new Error(
+            `timed out waiting for ${what}; ${running.map((m) => `${m.name} stderr ends:\n${m.stderr.slice(-2000)}`).join("\n")}`
+          )
+        )
+    })
   )
 type Duration = `${number} seconds`
 
@@ -189,13 +212,13 @@ describe("Consumer: group members as separate processes on a real broker", () =>
         const b = yield* member("b", env)
         const c = yield* member("c", env)
         const all = [a, b, c]
-        yield* until("a fifth of the records", () => unique(all).size >= 10_000)
+        yield* until("a fifth of the records", () => unique(all).size >= 10_000, all)
         a.signal("SIGTERM")
         const d = yield* member("d", env)
         all.push(d)
         yield* a.exited
         assert.strictEqual(a.exitCode, 0, `a exits 0 on SIGTERM: ${a.stderr.slice(-1000)}`)
-        yield* until("every record processed", () => unique(all).size >= 50_000)
+        yield* until("every record processed", () => unique(all).size >= 50_000, [b, c, d])
         yield* awaitCommittedEverything(groupId, topic)
         for (const m of [b, c, d]) m.signal("SIGTERM")
         for (const m of [b, c, d]) yield* m.exited
@@ -220,7 +243,7 @@ describe("Consumer: group members as separate processes on a real broker", () =>
         yield* produce(topic, 20_000, 500)
         const env = memberEnv(topic, groupId, { HANDLER_DELAY_MS: "1", KAFKA_CONSUMER_MAX_IN_FLIGHT: "500" })
         const first = yield* member("first", env)
-        yield* until("some records", () => first.processed.length >= 5_000)
+        yield* until("some records", () => first.processed.length >= 5_000, [first])
         first.signal("SIGKILL")
         yield* first.exited
         const second = yield* member("second", env)
@@ -245,7 +268,7 @@ describe("Consumer: group members as separate processes on a real broker", () =>
         yield* produce(topic, 20_000, 500)
         const env = memberEnv(topic, groupId, { HANDLER_DELAY_MS: "1" })
         const first = yield* member("first", env)
-        yield* until("some records", () => first.processed.length >= 5_000)
+        yield* until("some records", () => first.processed.length >= 5_000, [first])
         first.signal("SIGTERM")
         yield* first.exited
         assert.strictEqual(first.exitCode, 0)

@@ -26,6 +26,7 @@ import { Kafka, logLevel } from "kafkajs"
 const here = Path.dirname(new URL(import.meta.url).pathname)
 const pomFile = Path.join(here, "pom.xml")
 const log4jConfig = Path.join(here, "log4j2.properties")
+const toolsLog4jConfig = Path.join(here, "log4j2-tools.properties")
 
 /** The Apache Kafka version that `pom.xml` pins. */
 export const kafkaVersion =
@@ -85,18 +86,29 @@ export interface Broker {
 
 const cacheRoot = () => Path.join(process.env.XDG_CACHE_HOME ?? Path.join(Os.homedir(), ".cache"), "kafka-effect")
 
-const run = (file: string, args: ReadonlyArray<string>, options: { readonly cwd?: string } = {}) =>
+const run = (
+  file: string,
+  args: ReadonlyArray<string>,
+  options: { readonly cwd?: string; readonly stdin?: string | Buffer | undefined } = {}
+) =>
   Effect.callback<string, BrokerError>((resume) => {
-    const child = execFile(file, args, { ...options, maxBuffer: 64 * 1024 * 1024 }, (error, stdout, stderr) => {
-      if (error) {
-        const output = `${stdout}\n${stderr}`.trim().split("\n").slice(-30).join("\n")
-        resume(
-          Effect.fail(new BrokerError({ message: `${file} ${args.join(" ")} failed: ${error.message}\n${output}` }))
-        )
-      } else {
-        resume(Effect.succeed(stdout))
+    const child = execFile(
+      file,
+      args,
+      { ...(options.cwd !== undefined && { cwd: options.cwd }), maxBuffer: 64 * 1024 * 1024 },
+      (error, stdout, stderr) => {
+        if (error) {
+          const output = `${stdout}\n${stderr}`.trim().split("\n").slice(-30).join("\n")
+          resume(
+            Effect.fail(new BrokerError({ message: `${file} ${args.join(" ")} failed: ${error.message}\n${output}` }))
+          )
+        } else {
+          resume(Effect.succeed(stdout))
+        }
       }
-    })
+    )
+    child.stdin?.on("error", () => {})
+    child.stdin?.end(options.stdin)
     return Effect.sync(() => child.kill("SIGKILL"))
   })
 
@@ -133,6 +145,29 @@ const freePort = Effect.callback<number, BrokerError>((resume) => {
     server.close(() => resume(Effect.succeed(port)))
   })
 })
+
+/**
+ * Runs one of Kafka's own command-line tools (a class of kafka-tools, say
+ * `org.apache.kafka.tools.ConsoleProducer`) from the broker's jars, with `stdin` as its input; succeeds with what it
+ * printed on stdout. For tests that need records written, or read, by the Java client itself.
+ */
+export const tool = (mainClass: string, args: ReadonlyArray<string>, options: { readonly stdin?: string } = {}) =>
+  Effect.flatMap(resolveJars, (jarsDir) =>
+    run(
+      javaBin(),
+      [
+        "-Xmx256m",
+        "-XX:TieredStopAtLevel=1",
+        "-Djava.awt.headless=true",
+        `-Dlog4j2.configurationFile=${toolsLog4jConfig}`,
+        "-cp",
+        `${jarsDir}/*`,
+        mainClass,
+        ...args
+      ],
+      { stdin: options.stdin }
+    )
+  )
 
 /** A Kafka cluster id: 16 random bytes, URL-safe base64 without padding (Kafka's `Uuid.toString`). */
 const clusterId = () => randomBytes(16).toString("base64url")

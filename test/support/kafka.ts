@@ -3,7 +3,7 @@
  * topic back independently of the code under test.
  */
 import { randomBytes } from "node:crypto"
-import { ConfigProvider, Data, Effect, Layer, Schedule } from "effect"
+import { ConfigProvider, Data, type Duration, Effect, Layer, Schedule } from "effect"
 import { Kafka, logLevel } from "kafkajs"
 import * as KafkaConfig from "../../src/Config.ts"
 import * as KafkaClient from "../../src/KafkaClient.ts"
@@ -74,6 +74,30 @@ export const committedOffsets = (brokers: string, groupId: string, topic: string
     },
     catch: (cause) => new ReadError({ message: `committed offsets of ${groupId} on ${topic}: ${String(cause)}` })
   })
+
+/** Waits until `groupId` has committed every partition of `topic` up to its end, polling every 250 ms. */
+export const awaitCommittedToEnd = (brokers: string, groupId: string, topic: string, timeout: Duration.Input) =>
+  Effect.tryPromise({
+    try: async () => {
+      const admin = plainKafka(brokers).admin()
+      await admin.connect()
+      try {
+        const ends = await admin.fetchTopicOffsets(topic)
+        const [committed] = await admin.fetchOffsets({ groupId, topics: [topic] })
+        const at = new Map((committed?.partitions ?? []).map((p) => [p.partition, p.offset]))
+        return ends.every((end) => at.get(end.partition) === end.high)
+      } finally {
+        await admin.disconnect()
+      }
+    },
+    catch: (cause) => new ReadError({ message: `committed offsets of ${groupId} on ${topic}: ${String(cause)}` })
+  }).pipe(
+    Effect.repeat({ until: (done) => done, schedule: Schedule.spaced("250 millis") }),
+    Effect.timeoutOrElse({
+      duration: timeout,
+      orElse: () => Effect.fail(new ReadError({ message: `${groupId} did not commit all of ${topic} in time` }))
+    })
+  )
 
 /**
  * Reads every record of `topic` up to its high watermarks with a plain kafkajs consumer in a fresh group,
