@@ -201,7 +201,7 @@ export const make = (
         // An interruption raised inside a handler (it interrupted itself, or joined an interrupted fiber) is a
         // failure like any other: the pool's own shutdown interrupts the worker from outside, which no catch sees.
         const retryFailed = (record: KafkaClient.ConsumedRecord, first: Cause.Cause<E>) =>
-          Effect.logError("handler failed; the record will be tried again", prettyCause(first)).pipe(
+          Effect.logWarning("handler failed; the record will be tried again", prettyCause(first)).pipe(
             Effect.annotateLogs(coordinates(record)),
             Effect.andThen(
               // Suspended: a handler that throws instead of returning an effect must not throw here.
@@ -618,7 +618,10 @@ export const make = (
         return yield* member.pipe(
           Effect.tapError((error) =>
             started || error.retriable
-              ? Effect.logError(`consumer stopped: ${error.message}; restarting`)
+              ? // It recovers by itself when it can: a warning, unless the cause is one that needs a person.
+                Effect.logWithLevel(error.retriable ? "Warn" : "Error")(
+                  `consumer stopped: ${error.message}; restarting`
+                )
               : Effect.logError(`consumer could not start: ${error.message}`)
           ),
           Effect.retry({ schedule: restartSchedule, while: (error) => started || error.retriable })

@@ -357,6 +357,7 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
       const hop = RetryPolicy.nextHop(policy, record, failure, { now, consumerGroup: groupId, history })
       let next = hop
       let failed = false
+      let attempts = 0
       yield* producer.send(hop).pipe(
         // Too large once the headers are added: dead-letter it without its value rather than stall the partition.
         Effect.catchIf(tooLarge, () =>
@@ -365,8 +366,12 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
             return producer.send(next)
           })
         ),
+        // A warning while it may be passing (a leader moving); an error once it has failed for about half a minute
+        // (five tries): its partition waits behind it, and readiness is down, until someone looks.
         Effect.tapError((error) =>
-          Effect.logError(`could not send the record to ${next.topic}, will try again: ${error.message}`).pipe(
+          Effect.logWithLevel(++attempts >= 5 ? "Error" : "Warn")(
+            `could not send the record to ${next.topic} (try ${attempts}), will try again: ${error.message}`
+          ).pipe(
             Effect.andThen(
               Effect.suspend(() => {
                 if (failed) return Effect.void

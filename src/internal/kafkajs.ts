@@ -173,23 +173,25 @@ const levelOf = (level: KafkaJSLogLevel): LogLevel.Severity => {
 const mutedMessages = new Set(["Limiting retries for the idempotent producer may invalidate EoS guarantees"])
 
 /**
- * Errors kafkajs logs at ERROR that this library handles and reports itself (a rebalance that the consumer rejoins,
- * a connection that `retryConnect` retries and logs as a warning, a crash the consumer restarts from): at WARN, so
- * that every deploy or scale-out does not page whoever alerts on errors.
+ * What kafkajs logs happens inside an operation of ours, which reports its outcome itself at the level of who must
+ * act: a dead letter or a send that failed for good at ERROR, a retry at WARN, a member that gives up as a failure of
+ * `run`. So kafkajs' own lines go no higher than WARN, and the routine ones (a coordinator loading or moving, a
+ * rebalance and the rejoin after it, a leader election, a topic its broker does not host yet) to INFO: every deploy,
+ * scale-out and broker restart has them, and nobody must act on them.
  */
-const handledErrors = [
-  /REBALANCE_IN_PROGRESS|rebalancing|not aware of this member|UNKNOWN_MEMBER_ID|ILLEGAL_GENERATION/i,
-  /Connection error|Connection timeout|ECONNREFUSED|ECONNRESET|Closed connection|Failed to connect/i,
-  /^Crash:/
-]
-const handled = (message: string, fields: Record<string, unknown>) => {
-  const text = `${message} ${typeof fields.error === "string" ? fields.error : ""} ${typeof fields.type === "string" ? fields.type : ""}`
-  return handledErrors.some((pattern) => pattern.test(text))
-}
+const routine =
+  /coordinator is loading|not the correct coordinator|coordinator is not available|rebalanc|re-?join|not aware of this member|UNKNOWN_MEMBER_ID|ILLEGAL_GENERATION|leadership election|LEADER_NOT_AVAILABLE|not the leader for|NOT_LEADER|does not host this topic-partition|Restarting the consumer/i
 
 /** The level a kafkajs log entry goes to the Effect logger at. */
-export const bridgedLevel = (level: KafkaJSLogLevel, message: string, fields: Record<string, unknown>) =>
-  level === KafkaJSLogLevel.ERROR && handled(message, fields) ? "Warn" : levelOf(level)
+export const bridgedLevel = (
+  level: KafkaJSLogLevel,
+  message: string,
+  fields: Record<string, unknown>
+): LogLevel.Severity => {
+  if (level !== KafkaJSLogLevel.ERROR && level !== KafkaJSLogLevel.WARN) return levelOf(level)
+  const text = `${message} ${typeof fields.error === "string" ? fields.error : ""} ${typeof fields.type === "string" ? fields.type : ""}`
+  return routine.test(text) ? "Info" : "Warn"
+}
 
 const logCreator =
   (log: (effect: Effect.Effect<void>) => void) =>

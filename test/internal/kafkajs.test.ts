@@ -134,30 +134,46 @@ describe("kafkajs errors → KafkaError reasons", () => {
   )
 
   it.effect(
-    "kafkajs errors this library handles (rebalances, connections it retries, crashes it restarts) log at Warn",
+    "kafkajs' own lines go no higher than Warn (our operations report their outcomes), the routine ones to Info",
     () =>
       Effect.sync(() => {
         const ERROR = 1 as Parameters<typeof bridgedLevel>[0]
-        assert.strictEqual(
-          bridgedLevel(ERROR, "Response Heartbeat(key: 12, version: 3)", {
-            error: "The group is rebalancing, so a rejoin is needed",
-            type: "REBALANCE_IN_PROGRESS"
-          }),
-          "Warn"
-        )
-        assert.strictEqual(
-          bridgedLevel(ERROR, "The coordinator is not aware of this member, re-joining the group", {}),
-          "Warn"
-        )
-        assert.strictEqual(bridgedLevel(ERROR, "Connection error: connect ECONNREFUSED 127.0.0.1:9092", {}), "Warn")
-        assert.strictEqual(bridgedLevel(ERROR, "Crash: KafkaJSNumberOfRetriesExceeded: a handler bug", {}), "Warn")
+        const WARN = 2 as Parameters<typeof bridgedLevel>[0]
+        const routine: Array<[string, Record<string, unknown>]> = [
+          [
+            "Response Heartbeat(key: 12, version: 3)",
+            { error: "The group is rebalancing, so a rejoin is needed", type: "REBALANCE_IN_PROGRESS" }
+          ],
+          [
+            "Response InitProducerId(key: 22, version: 1)",
+            { error: "The coordinator is loading and hence can't process requests for this group" }
+          ],
+          [
+            "Response OffsetCommit(key: 8, version: 5)",
+            { error: "This is not the correct coordinator for this group" }
+          ],
+          ["Response Metadata(key: 3, version: 6)", { error: "This server does not host this topic-partition" }],
+          ["The coordinator is not aware of this member, re-joining the group", {}],
+          ["Restarting the consumer in 300ms", {}]
+        ]
+        for (const [message, fields] of routine)
+          assert.strictEqual(bridgedLevel(ERROR, message, fields), "Info", message)
+        for (const message of [
+          "Connection error: connect ECONNREFUSED 127.0.0.1:9092",
+          "Crash: KafkaJSNumberOfRetriesExceeded: a handler bug",
+          "Request Produce(key: 0, version: 7) timed out"
+        ]) {
+          assert.strictEqual(bridgedLevel(ERROR, message, {}), "Warn", message)
+        }
         assert.strictEqual(
           bridgedLevel(ERROR, "Response Produce(key: 0, version: 7)", {
             error: "not authorized",
             type: "TOPIC_AUTHORIZATION_FAILED"
           }),
-          "Error"
+          "Warn",
+          "the send that failed reports it"
         )
+        assert.strictEqual(bridgedLevel(WARN, "The group is rebalancing, re-joining", {}), "Info")
         assert.strictEqual(bridgedLevel(4 as Parameters<typeof bridgedLevel>[0], "Starting", {}), "Info")
       })
   )
