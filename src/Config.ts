@@ -17,6 +17,7 @@
  * })
  * ```
  */
+import * as Fs from "node:fs"
 import { Config, Duration, Effect, Option, Redacted, Schema } from "effect"
 import type * as LogLevel from "effect/LogLevel"
 
@@ -209,6 +210,19 @@ const millis =
   (raw) =>
     Option.map(integer(min, max)(raw), Duration.millis)
 
+/** A file's text, read now: one that cannot be read stops start-up as a bad variable, before anything connects. */
+const readFile = (path: string): Option.Option<string> => {
+  try {
+    return Option.some(Fs.readFileSync(path, "utf8"))
+  } catch {
+    return Option.none()
+  }
+}
+
+/** The path of a file that can be read and holds PEM (a `-----BEGIN` line). */
+const pemFile: Parse<string> = (raw) =>
+  Option.flatMap(readFile(raw), (content) => (content.includes("-----BEGIN ") ? Option.some(raw) : Option.none()))
+
 const oneOf =
   <A>(choices: Readonly<Record<string, A>>): Parse<A> =>
   (raw) => {
@@ -250,6 +264,7 @@ export const variables = [
   "KAFKA_SASL_MECHANISM",
   "KAFKA_SASL_USERNAME",
   "KAFKA_SASL_PASSWORD",
+  "KAFKA_SASL_PASSWORD_FILE",
   "KAFKA_TLS",
   "KAFKA_TLS_CA_FILE",
   "KAFKA_TLS_CERT_FILE",
@@ -326,15 +341,33 @@ const readConnection = (r: Reader): ConnectionConfig => {
     "one of plain, scram-sha-256, scram-sha-512"
   )
   const username = r.optional("KAFKA_SASL_USERNAME", text, "a user name")
-  const password = r.optional("KAFKA_SASL_PASSWORD", (raw) => Option.some(Redacted.make(raw)), "a password", {
+  const passwordSet = r.optional("KAFKA_SASL_PASSWORD", (raw) => Option.some(Redacted.make(raw)), "a password", {
     secret: true
   })
+  // A mounted secret (Kubernetes, Docker): the file's content, without its final line break.
+  const passwordFile = r.optional(
+    "KAFKA_SASL_PASSWORD_FILE",
+    (raw) =>
+      Option.flatMap(readFile(raw), (content) => {
+        const secret = content.replace(/\r?\n$/, "")
+        return secret === "" ? Option.none() : Option.some(Redacted.make(secret))
+      }),
+    "the path of a readable file holding the password"
+  )
+  if (Option.isSome(passwordSet) && r.raw("KAFKA_SASL_PASSWORD_FILE") !== undefined) {
+    r.problem("KAFKA_SASL_PASSWORD_FILE", r.raw("KAFKA_SASL_PASSWORD_FILE"), "unset when KAFKA_SASL_PASSWORD is set")
+  }
+  const password = Option.orElse(passwordSet, () => passwordFile)
   let sasl = Option.none<SaslConfig>()
   if (Option.isSome(mechanism)) {
     if (Option.isNone(username))
       r.problem("KAFKA_SASL_USERNAME", undefined, `a user name when KAFKA_SASL_MECHANISM is set`)
-    if (Option.isNone(password))
-      r.problem("KAFKA_SASL_PASSWORD", undefined, `a password when KAFKA_SASL_MECHANISM is set`)
+    if (Option.isNone(password) && r.raw("KAFKA_SASL_PASSWORD_FILE") === undefined)
+      r.problem(
+        "KAFKA_SASL_PASSWORD",
+        undefined,
+        `a password (or KAFKA_SASL_PASSWORD_FILE) when KAFKA_SASL_MECHANISM is set`
+      )
     if (Option.isSome(username) && Option.isSome(password)) {
       sasl = Option.some({ mechanism: mechanism.value, username: username.value, password: password.value })
     }
@@ -346,9 +379,9 @@ const readConnection = (r: Reader): ConnectionConfig => {
     )
   }
 
-  const caFile = r.optional("KAFKA_TLS_CA_FILE", text, "the path of a PEM CA file")
-  const certFile = r.optional("KAFKA_TLS_CERT_FILE", text, "the path of a PEM client certificate")
-  const keyFile = r.optional("KAFKA_TLS_KEY_FILE", text, "the path of a PEM client key")
+  const caFile = r.optional("KAFKA_TLS_CA_FILE", pemFile, "the path of a readable PEM CA file")
+  const certFile = r.optional("KAFKA_TLS_CERT_FILE", pemFile, "the path of a readable PEM client certificate")
+  const keyFile = r.optional("KAFKA_TLS_KEY_FILE", pemFile, "the path of a readable PEM client key")
   if (Option.isSome(certFile) !== Option.isSome(keyFile)) {
     const missing = Option.isSome(certFile) ? "KAFKA_TLS_KEY_FILE" : "KAFKA_TLS_CERT_FILE"
     r.problem(missing, undefined, "both KAFKA_TLS_CERT_FILE and KAFKA_TLS_KEY_FILE, or neither")

@@ -1,6 +1,19 @@
+import * as Fs from "node:fs"
+import * as Os from "node:os"
+import * as Path from "node:path"
 import { assert, describe, it } from "@effect/vitest"
 import { ConfigProvider, Duration, Effect, Option, Redacted } from "effect"
 import * as KafkaConfig from "../src/Config.ts"
+
+// Files the TLS and SASL variables name are read at start-up: real ones, in a directory of the test run's own.
+const files = Fs.mkdtempSync(Path.join(Os.tmpdir(), "kafka-effect-config-"))
+const file = (name: string, content: string) => {
+  const path = Path.join(files, name)
+  Fs.writeFileSync(path, content)
+  return path
+}
+const pem = (name: string) => file(name, "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+const caPem = pem("ca.pem")
 
 const load = (env: Record<string, string>) =>
   KafkaConfig.all.pipe(Effect.provide(ConfigProvider.layer(ConfigProvider.fromEnv({ env }))))
@@ -43,7 +56,7 @@ describe("KafkaConfig", () => {
         KAFKA_SASL_MECHANISM: "SCRAM-SHA-512",
         KAFKA_SASL_USERNAME: "alice",
         KAFKA_SASL_PASSWORD: "alice-secret",
-        KAFKA_TLS_CA_FILE: "/etc/kafka/ca.pem",
+        KAFKA_TLS_CA_FILE: caPem,
         KAFKA_CONNECTION_TIMEOUT_MS: "2500",
         KAFKA_REQUEST_TIMEOUT_MS: "15000",
         KAFKA_RECONNECT_BACKOFF_MS: "100",
@@ -85,7 +98,7 @@ describe("KafkaConfig", () => {
       assert.strictEqual(sasl.mechanism, "scram-sha-512")
       assert.strictEqual(sasl.username, "alice")
       assert.strictEqual(Redacted.value(sasl.password), "alice-secret")
-      assert.deepStrictEqual(Option.getOrThrow(connection.tls).caFile, Option.some("/etc/kafka/ca.pem"))
+      assert.deepStrictEqual(Option.getOrThrow(connection.tls).caFile, Option.some(caPem))
       assert.strictEqual(Duration.toMillis(connection.connectionTimeout), 2500)
       assert.strictEqual(Duration.toMillis(connection.requestTimeout), 15000)
       assert.strictEqual(Duration.toMillis(connection.reconnectBackoff), 100)
@@ -325,13 +338,57 @@ describe("KafkaConfig", () => {
 
     it.effect("a TLS client certificate without its key, and TLS files with KAFKA_TLS=false", () =>
       Effect.gen(function* () {
-        const noKey = yield* problemsOf({ KAFKA_TLS_CERT_FILE: "/c.pem" })
+        const noKey = yield* problemsOf({ KAFKA_TLS_CERT_FILE: pem("c.pem") })
         assert.strictEqual(noKey[0]?.variable, "KAFKA_TLS_KEY_FILE")
-        const off = yield* problemsOf({ KAFKA_TLS: "false", KAFKA_TLS_CA_FILE: "/ca.pem" })
+        const off = yield* problemsOf({ KAFKA_TLS: "false", KAFKA_TLS_CA_FILE: caPem })
         assert.strictEqual(off[0]?.variable, "KAFKA_TLS")
       })
     )
   })
+
+  it.effect("TLS and SASL files that cannot be read are bad variables, found before anything connects", () =>
+    Effect.gen(function* () {
+      const problems = yield* problemsOf({
+        KAFKA_TLS_CA_FILE: "/nonexistent/ca.pem",
+        KAFKA_TLS_CERT_FILE: file("not-pem.txt", "hello"),
+        KAFKA_TLS_KEY_FILE: files,
+        KAFKA_SASL_MECHANISM: "scram-sha-512",
+        KAFKA_SASL_USERNAME: "alice",
+        KAFKA_SASL_PASSWORD_FILE: "/nonexistent/password"
+      })
+      assert.deepStrictEqual(
+        problems.map((problem) => problem.toString()),
+        [
+          'KAFKA_SASL_PASSWORD_FILE is "/nonexistent/password"; expected the path of a readable file holding the password',
+          'KAFKA_TLS_CA_FILE is "/nonexistent/ca.pem"; expected the path of a readable PEM CA file',
+          `KAFKA_TLS_CERT_FILE is "${files}/not-pem.txt"; expected the path of a readable PEM client certificate`,
+          `KAFKA_TLS_KEY_FILE is "${files}"; expected the path of a readable PEM client key`
+        ]
+      )
+    })
+  )
+
+  it.effect("KAFKA_SASL_PASSWORD_FILE: the password is the file's content without its final line break", () =>
+    Effect.gen(function* () {
+      const config = yield* load({
+        KAFKA_SASL_MECHANISM: "scram-sha-512",
+        KAFKA_SASL_USERNAME: "alice",
+        KAFKA_SASL_PASSWORD_FILE: file("password", "s3cret with spaces \n")
+      })
+      const sasl = Option.getOrThrow(config.connection.sasl)
+      assert.strictEqual(Redacted.value(sasl.password), "s3cret with spaces ")
+      const both = yield* problemsOf({
+        KAFKA_SASL_MECHANISM: "plain",
+        KAFKA_SASL_USERNAME: "alice",
+        KAFKA_SASL_PASSWORD: "x",
+        KAFKA_SASL_PASSWORD_FILE: file("password2", "y")
+      })
+      assert.deepStrictEqual(
+        both.map((problem) => problem.variable),
+        ["KAFKA_SASL_PASSWORD_FILE"]
+      )
+    })
+  )
 
   it.effect("a secret never appears in an error", () =>
     Effect.gen(function* () {

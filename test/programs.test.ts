@@ -24,7 +24,12 @@ describe("the programs without a broker", () => {
     () =>
       Effect.gen(function* () {
         const result = yield* run(producer, {
-          env: { ...noBroker, KAFKA_PRODUCER_ACKS: "bogus", KAFKA_CONSUMER_WORKERS: "0" }
+          env: {
+            ...noBroker,
+            KAFKA_PRODUCER_ACKS: "bogus",
+            KAFKA_CONSUMER_WORKERS: "0",
+            KAFKA_TLS_CA_FILE: "/nonexistent/ca.pem"
+          }
         })
         assert.strictEqual(result.exitCode, 2, result.stderr)
         assert.include(
@@ -32,6 +37,7 @@ describe("the programs without a broker", () => {
           'KAFKA_PRODUCER_ACKS is "bogus"; expected all (or -1), 1 (or leader), 0 (or none)'
         )
         assert.include(result.stderr, 'KAFKA_CONSUMER_WORKERS is "0"; expected a whole number from 1 to 1024')
+        assert.include(result.stderr, 'KAFKA_TLS_CA_FILE is "/nonexistent/ca.pem"; expected the path of a readable PEM')
         assert.notInclude(result.stderr, "not reachable")
       }),
     timeout
