@@ -63,11 +63,24 @@ export interface OutgoingRecord extends Omit<KafkaClient.ProducerRecord, "topic"
   readonly key?: string | Uint8Array | null | undefined
 }
 
+/** How `send` treats one record. */
+export interface SendOptions {
+  /**
+   * false: a failure of this record is not counted in `records_produce_failed_total`, because the caller stores
+   * something in its place (the Processor's dead letter without its value, when the broker refused it as too large).
+   * Default true
+   */
+  readonly countFailure?: boolean | undefined
+}
+
 export class KafkaProducer extends Context.Service<
   KafkaProducer,
   {
     /** Sends one record; succeeds once the broker acked it. */
-    readonly send: (record: OutgoingRecord) => Effect.Effect<KafkaClient.RecordMetadata, ProduceError>
+    readonly send: (
+      record: OutgoingRecord,
+      options?: SendOptions | undefined
+    ) => Effect.Effect<KafkaClient.RecordMetadata, ProduceError>
     /** Sends many; succeeds with each record's metadata in order, or fails with the first error. */
     readonly sendAll: (
       records: Iterable<OutgoingRecord>
@@ -243,6 +256,10 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
   yield* Effect.addFinalizer(() => Observability.report("producer", false))
   const produced = Metrics.tagged(Metrics.recordsProduced)
   const produceFailed = Metrics.tagged(Metrics.recordsProduceFailed)
+  // The completions of sends whose failure is not counted (`SendOptions.countFailure`).
+  const uncounted = new WeakSet<Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>>()
+  const countFailed = (done: Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>, topic: string) =>
+    uncounted.has(done) ? Effect.void : Metric.update(produceFailed({ topic }), 1)
   const retry = retrySchedule(
     options.retryBackoff ?? Duration.millis(100),
     options.retryBackoffMax ?? Duration.seconds(5)
@@ -313,7 +330,10 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
         if (Option.isSome(error) && error.value.reason._tag === "UnknownTopic") routes.delete(error.value.reason.topic)
       }
       const perTopic = new Map<string, number>()
-      for (const pending of batch) perTopic.set(pending.record.topic, (perTopic.get(pending.record.topic) ?? 0) + 1)
+      for (const pending of batch) {
+        if (Exit.isFailure(exit) && uncounted.has(pending.done)) continue
+        perTopic.set(pending.record.topic, (perTopic.get(pending.record.topic) ?? 0) + 1)
+      }
       const counter = Exit.isSuccess(exit) ? produced : produceFailed
       return Effect.forEach(perTopic, ([topic, n]) => Metric.update(counter({ topic }), n), { discard: true }).pipe(
         Effect.andThen(
@@ -488,7 +508,7 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
           // A record whose batch was completed meanwhile (its ack or error came) is counted there.
           if (Deferred.isDoneUnsafe(pending.done)) continue
           Deferred.doneUnsafe(pending.done, Effect.fail(new ProducerClosed({ topic: pending.record.topic })))
-          yield* Metric.update(produceFailed({ topic: pending.record.topic }), 1)
+          yield* countFailed(pending.done, pending.record.topic)
         }
       }
     })
@@ -652,7 +672,7 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
     Deferred.doneUnsafe(waiting.queued, Exit.failCause(cause))
     Deferred.doneUnsafe(waiting.done, Exit.failCause(cause))
     // Refused before it was queued (no such topic or partition, or closed): a failed send all the same.
-    return Metric.update(produceFailed({ topic }), 1)
+    return countFailed(waiting.done, topic)
   }
 
   const release = (topic: string, line: Array<Waiting>) =>
@@ -724,12 +744,14 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
 
   /** Queues a record (waiting for its topic's route on first use) and succeeds with its completion. */
   const enqueue = (
-    record: OutgoingRecord
+    record: OutgoingRecord,
+    sendOptions?: SendOptions | undefined
   ): Effect.Effect<Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>, ProduceError> =>
     Effect.withFiber((fiber) => {
       const topic = record.topic ?? options.topic
       const partition = record.partition
       const done = Deferred.makeUnsafe<KafkaClient.RecordMetadata, ProduceError>()
+      if (sendOptions?.countFailure === false) uncounted.add(done)
       const span = Context.getOrUndefined(fiber.context, Tracer.ParentSpan)
       // The path of almost every record: a known topic, no partition or one known to exist, nobody in line.
       if (lines.size === 0 || !lines.has(topic)) {
@@ -740,13 +762,14 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
       }
       if (partition !== undefined && !(Number.isSafeInteger(partition) && partition >= 0)) {
         const error = partitionError(topic, partition, `partition ${partition} is not a whole number from 0`)
-        return Effect.andThen(Metric.update(produceFailed({ topic }), 1), Effect.fail(error))
+        return Effect.andThen(countFailed(done, topic), Effect.fail(error))
       }
       if (closing) return Effect.fail(new ProducerClosed({ topic }))
       return Effect.as(inLine(topic, record, span, done), done)
     })
 
-  const send = (record: OutgoingRecord) => Effect.flatMap(enqueue(record), Deferred.await)
+  const send = (record: OutgoingRecord, sendOptions?: SendOptions) =>
+    Effect.flatMap(enqueue(record, sendOptions), Deferred.await)
 
   const sendAll = (records: Iterable<OutgoingRecord>) =>
     Effect.gen(function* () {
@@ -814,10 +837,13 @@ export const layerConfig: Layer.Layer<
 > = Layer.effect(KafkaProducer, Effect.flatMap(KafkaConfig.producer, make))
 
 /** Sends one record with the KafkaProducer in context. */
-export const send = (record: OutgoingRecord): Effect.Effect<KafkaClient.RecordMetadata, ProduceError, KafkaProducer> =>
+export const send = (
+  record: OutgoingRecord,
+  options?: SendOptions | undefined
+): Effect.Effect<KafkaClient.RecordMetadata, ProduceError, KafkaProducer> =>
   Effect.gen(function* () {
     const producer = yield* KafkaProducer
-    return yield* producer.send(record)
+    return yield* producer.send(record, options)
   })
 
 /** Flushes the KafkaProducer in context: what lingers leaves at once; waits for everything sent so far. */

@@ -5,7 +5,8 @@
  * | Metric | Kind | Attributes | Meaning |
  * | --- | --- | --- | --- |
  * | `records_produced_total` | counter | topic | records the broker acked |
- * | `records_produce_failed_total` | counter | topic | records whose send failed for good |
+ * | `records_produce_failed_total` | counter | topic | records whose send failed for good (not stored) |
+ * | `dead_letter_values_dropped_total` | counter | topic | dead letters stored without their value (too large) |
  * | `produce_latency_seconds` | histogram | | one produce request, retries included |
  * | `records_consumed_total` | counter | topic | records delivered to the worker pool |
  * | `records_processed_total` | counter | topic, outcome | processor outcomes: `done`, `retried`, `dead_lettered` |
@@ -29,6 +30,11 @@ export const recordsProduced = Metric.counter("records_produced_total", {
 })
 export const recordsProduceFailed = Metric.counter("records_produce_failed_total", {
   description: "records whose send failed for good",
+  incremental: true
+})
+/** A dead letter the broker refused as too large, stored again without its value (`kafka-effect-value-dropped`). */
+export const deadLetterValuesDropped = Metric.counter("dead_letter_values_dropped_total", {
+  description: "dead letters stored without their value, as too large for the dead-letter topic",
   incremental: true
 })
 export const produceLatency = Metric.histogram("produce_latency_seconds", {

@@ -301,6 +301,8 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
     })
 
   const processed = Metrics.tagged(Metrics.recordsProcessed)
+  const produceFailed = Metrics.tagged(Metrics.recordsProduceFailed)
+  const valuesDropped = Metrics.tagged(Metrics.deadLetterValuesDropped)
   const handlerDuration = Metrics.tagged(Metrics.handlerDuration)
   const counts: { -readonly [K in keyof Stats]: Stats[K] extends number ? number : Record<string, number> } = {
     done: 0,
@@ -358,13 +360,22 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
       let next = hop
       let failed = false
       let attempts = 0
-      yield* producer.send(hop).pipe(
+      // Not counted as a failed send by the producer: a hop refused as too large is stored again, without its
+      // value; any other failure of it is counted below.
+      const attempt = Effect.suspend(() => {
+        next = hop
+        return producer.send(hop, { countFailure: false })
+      })
+      yield* attempt.pipe(
         // Too large once the headers are added: dead-letter it without its value rather than stall the partition.
         Effect.catchIf(tooLarge, () =>
           Effect.suspend(() => {
             next = RetryPolicy.withoutValue(policy, hop)
-            return producer.send(next)
+            return producer.send(next).pipe(Effect.tap(() => Metric.update(valuesDropped({ topic: next.topic }), 1)))
           })
+        ),
+        Effect.tapError((error) =>
+          next === hop && !tooLarge(error) ? Metric.update(produceFailed({ topic: hop.topic }), 1) : Effect.void
         ),
         // A warning while it may be passing (a leader moving); an error once it has failed for about half a minute
         // (five tries): its partition waits behind it, and readiness is down, until someone looks.

@@ -3,12 +3,13 @@
  * The consumer program runs as its own OS process, from src/ with type stripping.
  */
 import { assert, describe, it } from "@effect/vitest"
-import { Duration, Effect, Fiber, Layer, Schedule } from "effect"
+import { Duration, Effect, Fiber, Layer, Metric, Schedule } from "effect"
 import { inject } from "vitest"
 import * as Program from "../scripts/program.ts"
 import * as Event from "../src/Event.ts"
 import * as KafkaClient from "../src/KafkaClient.ts"
 import * as KafkaProducer from "../src/KafkaProducer.ts"
+import * as Metrics from "../src/Metrics.ts"
 import * as Processor from "../src/Processor.ts"
 import * as RetryPolicy from "../src/RetryPolicy.ts"
 import { clientLayer, createTopic, readTopic, uniqueName } from "./support/kafka.ts"
@@ -107,6 +108,11 @@ describe("Processor on a real broker", () => {
             Effect.map(endOffsets(options.dlqTopic), (n) => n === 6),
             "six dead letters"
           )
+          // The near-limit dead letter was stored, without its value: not a failed send.
+          const count = (metric: typeof Metrics.recordsProduceFailed) =>
+            Effect.map(Metric.value(Metric.withAttributes(metric, { topic: options.dlqTopic })), (state) => state.count)
+          assert.strictEqual(yield* count(Metrics.deadLetterValuesDropped), 1)
+          assert.strictEqual(yield* count(Metrics.recordsProduceFailed), 0)
           yield* Fiber.interrupt(fiber)
         }).pipe(Effect.provide(layer))
 
