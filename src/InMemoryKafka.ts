@@ -544,7 +544,9 @@ export const make = (options: InMemoryKafkaOptions = {}) =>
           resume: (partitions) => setPaused(partitions, false),
           assignment: SubscriptionRef.get(member.assignment),
           assignments: SubscriptionRef.changes(member.assignment),
-          crashed: Deferred.await(crashed)
+          crashed: Deferred.await(crashed),
+          // The in-memory broker always answers.
+          lastContact: Clock.currentTimeMillis
         } satisfies KafkaClient.ConsumerConnection
       })
 

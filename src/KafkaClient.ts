@@ -60,6 +60,20 @@ export class BrokerError extends Schema.TaggedError<BrokerError>()("BrokerError"
   detail: Schema.String
 }) {}
 
+/**
+ * A record batch that could not be decompressed: corrupt data (or a codec this process cannot load). Not retriable:
+ * the same bytes fail every time, and skipping them loses records, which is the operator's decision. `firstOffset`
+ * and `lastOffset` are the batch's; `partitions` the assigned partitions that read from there (one, when it could
+ * be told).
+ */
+export class CorruptBatch extends Schema.TaggedError<CorruptBatch>()("CorruptBatch", {
+  codec: Schema.String,
+  detail: Schema.String,
+  firstOffset: Schema.optional(Schema.String),
+  lastOffset: Schema.optional(Schema.String),
+  partitions: Schema.Array(Schema.Struct({ topic: Schema.String, partition: Schema.Number }))
+}) {}
+
 /** Anything else the client reported. */
 export class ClientFailed extends Schema.TaggedError<ClientFailed>()("ClientFailed", {
   retriable: Schema.Boolean,
@@ -73,9 +87,29 @@ export const KafkaErrorReason = Schema.Union([
   RequestTimedOut,
   UnknownTopic,
   BrokerError,
+  CorruptBatch,
   ClientFailed
 ])
 export type KafkaErrorReason = typeof KafkaErrorReason.Type
+
+const corruptBatchDetail = (reason: CorruptBatch) => {
+  const offsets =
+    reason.firstOffset === undefined
+      ? ""
+      : ` at offsets ${reason.firstOffset}–${reason.lastOffset ?? reason.firstOffset}`
+  const where =
+    reason.partitions.length === 0
+      ? ""
+      : ` of ${reason.partitions.map((tp) => `${tp.topic}[${tp.partition}]`).join(" or ")}`
+  const past =
+    reason.lastOffset === undefined
+      ? "beyond the batch"
+      : `to ${BigInt(reason.lastOffset) + 1n} (kafka-consumer-groups.sh --reset-offsets --to-offset ${BigInt(reason.lastOffset) + 1n})`
+  return (
+    `a ${reason.codec} record batch${where}${offsets} could not be decompressed: ${reason.detail}. ` +
+    `The member stops rather than skip it; to go past it, move the group's offset ${past}`
+  )
+}
 
 /**
  * A failed Kafka operation: which operation, on which topic and partition when known, and why (`reason`).
@@ -104,7 +138,11 @@ export class KafkaError extends Schema.TaggedError<KafkaError>()("KafkaError", {
     const where =
       this.topic === undefined ? "" : ` on ${this.topic}${this.partition === undefined ? "" : `[${this.partition}]`}`
     const detail =
-      this.reason._tag === "UnknownTopic" ? `topic ${this.reason.topic} does not exist` : this.reason.detail
+      this.reason._tag === "UnknownTopic"
+        ? `topic ${this.reason.topic} does not exist`
+        : this.reason._tag === "CorruptBatch"
+          ? corruptBatchDetail(this.reason)
+          : this.reason.detail
     return `${this.operation}${where} failed (${this.reason._tag}${this.retriable ? ", retriable" : ""}): ${detail}`
   }
 }
@@ -298,6 +336,11 @@ export interface ConsumerConnection {
   readonly assignments: Stream.Stream<Assignment>
   /** fails when the member stopped for good (a fatal client error); never succeeds */
   readonly crashed: Effect.Effect<never, KafkaError>
+  /**
+   * When the member last had an answer from the brokers (a fetch, a heartbeat or a commit), in epoch milliseconds:
+   * a member whose brokers hang (they do not refuse, they do not answer) shows it only by this growing old.
+   */
+  readonly lastContact: Effect.Effect<number>
 }
 
 export class KafkaClient extends Context.Service<

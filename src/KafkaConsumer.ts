@@ -558,6 +558,38 @@ export const make = (
             }).pipe(Effect.scoped, trackBatch)
 
         const rebalancesCounter = Metric.withAttributes(Metrics.rebalances, group)
+
+        /**
+         * A member's readiness: assigned (its first join is done, with partitions or without), and in touch with its
+         * brokers. No answer to any fetch, heartbeat or commit for longer than the session timeout (a hung broker
+         * neither refuses nor answers; a dead one is seen at once as a crash) makes it not ready, with the reason,
+         * until the next answer. Checked every heartbeat interval. Succeeds with what marks it assigned.
+         */
+        const watchReadiness = (connection: KafkaClient.ConsumerConnection, service: string) =>
+          Effect.gen(function* () {
+            let assigned = false
+            let silent: string | undefined
+            const report = Effect.suspend(() => Observability.report(service, assigned && silent === undefined, silent))
+            const bound = Duration.toMillis(options.sessionTimeout ?? Duration.seconds(30))
+            const check = Effect.gen(function* () {
+              const quiet = (yield* Clock.currentTimeMillis) - (yield* connection.lastContact)
+              const was = silent
+              silent =
+                quiet > bound
+                  ? `no answer from the brokers (fetch, heartbeat or commit) for ${Math.round(quiet / 1000)} s, more than the session timeout (${Math.round(bound / 1000)} s)`
+                  : undefined
+              if (silent !== was) yield* report
+            })
+            yield* Effect.forkScoped(
+              Effect.repeat(check, Schedule.spaced(options.heartbeatInterval ?? Duration.seconds(3)))
+            )
+            yield* report
+            return Effect.suspend(() => {
+              assigned = true
+              return report
+            })
+          })
+
         const member = Effect.gen(function* () {
           const stopping = yield* Deferred.make<void>()
           const connection = yield* client.consumer({
@@ -581,14 +613,13 @@ export const make = (
             )
           )
           const service = `consumer ${options.groupId}`
-          yield* Observability.report(service, false)
+          const markAssigned = yield* watchReadiness(connection, service)
           yield* Effect.addFinalizer(() => Observability.report(service, false))
           yield* Effect.addFinalizer(() => clearLag(new Set()))
           yield* connection.assignments.pipe(
-            // A member with an assignment is ready, with partitions or without (more members than partitions).
             Stream.tap((assignment) =>
               assignment.generation > 0
-                ? Observability.report(service, true).pipe(
+                ? markAssigned.pipe(
                     Effect.andThen(Metric.update(rebalancesCounter, 1)),
                     Effect.andThen(
                       clearLag(new Set(assignment.partitions.map((tp) => activeKey(tp.topic, tp.partition))))
@@ -613,18 +644,24 @@ export const make = (
         }).pipe(Effect.scoped)
 
         // A member that never started with an error that retrying cannot fix (an unknown topic, bad credentials)
-        // fails `run`; once it has run, it is restarted whatever stopped it, as kafkajs crashes on anything.
+        // fails `run`; once it has run, it is restarted whatever stopped it, as kafkajs crashes on anything — but a
+        // corrupt batch, which would fail every restart the same way: going past it loses records, which is for a
+        // person to decide, so `run` fails and readiness says why.
         let started = false
+        const restarts = (error: KafkaClient.KafkaError) =>
+          error.reason._tag !== "CorruptBatch" && (started || error.retriable)
         return yield* member.pipe(
           Effect.tapError((error) =>
-            started || error.retriable
+            restarts(error)
               ? // It recovers by itself when it can: a warning, unless the cause is one that needs a person.
                 Effect.logWithLevel(error.retriable ? "Warn" : "Error")(
                   `consumer stopped: ${error.message}; restarting`
                 )
-              : Effect.logError(`consumer could not start: ${error.message}`)
+              : Effect.logError(`consumer ${started ? "stopped" : "could not start"}: ${error.message}`).pipe(
+                  Effect.andThen(Observability.report(`consumer ${options.groupId}`, false, error.message))
+                )
           ),
-          Effect.retry({ schedule: restartSchedule, while: (error) => started || error.retriable })
+          Effect.retry({ schedule: restartSchedule, while: restarts })
         )
       }).pipe(Effect.scoped) as Effect.Effect<never, KafkaClient.KafkaError, R>
 

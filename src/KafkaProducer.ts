@@ -171,6 +171,8 @@ interface Lane {
   readonly queue: Queue.Queue<Pending, Cause.Done>
   /** the batch being sent */
   inFlight: ReadonlyArray<Pending>
+  /** when the batch being sent left (epoch ms), retries included; undefined when none is */
+  sendingSince: number | undefined
   /** records taken from the queue that did not fit in the last batch's bytes: the next batch starts with them */
   carried: ReadonlyArray<Pending>
   /** the lane completes its records in queue order, so this one completes last */
@@ -191,6 +193,9 @@ interface Route {
   /** added to the partition before choosing a lane, so that the partitions 0 of several topics do not share one */
   readonly laneOffset: number
 }
+
+/** How long a produce request may go unanswered (retries included) before the producer is not ready. */
+const stalledAfter = Duration.seconds(30)
 
 /** How often the partition counts of the topics in use are read again, as kafkajs' metadataMaxAge. */
 const partitionCountMaxAge = Duration.minutes(5)
@@ -242,6 +247,7 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
           connection,
           queue,
           inFlight: [],
+          sendingSince: undefined,
           carried: [],
           lastEnqueued: undefined,
           waitingSince: undefined,
@@ -254,6 +260,25 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
   )
   yield* Observability.report("producer", true)
   yield* Effect.addFinalizer(() => Observability.report("producer", false))
+  // Readiness follows the sends: a batch that has had no answer (its retries included) for `stalledAfter` makes the
+  // producer not ready, with the reason, until it ends: a hung broker neither refuses nor answers.
+  let stalled: string | undefined
+  yield* Effect.forkScoped(
+    Effect.repeat(
+      Effect.gen(function* () {
+        const now = yield* Clock.currentTimeMillis
+        let oldest = now
+        for (const lane of lanes) if (lane.sendingSince !== undefined) oldest = Math.min(oldest, lane.sendingSince)
+        const was = stalled
+        stalled =
+          now - oldest > Duration.toMillis(stalledAfter)
+            ? `a produce request unanswered for ${Math.round((now - oldest) / 1000)} s`
+            : undefined
+        if (stalled !== was) yield* Observability.report("producer", stalled === undefined, stalled)
+      }),
+      Schedule.spaced("1 second")
+    )
+  )
   const produced = Metrics.tagged(Metrics.recordsProduced)
   const produceFailed = Metrics.tagged(Metrics.recordsProduceFailed)
   // The completions of sends whose failure is not counted (`SendOptions.countFailure`).
@@ -450,8 +475,10 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
       while (true) {
         const batch = yield* nextBatch(lane)
         lane.inFlight = batch
+        lane.sendingSince = yield* Clock.currentTimeMillis
         yield* Effect.uninterruptible(sendBatch(lane, batch))
         lane.inFlight = []
+        lane.sendingSince = undefined
       }
     }).pipe(Effect.catchCause(() => Effect.void))
 

@@ -57,31 +57,42 @@ export const layerLoggerConfig: Layer.Layer<never, KafkaConfig.KafkaConfigError>
 export class Health extends Context.Service<
   Health,
   {
-    /** Records whether a service (named, e.g. `producer`, `consumer event-processor-group`) is ready. */
-    readonly report: (service: string, ready: boolean) => Effect.Effect<void>
-    /** Ready when at least one service reported and all are ready. */
-    readonly status: Effect.Effect<{ readonly ready: boolean; readonly services: Readonly<Record<string, boolean>> }>
+    /**
+     * Records whether a service (named, e.g. `producer`, `consumer event-processor-group`) is ready, and when it is
+     * not, why (shown by `/readyz`).
+     */
+    readonly report: (service: string, ready: boolean, reason?: string | undefined) => Effect.Effect<void>
+    /** Ready when at least one service reported and all are ready; `reasons` of the services that are not. */
+    readonly status: Effect.Effect<{
+      readonly ready: boolean
+      readonly services: Readonly<Record<string, boolean>>
+      readonly reasons: Readonly<Record<string, string>>
+    }>
   }
 >()("kafka-effect/Health") {}
 
 export const layerHealth: Layer.Layer<Health> = Layer.sync(Health, () => {
   const services = new Map<string, boolean>()
+  const reasons = new Map<string, string>()
   return Health.of({
-    report: (service, ready) =>
+    report: (service, ready, reason) =>
       Effect.sync(() => {
         services.set(service, ready)
+        if (!ready && reason !== undefined) reasons.set(service, reason)
+        else reasons.delete(service)
       }),
     status: Effect.sync(() => ({
       ready: services.size > 0 && [...services.values()].every(Boolean),
-      services: Object.fromEntries(services)
+      services: Object.fromEntries(services),
+      reasons: Object.fromEntries(reasons)
     }))
   })
 })
 
 /** Reports to the `Health` in context, if there is one. */
-export const report = (service: string, ready: boolean): Effect.Effect<void> =>
+export const report = (service: string, ready: boolean, reason?: string | undefined): Effect.Effect<void> =>
   Effect.flatMap(Effect.serviceOption(Health), (health) =>
-    Option.isSome(health) ? health.value.report(service, ready) : Effect.void
+    Option.isSome(health) ? health.value.report(service, ready, reason) : Effect.void
   )
 
 // ---------------------------------------------------------------------------------------------------------------

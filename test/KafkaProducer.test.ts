@@ -5,6 +5,7 @@ import * as InMemoryKafka from "../src/InMemoryKafka.ts"
 import * as KafkaClient from "../src/KafkaClient.ts"
 import * as KafkaProducer from "../src/KafkaProducer.ts"
 import * as Metrics from "../src/Metrics.ts"
+import * as Observability from "../src/Observability.ts"
 import { kafkajsPartitionFor } from "./support/partitioner.ts"
 import * as Scripted from "./support/scriptedClient.ts"
 
@@ -606,6 +607,23 @@ describe("Producer", () => {
       assert.isDefined(closing.pollUnsafe(), "closed 200 ms after, not after the retries and their back-offs")
       assert.strictEqual((yield* Fiber.join(fiber))._tag, "ProducerClosed")
     })
+  )
+
+  it.effect("readiness follows the sends: not ready, saying why, while a request goes unanswered for 30 s", () =>
+    Effect.gen(function* () {
+      const { producer } = yield* setup({ linger: Duration.zero }, 1, "40 seconds")
+      const health = yield* Observability.Health
+      const sending = yield* Effect.forkChild(producer.send({ value: "v" }))
+      yield* TestClock.adjust("29 seconds")
+      assert.isTrue((yield* health.status).ready, "29 s: still ready")
+      yield* TestClock.adjust("3 seconds")
+      const hung = yield* health.status
+      assert.isFalse(hung.ready, "32 s without an answer")
+      assert.match(hung.reasons.producer ?? "", /a produce request unanswered for 3\d s/)
+      yield* TestClock.adjust("10 seconds")
+      yield* Fiber.join(sending)
+      assert.isTrue((yield* health.status).ready, "answered: ready again")
+    }).pipe(Effect.provide(Observability.layerHealth))
   )
 
   it.effect("send after the scope closed fails with ProducerClosed", () =>

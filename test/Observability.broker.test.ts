@@ -4,25 +4,14 @@
  */
 import * as Net from "node:net"
 import { assert, describe, it } from "@effect/vitest"
-import { Effect, Layer, Schedule } from "effect"
+import { Effect, Layer } from "effect"
 import { inject } from "vitest"
 import * as Program from "../scripts/program.ts"
 import * as KafkaProducer from "../src/KafkaProducer.ts"
+import { eventually, freePort, get } from "./support/http.ts"
 import { clientLayer, createTopic, uniqueName } from "./support/kafka.ts"
 
 const brokers = inject("kafkaBrokers")
-
-/** A loopback port nobody listens on (the OS's pick, released again). */
-const freePort = Effect.promise(
-  () =>
-    new Promise<number>((resolve) => {
-      const server = Net.createServer()
-      server.listen(0, "127.0.0.1", () => {
-        const address = server.address()
-        server.close(() => resolve(typeof address === "object" && address !== null ? address.port : 0))
-      })
-    })
-)
 
 /** A TCP proxy from `port` to the broker: the program can reach the broker only once it runs. */
 const proxy = (port: number) =>
@@ -53,23 +42,6 @@ const proxy = (port: number) =>
             for (const socket of sockets) socket.destroy()
           })
       )
-  )
-
-const get = (url: string) =>
-  Effect.tryPromise(async () => {
-    const response = await fetch(url)
-    return { status: response.status, body: await response.text() }
-  })
-
-/** Polls `check` every 200 ms until it holds, failing after `timeout`. */
-const eventually = <A, E, R>(effect: Effect.Effect<A, E, R>, until: (a: A) => boolean, what: string) =>
-  effect.pipe(
-    Effect.retry(Schedule.spaced("200 millis")),
-    Effect.repeat({ schedule: Schedule.spaced("200 millis"), until }),
-    Effect.timeoutOrElse({
-      duration: "60 seconds",
-      orElse: () => Effect.die(new Error(`timed out waiting for ${what}`))
-    })
   )
 
 /** The value of one Prometheus sample line, e.g. `kafka_effect_records_processed_total{…}`, or undefined. */

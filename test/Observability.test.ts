@@ -105,18 +105,23 @@ describe("Observability", () => {
     }).pipe(Effect.provide(setup), Effect.provide(layer))
   })
 
-  it.effect("readiness: ready once every reporting service is ready, not before, and not with none", () =>
+  it.effect("readiness: ready once every reporting service is ready, not before, and not with none; why not", () =>
     Effect.gen(function* () {
       const health = yield* Observability.Health
       assert.isFalse((yield* health.status).ready, "nothing reported")
       yield* Observability.report("producer", true)
-      yield* Observability.report("consumer g", false)
+      yield* Observability.report("consumer g", false, "no answer from the brokers for 31 s")
       assert.deepStrictEqual(yield* health.status, {
         ready: false,
-        services: { producer: true, "consumer g": false }
+        services: { producer: true, "consumer g": false },
+        reasons: { "consumer g": "no answer from the brokers for 31 s" }
       })
       yield* Observability.report("consumer g", true)
-      assert.isTrue((yield* health.status).ready)
+      assert.deepStrictEqual(yield* health.status, {
+        ready: true,
+        services: { producer: true, "consumer g": true },
+        reasons: {}
+      })
     }).pipe(Effect.provide(Observability.layerHealth))
   )
 })

@@ -20,20 +20,44 @@ export interface Codec {
   readonly decompress: (data: Buffer) => Promise<Buffer>
 }
 
-/** A batch that its codec could not decompress (corrupt data), or a codec that could not be loaded. */
+/**
+ * A batch that its codec could not decompress (corrupt data), or a codec that could not be loaded; with the batch's
+ * offsets when they could be read (`batchOffsets`).
+ */
 export class CodecError extends Error {
   override readonly name = "CodecError"
   readonly codec: Compression
   readonly detail: string
-  constructor(codec: Compression, detail: string) {
+  readonly offsets: { readonly first: bigint; readonly last: bigint } | undefined
+  constructor(codec: Compression, detail: string, offsets?: { readonly first: bigint; readonly last: bigint }) {
     super(`${codec} batch could not be decompressed: ${detail}`)
     this.codec = codec
     this.detail = detail
+    this.offsets = offsets
   }
 }
 
-const failed = (codec: Compression) => (cause: unknown) => {
-  throw new CodecError(codec, cause instanceof Error ? cause.message : String(cause))
+const codecIds: Readonly<Record<Compression, number>> = { none: 0, gzip: 1, snappy: 2, lz4: 3, zstd: 4 }
+
+/** The bytes of a record batch (magic 2) before its records: base offset to record count. */
+const batchHeaderLength = 61
+
+/**
+ * The offsets of the record batch whose records `compressed` holds, read from the batch header just before them,
+ * when `compressed` is a view into the fetch response (as the engines decode it) and that header checks out (magic 2,
+ * this codec); else undefined. Only for the error message: the records themselves are gone.
+ */
+export const batchOffsets = (compressed: Uint8Array, codec: Compression) => {
+  if (compressed.byteOffset < batchHeaderLength) return undefined
+  const header = Buffer.from(compressed.buffer, compressed.byteOffset - batchHeaderLength, batchHeaderLength)
+  if (header.readInt8(16) !== 2 || (header.readInt16BE(21) & 0x07) !== codecIds[codec]) return undefined
+  const first = header.readBigInt64BE(0)
+  return { first, last: first + BigInt(header.readInt32BE(23)) }
+}
+
+const failed = (codec: Compression, data?: Buffer) => (cause: unknown) => {
+  const offsets = data === undefined ? undefined : batchOffsets(data, codec)
+  throw new CodecError(codec, cause instanceof Error ? cause.message : String(cause), offsets)
 }
 
 const gzip = promisify(Zlib.gzip)
@@ -100,21 +124,21 @@ const snappyCompress = async (data: Buffer): Promise<Buffer> => {
 export const codecs: Readonly<Record<Exclude<Compression, "none">, Codec>> = {
   gzip: {
     compress: (data) => gzip(data),
-    decompress: (data) => unzip(data).catch(failed("gzip"))
+    decompress: (data) => unzip(data).catch(failed("gzip", data))
   },
   snappy: {
     compress: snappyCompress,
-    decompress: (data) => snappyDecompress(data).catch(failed("snappy"))
+    decompress: (data) => snappyDecompress(data).catch(failed("snappy", data))
   },
   lz4: {
     compress: async (data) => (await lz4Module()).compressFrame(data),
     decompress: async (data) => {
       const lz4 = await lz4Module().catch(failed("lz4"))
-      return lz4.decompressFrame(data).catch(failed("lz4"))
+      return lz4.decompressFrame(data).catch(failed("lz4", data))
     }
   },
   zstd: {
     compress: (data) => zstdCompress(data),
-    decompress: (data) => zstdDecompress(data).catch(failed("zstd"))
+    decompress: (data) => zstdDecompress(data).catch(failed("zstd", data))
   }
 }

@@ -2,7 +2,7 @@
  * The kafkajs adapter behind `KafkaClient.layerKafkaJS`. Users depend on the port, not on this file.
  */
 import * as Fs from "node:fs"
-import { Deferred, Duration, Effect, Option, Redacted, type Schedule, type Scope, SubscriptionRef } from "effect"
+import { Clock, Deferred, Duration, Effect, Option, Redacted, type Schedule, type Scope, SubscriptionRef } from "effect"
 import type * as LogLevel from "effect/LogLevel"
 import KafkaJS, {
   CompressionTypes,
@@ -69,6 +69,17 @@ const innermost = (cause: unknown): KafkaJSErrorLike => {
 export const reasonOf = (cause: unknown, brokers: string): KafkaClient.KafkaErrorReason => {
   const error = innermost(cause)
   const detail = error.message ?? String(cause)
+  if (error instanceof Codecs.CodecError) {
+    return new KafkaClient.CorruptBatch({
+      codec: error.codec,
+      detail: error.detail,
+      ...(error.offsets !== undefined && {
+        firstOffset: error.offsets.first.toString(),
+        lastOffset: error.offsets.last.toString()
+      }),
+      partitions: []
+    })
+  }
   switch (error.name) {
     case "KafkaJSSASLAuthenticationError":
       return new KafkaClient.AuthenticationFailed({ detail })
@@ -508,14 +519,72 @@ export const make = (
         })
         client.on(client.events.CRASH, ({ payload }) => {
           if (!payload.restart) {
-            const error = new KafkaClient.KafkaError({
-              operation: "consume",
-              ...(firstTopic !== undefined && { topic: firstTopic }),
-              reason: reasonOf(payload.error, brokers)
-            })
-            runLog(Effect.asVoid(Deferred.fail(crashed, error)))
+            const reason = reasonOf(payload.error, brokers)
+            runLog(
+              Effect.flatMap(
+                reason._tag === "CorruptBatch"
+                  ? locateCorruptBatch(reason)
+                  : Effect.succeed<KafkaClient.KafkaErrorReason>(reason),
+                (located) => {
+                  // A corrupt batch located in one partition names it; anything else names the first topic.
+                  const only = located._tag === "CorruptBatch" ? located.partitions : []
+                  const where =
+                    only.length === 1 && only[0] !== undefined
+                      ? { topic: only[0].topic, partition: only[0].partition }
+                      : firstTopic !== undefined
+                        ? { topic: firstTopic }
+                        : {}
+                  return Deferred.fail(
+                    crashed,
+                    new KafkaClient.KafkaError({ operation: "consume", ...where, reason: located })
+                  )
+                }
+              ).pipe(Effect.asVoid)
+            )
           }
         })
+        // The time of the last answer from the brokers: kafkajs reports each fetch, heartbeat and commit it made.
+        let lastContact = yield* Clock.currentTimeMillis
+        const contact = ({ timestamp }: { readonly timestamp: number }) => {
+          lastContact = Math.max(lastContact, timestamp)
+        }
+        client.on(client.events.FETCH, contact)
+        client.on(client.events.HEARTBEAT, contact)
+        client.on(client.events.COMMIT_OFFSETS, contact)
+        // The next offset each partition fetches from, as far as this member can tell: after a batch call, its last
+        // offset taken + 1; after a join, unknown (the group's committed offset). To name the partition of a corrupt
+        // batch, whose offsets alone are known.
+        const positions = new Map<string, bigint>()
+        client.on(client.events.GROUP_JOIN, () => positions.clear())
+        const locateCorruptBatch = (reason: KafkaClient.CorruptBatch) =>
+          Effect.gen(function* () {
+            const { partitions } = yield* SubscriptionRef.get(assignment)
+            if (reason.firstOffset === undefined) return new KafkaClient.CorruptBatch({ ...reason, partitions })
+            const first = BigInt(reason.firstOffset)
+            const last = BigInt(reason.lastOffset ?? reason.firstOffset)
+            const committed = new Map<string, bigint>()
+            if (partitions.some((tp) => !positions.has(`${tp.topic}\u0000${tp.partition}`))) {
+              const topics = [...new Set(partitions.map((tp) => tp.topic))]
+              const fetched = yield* Effect.option(
+                attempt(brokers, "fetch committed offsets", () =>
+                  admin.fetchOffsets({ groupId: options.groupId, topics })
+                )
+              )
+              for (const { topic, partitions: list } of Option.getOrElse(fetched, () => [])) {
+                for (const { partition, offset } of list) committed.set(`${topic}\u0000${partition}`, BigInt(offset))
+              }
+            }
+            // A partition with no commit yet may start anywhere: it stays a candidate.
+            const candidates = partitions.filter((tp) => {
+              const key = `${tp.topic}\u0000${tp.partition}`
+              const at = positions.get(key) ?? committed.get(key) ?? -1n
+              return at < 0n || (at >= first && at <= last)
+            })
+            return new KafkaClient.CorruptBatch({
+              ...reason,
+              partitions: candidates.length > 0 ? candidates : partitions
+            })
+          })
         yield* Effect.acquireRelease(
           Effect.interruptible(
             retryConnect(
@@ -585,6 +654,7 @@ export const make = (
                   // this call's (maybe for a partition lost) would move or break them.
                   if (joins === joinsAtStart && lastTaken >= BigInt(batch.firstOffset() ?? "0")) {
                     resolveOffset(lastTaken.toString())
+                    positions.set(`${batch.topic}\u0000${batch.partition}`, lastTaken + 1n)
                   }
                 }
               })
@@ -616,7 +686,8 @@ export const make = (
           resume: (partitions) => Effect.sync(() => client.resume(byTopic(partitions))),
           assignment: SubscriptionRef.get(assignment),
           assignments: SubscriptionRef.changes(assignment),
-          crashed: Deferred.await(crashed)
+          crashed: Deferred.await(crashed),
+          lastContact: Effect.sync(() => lastContact)
         } satisfies KafkaClient.ConsumerConnection
       })
 
