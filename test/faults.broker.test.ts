@@ -235,4 +235,72 @@ describe("faults of a broker of its own", () => {
       }),
     180_000
   )
+
+  it.live(
+    "start, work, a broker restart, a rebalance and a stop at the default log level: no ERROR line but the dead letter's",
+    () =>
+      Effect.gen(function* () {
+        const topic = uniqueName("quiet")
+        const groupId = `${topic}-group`
+        yield* createTopic(broker.brokers, topic, 3)
+        const env = {
+          KAFKA_BROKERS: broker.brokers,
+          KAFKA_CONSUMER_TOPIC: topic,
+          KAFKA_CONSUMER_GROUP_ID: groupId,
+          KAFKA_RETRY_TOPIC_PREFIX: `${topic}-retry`,
+          KAFKA_DLQ_TOPIC: `${topic}-dlq`,
+          KAFKA_CREATE_TOPICS: "true",
+          KAFKA_CONSUMER_COMMIT_INTERVAL_MS: "200",
+          LOG_FORMAT: "json"
+        }
+        const produce = Program.run(Path.join(Program.root, "src", "producer.ts"), {
+          args: ["--count", "500", "--rate", "0"],
+          env: { KAFKA_BROKERS: broker.brokers, KAFKA_PRODUCER_TOPIC: topic, LOG_FORMAT: "json" }
+        })
+        const outputs: Array<string> = []
+        const a = Program.start(Program.consumerProgram, { env })
+        let b: Program.Program | undefined
+        yield* Effect.gen(function* () {
+          outputs.push((yield* produce).stderr)
+          // One record no event decoder accepts: its dead letter is the one ERROR line expected.
+          yield* Broker.tool(
+            "org.apache.kafka.tools.ConsoleProducer",
+            ["--bootstrap-server", broker.brokers, "--topic", topic],
+            {
+              stdin: "{not json\n"
+            }
+          )
+          yield* awaitCommittedToEnd(broker.brokers, groupId, topic, "90 seconds")
+          yield* restartWith(() => {})
+          outputs.push((yield* produce).stderr)
+          b = Program.start(Program.consumerProgram, { env })
+          yield* eventually(
+            Effect.sync(() => b?.output().stderr ?? ""),
+            (out) => out.includes(`"consuming ${topic} as `),
+            "the second member"
+          )
+          outputs.push((yield* produce).stderr)
+          yield* awaitCommittedToEnd(broker.brokers, groupId, topic, "90 seconds")
+          for (const program of [a, b]) {
+            program.child.kill("SIGTERM")
+            assert.strictEqual(yield* program.exited, 0, program.output().stderr.slice(-2000))
+            outputs.push(program.output().stderr)
+          }
+        }).pipe(
+          Effect.ensuring(
+            Effect.sync(() => {
+              a.child.kill("SIGKILL")
+              b?.child.kill("SIGKILL")
+            })
+          )
+        )
+        const errors = outputs
+          .flatMap((output) => output.split("\n"))
+          .filter((line) => line.includes('"level":"ERROR"'))
+          .map((line) => String((JSON.parse(line) as { message: unknown }).message))
+        assert.strictEqual(errors.length, 1, errors.join("\n"))
+        assert.match(errors[0] ?? "", /^dead-lettered: InvalidJson: /)
+      }),
+    240_000
+  )
 })
