@@ -3,7 +3,7 @@
  * wrong ones fail at once with a typed error (no retry storm), and secrets never reach the logs.
  */
 import { afterAll, assert, beforeAll, describe, it } from "@effect/vitest"
-import { Effect, Exit, Layer, Logger, Scope } from "effect"
+import { Effect, Exit, Layer, Logger, Option, Scope } from "effect"
 import * as Broker from "../scripts/kafka/broker.ts"
 import * as KafkaClient from "../src/KafkaClient.ts"
 import { clientLayer } from "./support/kafka.ts"
@@ -107,11 +107,15 @@ describe("KafkaClient.layerKafkaJS with SASL and TLS", () => {
     }).pipe(Effect.scoped)
   )
 
-  it.live("a CA file that cannot be read fails start-up naming the variable", () =>
+  it.live("a CA file that cannot be read is a configuration error naming the variable, before anything connects", () =>
     Effect.gen(function* () {
       const { exit } = yield* listTopicsWith(broker.tlsBrokers ?? "", { KAFKA_TLS_CA_FILE: "/nonexistent/ca.pem" })
-      assert.strictEqual(reasonOf(exit), "TlsFailed")
-      assert.include(String(exit), "KAFKA_TLS_CA_FILE=/nonexistent/ca.pem")
+      const error = Option.getOrUndefined(Exit.findErrorOption(exit))
+      assert.strictEqual((error as { _tag?: string } | undefined)?._tag, "KafkaConfigError")
+      assert.include(
+        String(exit),
+        'KAFKA_TLS_CA_FILE is "/nonexistent/ca.pem"; expected the path of a readable PEM CA file'
+      )
     })
   )
 })
