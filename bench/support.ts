@@ -1,7 +1,7 @@
 /** What the benchmarks share. */
 import { Duration, Option } from "effect"
-import type * as KafkaConfig from "../src/Config.ts"
 import * as KafkaClient from "../src/KafkaClient.ts"
+import type * as KafkaConfig from "../src/KafkaConfig.ts"
 
 /** Our KafkaClient on `brokers`, with the defaults of the environment's configuration. */
 export const clientLayer = (brokers: string) =>

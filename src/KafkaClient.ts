@@ -18,8 +18,8 @@
  * ```
  */
 import { Context, Duration, Effect, Layer, Metric, Schedule, Schema, type Scope, type Stream } from "effect"
-import * as KafkaConfig from "./Config.ts"
 import * as KafkaJS from "./internal/kafkajs.ts"
+import * as KafkaConfig from "./KafkaConfig.ts"
 import * as Metrics from "./Metrics.ts"
 
 // ---------------------------------------------------------------------------------------------------------------

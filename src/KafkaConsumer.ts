@@ -43,11 +43,11 @@ import {
   Semaphore,
   Stream
 } from "effect"
-import * as KafkaConfig from "./Config.ts"
 import { prettyCause } from "./internal/cause.ts"
 import * as ChangeSignal from "./internal/changeSignal.ts"
 import { coordinates } from "./internal/records.ts"
 import * as KafkaClient from "./KafkaClient.ts"
+import * as KafkaConfig from "./KafkaConfig.ts"
 import * as Metrics from "./Metrics.ts"
 import * as Observability from "./Observability.ts"
 import * as OffsetTracker from "./OffsetTracker.ts"
@@ -627,6 +627,8 @@ export const make = (
                   )
                 : Effect.void
             ),
+            // Generation 0 is the empty assignment before the first join: nothing to say.
+            Stream.filter((assignment) => assignment.generation > 0),
             Stream.runForEach((assignment) =>
               Effect.logInfo("assigned").pipe(
                 Effect.annotateLogs({

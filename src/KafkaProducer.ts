@@ -40,9 +40,9 @@ import {
   Schema,
   Tracer
 } from "effect"
-import * as KafkaConfig from "./Config.ts"
 import * as Murmur2 from "./internal/murmur2.ts"
 import * as KafkaClient from "./KafkaClient.ts"
+import * as KafkaConfig from "./KafkaConfig.ts"
 import * as Metrics from "./Metrics.ts"
 import * as Observability from "./Observability.ts"
 

@@ -24,7 +24,7 @@ import { NodeHttpServer } from "@effect/platform-node"
 import { Context, Effect, Layer, Logger, Metric, Option, References } from "effect"
 import { FetchHttpClient, HttpRouter, HttpServerResponse } from "effect/http"
 import { Otlp, PrometheusMetrics } from "effect/observability"
-import * as KafkaConfig from "./Config.ts"
+import * as KafkaConfig from "./KafkaConfig.ts"
 import * as Metrics from "./Metrics.ts"
 
 /** The prefix of every metric name on `/metrics`. */

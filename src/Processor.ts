@@ -44,10 +44,10 @@ import {
   type Tracer
 } from "effect"
 import { Headers, HttpTraceContext } from "effect/http"
-import * as KafkaConfig from "./Config.ts"
 import { prettyCause } from "./internal/cause.ts"
 import { coordinates, increment } from "./internal/records.ts"
 import * as KafkaClient from "./KafkaClient.ts"
+import * as KafkaConfig from "./KafkaConfig.ts"
 import * as KafkaConsumer from "./KafkaConsumer.ts"
 import * as KafkaProducer from "./KafkaProducer.ts"
 import * as Metrics from "./Metrics.ts"
@@ -252,6 +252,14 @@ export class Processor extends Context.Service<
       handlers: ReadonlyArray<TopicHandler<R>>
     ) => Effect.Effect<never, KafkaClient.KafkaError | TopicsMissing, R>
     readonly stats: Effect.Effect<Stats>
+    /**
+     * Checks that the handlers' topics, the retry topics and the dead-letter topic exist, and creates the missing
+     * ones when `createTopics` allows it (else fails with `TopicsMissing`). `run` does it too; call it first to
+     * produce to fresh topics before `run` has started.
+     */
+    readonly ensureTopics: <R>(
+      handlers: ReadonlyArray<TopicHandler<R>>
+    ) => Effect.Effect<void, KafkaClient.KafkaError | TopicsMissing>
   }
 >()("kafka-effect/Processor") {}
 
@@ -347,6 +355,20 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
       return beyond
     })
 
+  /**
+   * `ensureTopics`, a retriable failure tried again: a broker that cannot answer yet for a topic another replica has
+   * just created is not a reason to stop, no more than a reconnect is.
+   */
+  const prepareTopics = (mainTopics: ReadonlyArray<string>) =>
+    ensureTopics(mainTopics).pipe(
+      Effect.tapError((error) =>
+        error._tag === "KafkaError" && error.retriable
+          ? Effect.logWarning(`checking the topics failed: ${error.message}; trying again`)
+          : Effect.void
+      ),
+      Effect.retry({ schedule: routeRetry, while: (error) => error._tag === "KafkaError" && error.retriable })
+    )
+
   /** Sends the record to its next hop and waits for the ack. */
   const route = (
     record: KafkaClient.ConsumedRecord,
@@ -431,16 +453,7 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
       for (const group of [groupId, ...ladder.map(({ number }) => retryGroup(number))]) {
         yield* Observability.report(`consumer ${group}`, false)
       }
-      // A retriable failure (a broker that cannot answer yet for a topic another replica has just created) is not a
-      // reason to stop: tried again, as a reconnect is.
-      const beyond = yield* ensureTopics(mainTopics).pipe(
-        Effect.tapError((error) =>
-          error._tag === "KafkaError" && error.retriable
-            ? Effect.logWarning(`checking the topics failed: ${error.message}; trying again`)
-            : Effect.void
-        ),
-        Effect.retry({ schedule: routeRetry, while: (error) => error._tag === "KafkaError" && error.retriable })
-      )
+      const beyond = yield* prepareTopics(mainTopics)
       for (const { number } of beyond) yield* Observability.report(`consumer ${retryGroup(number)}`, false)
       if (beyond.length > 0) {
         yield* Effect.logWarning(
@@ -543,7 +556,12 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
       }).pipe(Effect.andThen(Effect.never))
     }).pipe(Effect.provide(Layer.succeed(KafkaClient.KafkaClient, client)))
 
-  return Processor.of({ policy, run, stats })
+  return Processor.of({
+    policy,
+    run,
+    stats,
+    ensureTopics: (handlers) => Effect.asVoid(prepareTopics(handlers.map((topicHandler) => topicHandler.topic)))
+  })
 })
 
 /** Processes with the Processor in context until interrupted. */
@@ -553,6 +571,23 @@ export const run = <R>(
   Effect.gen(function* () {
     const processor = yield* Processor
     return yield* processor.run(handlers)
+  })
+
+/**
+ * Makes sure the topics of `handlers`, the retry topics and the dead-letter topic exist, with the Processor in
+ * context (see `Processor.ensureTopics`).
+ *
+ * @example
+ * ```ts
+ * yield* Processor.ensureTopics(handlers)   // then producing to them cannot fail with UnknownTopic
+ * ```
+ */
+export const ensureTopics = <R>(
+  handlers: ReadonlyArray<TopicHandler<R>>
+): Effect.Effect<void, KafkaClient.KafkaError | TopicsMissing, Processor> =>
+  Effect.gen(function* () {
+    const processor = yield* Processor
+    return yield* processor.ensureTopics(handlers)
   })
 
 /** Options from the environment's consumer settings (`KafkaConfig.consumer`). */

@@ -1,7 +1,7 @@
-export * as KafkaConfig from "./Config.ts"
 export * as Event from "./Event.ts"
 export * as InMemoryKafka from "./InMemoryKafka.ts"
 export * as KafkaClient from "./KafkaClient.ts"
+export * as KafkaConfig from "./KafkaConfig.ts"
 export * as KafkaConsumer from "./KafkaConsumer.ts"
 export * as KafkaProducer from "./KafkaProducer.ts"
 export * as Metrics from "./Metrics.ts"

@@ -1,8 +1,10 @@
+#!/usr/bin/env node
 /**
  * `node dist/producer.js`: sends events to KAFKA_PRODUCER_TOPIC — NDJSON from stdin, or generated samples.
- * See src/internal/producerMain.ts for the behaviour and `--help` for the flags.
+ * See src/programs/producer.ts for the behaviour and `--help` for the flags.
  */
-import { run } from "./internal/main.ts"
-import { main } from "./internal/producerMain.ts"
+import "./programs/nodeVersion.ts"
+import { run } from "./programs/main.ts"
+import { main } from "./programs/producer.ts"
 
 run(main(process.argv.slice(2)))

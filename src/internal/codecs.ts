@@ -13,7 +13,7 @@
  */
 import { promisify } from "node:util"
 import * as Zlib from "node:zlib"
-import type { Compression } from "../Config.ts"
+import type { Compression } from "../KafkaConfig.ts"
 
 export interface Codec {
   readonly compress: (data: Buffer) => Promise<Buffer>

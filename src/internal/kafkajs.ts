@@ -18,8 +18,8 @@ import KafkaJS, {
   Partitioners,
   type SASLOptions
 } from "kafkajs"
-import type * as KafkaConfig from "../Config.ts"
 import * as KafkaClient from "../KafkaClient.ts"
+import type * as KafkaConfig from "../KafkaConfig.ts"
 import * as Codecs from "./codecs.ts"
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -170,8 +170,9 @@ const levelOf = (level: KafkaJSLogLevel): LogLevel.Severity => {
       return "Error"
     case KafkaJSLogLevel.WARN:
       return "Warn"
+    // Its own progress (starting, joining, stopping): what we log about the same steps says it for the user.
     case KafkaJSLogLevel.INFO:
-      return "Info"
+      return "Debug"
     default:
       return "Debug"
   }

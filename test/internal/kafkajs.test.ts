@@ -134,7 +134,7 @@ describe("kafkajs errors → KafkaError reasons", () => {
   )
 
   it.effect(
-    "kafkajs' own lines go no higher than Warn (our operations report their outcomes), the routine ones to Info",
+    "kafkajs' own lines go no higher than Warn (our operations report their outcomes), the routine ones to Info, its progress to Debug",
     () =>
       Effect.sync(() => {
         const ERROR = 1 as Parameters<typeof bridgedLevel>[0]
@@ -174,7 +174,11 @@ describe("kafkajs errors → KafkaError reasons", () => {
           "the send that failed reports it"
         )
         assert.strictEqual(bridgedLevel(WARN, "The group is rebalancing, re-joining", {}), "Info")
-        assert.strictEqual(bridgedLevel(4 as Parameters<typeof bridgedLevel>[0], "Starting", {}), "Info")
+        assert.strictEqual(
+          bridgedLevel(4 as Parameters<typeof bridgedLevel>[0], "Starting", {}),
+          "Debug",
+          "its own progress"
+        )
       })
   )
 

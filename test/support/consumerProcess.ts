@@ -9,10 +9,10 @@
  */
 import * as Fs from "node:fs"
 import { Duration, Effect, Layer } from "effect"
-import { run } from "../../src/internal/main.ts"
 import * as KafkaClient from "../../src/KafkaClient.ts"
 import * as KafkaConsumer from "../../src/KafkaConsumer.ts"
 import * as Observability from "../../src/Observability.ts"
+import { run } from "../../src/programs/main.ts"
 
 const delay = Duration.millis(Number(process.env.HANDLER_DELAY_MS ?? "0"))
 const progressEvery = Number(process.env.PROGRESS_EVERY ?? "0")

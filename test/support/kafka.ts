@@ -5,8 +5,8 @@
 import { randomBytes } from "node:crypto"
 import { ConfigProvider, Data, type Duration, Effect, Layer, Schedule } from "effect"
 import { Kafka, logLevel } from "kafkajs"
-import * as KafkaConfig from "../../src/Config.ts"
 import * as KafkaClient from "../../src/KafkaClient.ts"
+import * as KafkaConfig from "../../src/KafkaConfig.ts"
 
 export const uniqueName = (prefix: string) => `${prefix}-${Date.now()}-${randomBytes(3).toString("hex")}`
 

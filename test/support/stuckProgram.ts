@@ -3,7 +3,7 @@
  * `ready` on stderr once its bound is set. For the test that the bound holds whatever the program does.
  */
 import { Duration, Effect } from "effect"
-import { boundShutdown, run } from "../../src/internal/main.ts"
+import { boundShutdown, run } from "../../src/programs/main.ts"
 
 run(
   boundShutdown(Duration.seconds(1)).pipe(

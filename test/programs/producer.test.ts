@@ -1,7 +1,7 @@
 /** The producer program's parts: its line reader (strict UTF-8, whatever the chunks' boundaries) and its pacing. */
 import { assert, describe, it } from "@effect/vitest"
 import { Effect } from "effect"
-import { dueInTick, lines } from "../../src/internal/producerMain.ts"
+import { dueInTick, lines } from "../../src/programs/producer.ts"
 
 const read = (chunks: ReadonlyArray<ReadonlyArray<number> | string>) =>
   Effect.promise(async () => {

@@ -27,9 +27,9 @@ import {
   Scope,
   Stream
 } from "effect"
-import * as KafkaConfig from "../Config.ts"
 import * as Event from "../Event.ts"
 import * as KafkaClient from "../KafkaClient.ts"
+import * as KafkaConfig from "../KafkaConfig.ts"
 import * as KafkaProducer from "../KafkaProducer.ts"
 import * as Observability from "../Observability.ts"
 import { boundShutdown, ProgramFailed, wholeFlag } from "./main.ts"

@@ -13,9 +13,9 @@
  */
 import { parseArgs } from "node:util"
 import { Duration, Effect, Layer, Metric, Schedule } from "effect"
-import * as KafkaConfig from "../Config.ts"
 import * as Event from "../Event.ts"
 import * as KafkaClient from "../KafkaClient.ts"
+import * as KafkaConfig from "../KafkaConfig.ts"
 import * as KafkaProducer from "../KafkaProducer.ts"
 import * as Observability from "../Observability.ts"
 import * as Processor from "../Processor.ts"

@@ -3,7 +3,7 @@ import * as Os from "node:os"
 import * as Path from "node:path"
 import { assert, describe, it } from "@effect/vitest"
 import { ConfigProvider, Duration, Effect, Option, Redacted } from "effect"
-import * as KafkaConfig from "../src/Config.ts"
+import * as KafkaConfig from "../src/KafkaConfig.ts"
 
 // Files the TLS and SASL variables name are read at start-up: real ones, in a directory of the test run's own.
 const files = Fs.mkdtempSync(Path.join(Os.tmpdir(), "kafka-effect-config-"))
