@@ -389,13 +389,15 @@ export const retryConnect = <A, R>(
       Schedule.tap(({ attempt, duration, input }: Schedule.Metadata<Duration.Duration, KafkaError>) => {
         if (!input.retriable) return Effect.void
         const next = Duration.format(Duration.millis(Math.round(Duration.toMillis(duration))))
-        return step === undefined
-          ? Metric.update(Metrics.reconnects, 1).pipe(
-              Effect.andThen(
-                Effect.logWarning(`Kafka not reachable (attempt ${attempt}): ${input.message}; retrying in ${next}`)
-              )
-            )
-          : Effect.logWarning(`${step} failed (attempt ${attempt}): ${input.message}; retrying in ${next}`)
+        if (step !== undefined) {
+          return Effect.logWarning(`${step} failed (attempt ${attempt}): ${input.message}; retrying in ${next}`)
+        }
+        // One line an attempt, saying where it tried and what to check (kafkajs' own lines about it are at debug).
+        const line =
+          input.reason._tag === "ConnectionFailed"
+            ? `Kafka not reachable at ${input.reason.brokers} (attempt ${attempt}): ${input.reason.detail}; retrying in ${next} (is KAFKA_BROKERS right?)`
+            : `Kafka not reachable (attempt ${attempt}): ${input.message}; retrying in ${next}`
+        return Metric.update(Metrics.reconnects, 1).pipe(Effect.andThen(Effect.logWarning(line)))
       })
     ),
     while: (error: KafkaError) => error.retriable

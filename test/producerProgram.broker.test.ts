@@ -126,6 +126,22 @@ describe("node dist/producer.js", () => {
     150_000
   )
 
+  it.live("a topic that does not exist is reported once, before any event, with the hint, exit 2", () =>
+    Effect.gen(function* () {
+      const run = yield* runProgram({
+        args: ["--count", "1000", "--rate", "0"],
+        env: { KAFKA_BROKERS: brokers, KAFKA_PRODUCER_TOPIC: uniqueName("evnts") }
+      })
+      assert.strictEqual(run.exitCode, 2, run.stderr)
+      assert.match(
+        run.stderr,
+        /topic evnts-\S+ does not exist \(KAFKA_PRODUCER_TOPIC\); create it, or pass --create-topic/
+      )
+      assert.notInclude(run.stderr, "send failed")
+      assert.notInclude(run.stderr, '"level":"ERROR"')
+    })
+  )
+
   it.live("all lines valid: exit code 0", () =>
     Effect.gen(function* () {
       const topic = uniqueName("program-ok")

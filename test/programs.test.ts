@@ -2,10 +2,13 @@
  * Start-up of `node dist/producer.js` and `node dist/consumer.js` with no broker to be had: their flags and
  * variables are checked before anything connects, and a signal while they wait for the broker stops them.
  */
+import * as Fs from "node:fs"
 import * as Path from "node:path"
 import { assert, describe, it } from "@effect/vitest"
 import { Deferred, Effect } from "effect"
 import * as Program from "../scripts/program.ts"
+import * as KafkaConfig from "../src/KafkaConfig.ts"
+import * as Help from "../src/programs/help.ts"
 
 const producer = Path.join(Program.root, "src", "producer.ts")
 
@@ -51,10 +54,13 @@ describe("the programs without a broker", () => {
         assert.strictEqual(bad.exitCode, 2, bad.stderr)
         assert.include(bad.stderr, "--transient-failures must be a share from 0 to 1, got 2")
         assert.include(bad.stderr, "usage: node dist/consumer.js")
-        const help = yield* run(producer, { args: ["--help"], env: noBroker })
-        assert.strictEqual(help.exitCode, 0, help.stderr)
-        assert.include(help.stderr, "usage: node dist/producer.js")
-        assert.notInclude(help.stderr, "not reachable")
+        for (const flag of ["--help", "-h"]) {
+          const help = yield* run(producer, { args: [flag], env: noBroker })
+          assert.strictEqual(help.exitCode, 0, help.stderr)
+          assert.include(help.stdout, "usage: node dist/producer.js", "on stdout, for `| less`")
+          assert.include(help.stdout, "--create-topic")
+          assert.notInclude(help.stderr, "not reachable")
+        }
       }),
     timeout
   )
@@ -81,7 +87,7 @@ describe("the programs without a broker", () => {
         // --help is answered whatever the environment holds.
         const help = yield* run(producer, { args: ["--help"], env: { ...noBroker, LOG_LEVEL: "verbose" } })
         assert.strictEqual(help.exitCode, 0, help.stderr)
-        assert.include(help.stderr, "usage: node dist/producer.js")
+        assert.include(help.stdout, "usage: node dist/producer.js")
       }),
     timeout
   )
@@ -110,7 +116,7 @@ describe("the programs without a broker", () => {
             env: noBroker,
             // The second refused attempt: it is waiting for the broker, in the reconnect Schedule.
             onStderr: (soFar, program) => {
-              if (soFar.includes("not reachable (attempt 2)") && Deferred.doneUnsafe(signalled, Effect.void)) {
+              if (soFar.includes("(attempt 2)") && Deferred.doneUnsafe(signalled, Effect.void)) {
                 program.child.kill("SIGTERM")
               }
             }
@@ -140,6 +146,34 @@ describe("the programs without a broker", () => {
         assert.strictEqual(result.exitCode, 1, result.stderr)
         assert.include(result.stderr, "did not stop within 1 s of SIGTERM")
         assert.isBelow(took, 5_000)
+      }),
+    timeout
+  )
+
+  it.live(
+    "--help lists every variable with its default, as the README does; a misspelled variable is warned about",
+    () =>
+      Effect.gen(function* () {
+        const help = yield* run(Program.consumerProgram, { args: ["-h"], env: noBroker })
+        assert.strictEqual(help.exitCode, 0, help.stderr)
+        for (const variable of KafkaConfig.variables) assert.include(help.stdout, `  ${variable} `)
+        const readme = Fs.readFileSync(Path.join(Program.root, "README.md"), "utf8")
+        for (const [name, fallback] of Help.variables) {
+          const row = readme.split("\n").find((line) => line.startsWith("| `") && line.includes(`\`${name}\``))
+          assert.include(row?.replaceAll("`", "") ?? "", `| ${fallback} |`, `${name}: the README's default`)
+        }
+        const signalled = yield* Deferred.make<void>()
+        const typo = yield* run(producer, {
+          env: { ...noBroker, KAFKA_BROKER: "127.0.0.1:9092" },
+          onStderr: (soFar, program) => {
+            if (soFar.includes("(attempt 1)") && Deferred.doneUnsafe(signalled, Effect.void))
+              program.child.kill("SIGTERM")
+          }
+        })
+        assert.include(typo.stderr, "KAFKA_BROKER is not a variable kafka-effect reads; did you mean KAFKA_BROKERS?")
+        // With no broker: one line an attempt naming where it tried, no stack trace.
+        assert.include(typo.stderr, "Kafka not reachable at 127.0.0.1:1 (attempt 1)")
+        assert.notInclude(typo.stderr, "    at ")
       }),
     timeout
   )

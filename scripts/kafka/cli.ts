@@ -7,7 +7,7 @@
  *   node --experimental-strip-types scripts/kafka/cli.ts jars
  *
  * `run` (what `npm run kafka` does) keeps the broker in the foreground until Ctrl-C; `start` leaves it running
- * in the background and prints `KAFKA_BROKERS=…` and `KAFKA_BROKER_DIR=…` for `eval`; `stop` ends it by its PID.
+ * in the background and prints `export KAFKA_BROKERS=…` and `export KAFKA_BROKER_DIR=…` for `eval`; `stop` ends it by its PID.
  *
  * SECURITY adds listeners next to PLAINTEXT: `--sasl user:password` (repeatable) a SASL_PLAINTEXT one with
  * SCRAM-SHA-256, SCRAM-SHA-512 and PLAIN, printed as `KAFKA_SASL_BROKERS=…`; `--tls` an SSL one with a generated CA,
@@ -50,6 +50,7 @@ const options: Broker.BrokerOptions = {
   tls: values.tls ? true : undefined
 }
 
+// `export` lines: `eval "$(… start)"` then sets them for the commands run after it (npm test, the programs).
 const describe = (broker: Broker.Broker) =>
   Console.log(
     [
@@ -59,7 +60,9 @@ const describe = (broker: Broker.Broker) =>
       ...(broker.saslBrokers ? [`KAFKA_SASL_BROKERS=${broker.saslBrokers}`] : []),
       ...(broker.tlsBrokers ? [`KAFKA_TLS_BROKERS=${broker.tlsBrokers}`] : []),
       ...(broker.caFile ? [`KAFKA_TLS_CA_FILE=${broker.caFile}`] : [])
-    ].join("\n")
+    ]
+      .map((line) => `export ${line}`)
+      .join("\n")
   )
 
 const commands: Record<string, Effect.Effect<void, Broker.BrokerError>> = {

@@ -194,6 +194,14 @@ const mutedMessages = new Set(["Limiting retries for the idempotent producer may
 const routine =
   /coordinator is loading|not the correct coordinator|coordinator is not available|rebalanc|re-?join|not aware of this member|UNKNOWN_MEMBER_ID|ILLEGAL_GENERATION|leadership election|LEADER_NOT_AVAILABLE|not the leader for|NOT_LEADER|does not host this topic-partition|Restarting the consumer/i
 
+/**
+ * Connecting to a broker that does not answer: `retryConnect` logs one line an attempt, naming the brokers, and a
+ * consumer or producer that loses its broker reports it as a failed operation; kafkajs' own lines (several an
+ * attempt, with stack traces) are for debugging.
+ */
+const connecting =
+  /Connection error|Connection timeout|ECONNREFUSED|ECONNRESET|EHOSTUNREACH|ENOTFOUND|Closed connection|Failed to connect|Connection closed/i
+
 /** The level a kafkajs log entry goes to the Effect logger at. */
 export const bridgedLevel = (
   level: KafkaJSLogLevel,
@@ -202,6 +210,7 @@ export const bridgedLevel = (
 ): LogLevel.Severity => {
   if (level !== KafkaJSLogLevel.ERROR && level !== KafkaJSLogLevel.WARN) return levelOf(level)
   const text = `${message} ${typeof fields.error === "string" ? fields.error : ""} ${typeof fields.type === "string" ? fields.type : ""}`
+  if (connecting.test(text)) return "Debug"
   return routine.test(text) ? "Info" : "Warn"
 }
 
@@ -209,11 +218,17 @@ const logCreator =
   (log: (effect: Effect.Effect<void>) => void) =>
   () =>
   ({ namespace, level, log: entry }: LogEntry) => {
-    const { message, timestamp: _timestamp, logger: _logger, ...fields } = entry
+    const { message, timestamp: _timestamp, logger: _logger, stack, ...fields } = entry
     if (mutedMessages.has(message)) return
+    const severity = bridgedLevel(level, message, fields)
+    // A stack trace says where inside kafkajs; worth reading only when debugging.
     log(
-      Effect.logWithLevel(bridgedLevel(level, message, fields))(message).pipe(
-        Effect.annotateLogs({ kafkajs: namespace, ...fields })
+      Effect.logWithLevel(severity)(message).pipe(
+        Effect.annotateLogs({
+          kafkajs: namespace,
+          ...fields,
+          ...(severity === "Debug" && stack !== undefined && { stack })
+        })
       )
     )
   }

@@ -20,7 +20,8 @@ import * as KafkaProducer from "../KafkaProducer.ts"
 import * as Observability from "../Observability.ts"
 import * as Processor from "../Processor.ts"
 import * as Replay from "../Replay.ts"
-import { boundShutdown, ProgramFailed, wholeFlag } from "./main.ts"
+import { environment } from "./help.ts"
+import { boundShutdown, ProgramFailed, warnMisspelled, wholeFlag } from "./main.ts"
 
 const usage = `usage: node dist/consumer.js [--transient-failures R] [--permanent-failures R] [--work-ms N]
        node dist/consumer.js replay [--error-tag TAG]… [--topic TOPIC]… [--since TIME] [--until TIME] [--max N] [--all-groups] [--dry-run]
@@ -36,7 +37,12 @@ const usage = `usage: node dist/consumer.js [--transient-failures R] [--permanen
     --until TIME          only dead-lettered before TIME
     --max N               at most N records
     --all-groups          also the dead letters of other consumer groups (a shared DLQ)
-    --dry-run             count what would be replayed, send nothing`
+    --dry-run             count what would be replayed, send nothing
+  -h, --help              this text
+Exit codes: 0 stopped by a signal (or a replay done); 1 the member or a replay failed (a corrupt batch, a send that
+failed for good); 2 a bad flag or variable, or topics missing.
+Environment:
+${environment()}`
 
 type Options =
   | {
@@ -64,7 +70,7 @@ const parseOptions = (argv: ReadonlyArray<string>): Effect.Effect<Options, Progr
           max: { type: "string" },
           "all-groups": { type: "boolean", default: false },
           "dry-run": { type: "boolean", default: false },
-          help: { type: "boolean", default: false }
+          help: { type: "boolean", short: "h", default: false }
         }
       })
       if (values.help) throw new Error("help")
@@ -235,6 +241,7 @@ export const main = (argv: ReadonlyArray<string>) =>
     // The flags (above) and every variable are checked before anything connects: a mistake stops start-up at
     // once (exit 2), whether a broker answers or not.
     const config = yield* KafkaConfig.all
+    yield* warnMisspelled(process.env)
     // After a signal: the members' shutdown (the shutdown timeout, then 5 s at most for the last commits and 3 s to
     // leave the group), the producer (below), and a second for each client's disconnect.
     yield* boundShutdown(Duration.sum(config.consumer.shutdownTimeout, Duration.seconds(15)))

@@ -13,6 +13,7 @@
 import * as Os from "node:os"
 import { NodeRuntime } from "@effect/platform-node"
 import { Cause, Data, Duration, Effect, Exit, Runtime } from "effect"
+import * as KafkaConfig from "../KafkaConfig.ts"
 
 export class ProgramFailed extends Data.TaggedError("ProgramFailed")<{
   readonly message: string
@@ -43,7 +44,55 @@ export const boundShutdown = (bound: Duration.Duration): Effect.Effect<void> =>
     shutdownBound = bound
   })
 
+/** Levenshtein distance, for the variables that look misspelled. */
+const distance = (a: string, b: string) => {
+  let previous = Array.from({ length: b.length + 1 }, (_, j) => j)
+  for (let i = 1; i <= a.length; i++) {
+    const current = [i]
+    for (let j = 1; j <= b.length; j++) {
+      current[j] = Math.min(
+        (previous[j] as number) + 1,
+        (current[j - 1] as number) + 1,
+        (previous[j - 1] as number) + (a[i - 1] === b[j - 1] ? 0 : 1)
+      )
+    }
+    previous = current
+  }
+  return previous[b.length] as number
+}
+
+/**
+ * Warns about environment variables that look like one of ours but are not (`KAFKA_BROKER` for `KAFKA_BROKERS`):
+ * silently ignored, they would leave a default in force.
+ */
+export const warnMisspelled = (env: NodeJS.ProcessEnv): Effect.Effect<void> =>
+  Effect.forEach(
+    Object.keys(env).filter((name) => /^(KAFKA|LOG|METRICS|OTEL)_/.test(name) && !known.has(name)),
+    (name) => {
+      const near = KafkaConfig.variables.find((variable) => distance(name, variable) <= 2)
+      return near === undefined
+        ? Effect.void
+        : Effect.logWarning(`${name} is not a variable kafka-effect reads; did you mean ${near}? (it is ignored)`)
+    },
+    { discard: true }
+  )
+const known = new Set<string>(KafkaConfig.variables)
+
+/**
+ * kafkajs 2.2.4 schedules a timer with a negative delay when it has no request pending, and Node (≥ 23) warns about
+ * it once per process; Node clamps it to 1 ms, as kafkajs meant. The programs print every other warning.
+ */
+const quietKafkajsTimers = () => {
+  const printers = process.listeners("warning")
+  process.removeAllListeners("warning")
+  process.on("warning", (warning) => {
+    if (warning.name === "TimeoutNegativeWarning") return
+    for (const print of printers) print(warning)
+  })
+}
+
 export const run = <E>(program: Effect.Effect<void, E>): void => {
+  quietKafkajsTimers()
   let signals = 0
   const onSignal = (signal: NodeJS.Signals) => {
     signals++
@@ -71,7 +120,8 @@ export const run = <E>(program: Effect.Effect<void, E>): void => {
       }
       const failed = Cause.squash(exit.cause)
       if (failed instanceof ProgramFailed) {
-        process.stderr.write(`${failed.message}\n`)
+        // Exit code 0 is `--help`: what was asked for, on stdout (so that `| less` shows it).
+        ;(failed.exitCode === 0 ? process.stdout : process.stderr).write(`${failed.message}\n`)
         return onExit(failed.exitCode)
       }
       process.stderr.write(`${Cause.pretty(exit.cause)}\n`)

@@ -32,16 +32,23 @@ import * as KafkaClient from "../KafkaClient.ts"
 import * as KafkaConfig from "../KafkaConfig.ts"
 import * as KafkaProducer from "../KafkaProducer.ts"
 import * as Observability from "../Observability.ts"
-import { boundShutdown, ProgramFailed, wholeFlag } from "./main.ts"
+import { environment } from "./help.ts"
+import { boundShutdown, ProgramFailed, warnMisspelled, wholeFlag } from "./main.ts"
 
-const usage = `usage: node dist/producer.js [--generate] [--count N] [--rate N] [--subjects N] [--source NAME]
-  NDJSON events on stdin are validated and sent; without stdin, sample events are generated.
-  --generate      generate sample events even when stdin is a pipe
-  --count N       how many to generate (default 1000; 0 = until stopped)
-  --rate N        events per second to generate (default 100; 0 = as fast as possible)
-  --subjects N    distinct subjects (Kafka keys) of generated events (default 100)
-  --source NAME   the source field of generated events (default kafka-effect-producer)
-  --create-topic  create KAFKA_PRODUCER_TOPIC first if it does not exist, with --partitions N (default 6)`
+const usage = `usage: node dist/producer.js [--generate] [--count N] [--rate N] [--subjects N] [--source NAME] [--create-topic [--partitions N]]
+  NDJSON events on stdin are validated and sent to KAFKA_PRODUCER_TOPIC; without stdin, sample events are generated.
+  --generate        generate sample events even when stdin is a pipe
+  --count N         how many to generate (default 1000; 0 = until stopped)
+  --rate N          events per second to generate (default 100; 0 = as fast as possible)
+  --subjects N      distinct subjects (Kafka keys) of generated events (default 100)
+  --source NAME     the source field of generated events (default kafka-effect-producer)
+  --create-topic    create KAFKA_PRODUCER_TOPIC first if it does not exist
+  --partitions N    its partitions (default 6)
+  -h, --help        this text
+Exit codes: 0 every event sent; 1 an invalid line, or a send failed or unacknowledged; 2 a bad flag or variable,
+or a topic that does not exist.
+Environment:
+${environment()}`
 
 interface Options {
   readonly generate: boolean
@@ -66,7 +73,7 @@ const parseOptions = (argv: ReadonlyArray<string>): Effect.Effect<Options, Progr
           source: { type: "string", default: "kafka-effect-producer" },
           "create-topic": { type: "boolean", default: false },
           partitions: { type: "string", default: "6" },
-          help: { type: "boolean", default: false }
+          help: { type: "boolean", short: "h", default: false }
         }
       })
       if (values.help) throw new Error("help")
@@ -156,6 +163,7 @@ export const main = (argv: ReadonlyArray<string>) =>
     // (exit 2), whether a broker answers or not.
     const options = yield* parseOptions(argv)
     yield* KafkaConfig.all
+    yield* warnMisspelled(process.env)
     yield* produce(options).pipe(
       Effect.provide(KafkaClient.layerConfig),
       // Logger, health, /metrics, OTLP: outside the client, so that connecting is logged and reported.
@@ -293,13 +301,27 @@ const produce = (options: Options) =>
       }
     })
 
+    const client = yield* KafkaClient.KafkaClient
     if (options.createTopic) {
-      const client = yield* KafkaClient.KafkaClient
       const created = yield* client.admin.createTopics([
         { topic: producerConfig.topic, partitions: options.partitions }
       ])
       if (created.length > 0)
         yield* Effect.logInfo(`created topic ${producerConfig.topic} with ${options.partitions} partitions`)
+    } else {
+      // Said once, before any event: sent to a topic that does not exist, each event would fail on its own.
+      const partitions = yield* client.admin.partitionCount(producerConfig.topic).pipe(
+        Effect.catchIf(
+          (error) => error.reason._tag === "UnknownTopic",
+          () => Effect.succeed(0)
+        )
+      )
+      if (partitions === 0) {
+        return yield* new ProgramFailed({
+          message: `topic ${producerConfig.topic} does not exist (KAFKA_PRODUCER_TOPIC); create it, or pass --create-topic`,
+          exitCode: 2
+        })
+      }
     }
     const mode = !options.generate && stdinHasData() ? "stdin" : "generate"
     yield* Effect.logInfo(

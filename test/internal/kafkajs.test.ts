@@ -160,6 +160,11 @@ describe("kafkajs errors → KafkaError reasons", () => {
           assert.strictEqual(bridgedLevel(ERROR, message, fields), "Info", message)
         for (const message of [
           "Connection error: connect ECONNREFUSED 127.0.0.1:9092",
+          "Failed to connect to seed broker, trying another broker from the list: Connection error: connect ECONNREFUSED"
+        ]) {
+          assert.strictEqual(bridgedLevel(ERROR, message, {}), "Debug", `retryConnect reports it: ${message}`)
+        }
+        for (const message of [
           "Crash: KafkaJSNumberOfRetriesExceeded: a handler bug",
           "Request Produce(key: 0, version: 7) timed out"
         ]) {
