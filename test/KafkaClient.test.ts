@@ -52,7 +52,7 @@ describe("KafkaClient.reconnectSchedule", () => {
       assert.strictEqual(messages.length, 8, "each failed attempt is logged")
       assert.match(
         messages[0] ?? "",
-        /^Kafka not reachable \(attempt 1\): connect failed \(ConnectionFailed, retriable\): ECONNREFUSED; retrying in \d+ms/
+        /^Kafka not reachable at localhost:9092 \(attempt 1\): ECONNREFUSED; retrying in \d+ms \(is KAFKA_BROKERS right\?\)/
       )
 
       const at = yield* times
