@@ -225,6 +225,629 @@ const problemsOf = (options: ProducerOptions): Array<KafkaConfig.ConfigProblem> 
   return problems
 }
 
+/**
+ * A producer's state: its options, its client, its lanes, what it knows of each topic, the sends waiting for a
+ * topic's route. The stages below (routing, queueing, batching and the drain, closing) each take it first.
+ */
+interface State {
+  readonly options: ProducerOptions
+  readonly client: KafkaClient.KafkaClient["Service"]
+  readonly laneCount: number
+  readonly lanes: ReadonlyArray<Lane>
+  /** what the producer knows of each topic in use (`readRoute`) */
+  readonly routes: Map<string, Route>
+  /** the sends of each topic whose route is being read, in the order they were made (`inLine`) */
+  readonly lines: Map<string, Array<Waiting>>
+  /** the fibers that read a topic's route and release the sends waiting for it (`release`) */
+  readonly readers: FiberSet.FiberSet<void>
+  /** the scope is closing: sends that would wait for a route are refused */
+  closing: boolean
+  readonly retry: Schedule.Schedule<Duration.Duration>
+  readonly maxBatchBytes: number
+  readonly lingerMillis: number
+  readonly produced: (attributes: Readonly<Record<string, string>>) => Metric.Counter<number>
+  readonly produceFailed: (attributes: Readonly<Record<string, string>>) => Metric.Counter<number>
+  /** the completions of sends whose failure is not counted (`SendOptions.countFailure`) */
+  readonly uncounted: WeakSet<Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>>
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Routing: which partition and lane a record goes to
+// ---------------------------------------------------------------------------------------------------------------
+// With several lanes the producer chooses each record's partition itself, as kafkajs' default partitioner would,
+// to send all of a partition's records through one lane. That needs partition counts: read once per topic and
+// again every `partitionCountMaxAge` (a topic can gain partitions). One lane leaves the choice to the client, and
+// reads the count only to check the topic and explicit partitions (`readRoute`).
+const partitionCount = (s: State, topic: string) =>
+  s.client.admin.partitionCount(topic).pipe(
+    Effect.flatMap((partitions) =>
+      partitions > 0
+        ? Effect.succeed(partitions)
+        : Effect.fail(
+            new KafkaClient.KafkaError({
+              operation: "fetch topic metadata",
+              topic,
+              reason: new KafkaClient.UnknownTopic({ topic })
+            })
+          )
+    ),
+    Effect.retry({ schedule: s.retry, times: s.options.retries, while: (error) => error.retriable })
+  )
+
+const routeOf = (s: State, topic: string) =>
+  Effect.flatMap(partitionCount(s, topic), (partitions) =>
+    // Null-keyed records start at a random partition, as kafkajs' partitioner does, so short-lived producers
+    // do not all begin with partition 0.
+    Effect.map(Random.nextIntBetween(0, partitions - 1), (start) => {
+      const known = s.routes.get(topic)
+      if (known !== undefined) return known
+      const route: Route = { partitions, roundRobin: start, laneOffset: s.routes.size }
+      s.routes.set(topic, route)
+      return route
+    }).pipe(
+      // The topic's counters from 0, so that its first failure is an increase that alerts see.
+      Effect.tap(() => Metric.update(s.produced({ topic }), 0)),
+      Effect.tap(() => Metric.update(s.produceFailed({ topic }), 0))
+    )
+  )
+
+/** Reads the partition counts of the topics in use again every `partitionCountMaxAge` (lanes > 1). */
+const refreshPartitionCounts = (s: State) =>
+  Effect.forEach(
+    s.routes,
+    ([topic, route]) =>
+      partitionCount(s, topic).pipe(
+        Effect.tap((partitions) =>
+          Effect.sync(() => {
+            route.partitions = partitions
+          })
+        ),
+        Effect.ignore
+      ),
+    { discard: true }
+  ).pipe(Effect.delay(partitionCountMaxAge), Effect.forever)
+
+/** The record's partition: its own, or its key's as kafkajs' default partitioner (murmur2), or round-robin. */
+const partitionOf = (record: OutgoingRecord, route: Route) => {
+  if (record.partition !== undefined) return record.partition
+  const key = record.key
+  if (key !== null && key !== undefined) return Murmur2.partitionForKey(key, route.partitions)
+  route.roundRobin = (route.roundRobin + 1) % route.partitions
+  return route.roundRobin
+}
+
+const partitionError = (topic: string, partition: number, detail: string) =>
+  new KafkaClient.KafkaError({
+    operation: "produce",
+    topic,
+    partition,
+    reason: new KafkaClient.BrokerError({ type: "UNKNOWN_TOPIC_OR_PARTITION", retriable: false, detail })
+  })
+
+/** Whether a record can go without reading its topic's route: the topic is known, and its partition if it names one. */
+const known = (route: Route | undefined, partition: number | undefined): route is Route =>
+  route !== undefined &&
+  (partition === undefined || (Number.isSafeInteger(partition) && partition >= 0 && partition < route.partitions))
+
+/**
+ * The topic's route: read on its first record (so a record for a topic that does not exist fails alone, not with
+ * the batch it would have joined), and the partition count read again when a record names a partition beyond it
+ * (the topic may have gained partitions). kafkajs leaves out the records of a partition it has no metadata for and
+ * writes the rest of the request, which then fails as a whole (no answer for that partition) and would be sent
+ * again: its other records twice.
+ */
+const readRoute = (s: State, topic: string): Effect.Effect<Route, KafkaClient.KafkaError> => {
+  const route = s.routes.get(topic)
+  if (route === undefined) return routeOf(s, topic)
+  return Effect.map(partitionCount(s, topic), (partitions) => {
+    route.partitions = partitions
+    return route
+  })
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Queueing: a send's record into its lane's queue, in send order
+// ---------------------------------------------------------------------------------------------------------------
+/**
+ * Puts the record in its lane's queue, waiting while the queue is full, and succeeds once it is queued. `done` is
+ * its completion, made before it is queued: a flush waits on it from the moment the record has a place in line.
+ */
+const enqueueTo = (
+  s: State,
+  fiber: Fiber.Fiber<unknown, unknown>,
+  record: OutgoingRecord,
+  topic: string,
+  route: Route | undefined,
+  span: Tracer.AnySpan | undefined,
+  done: Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>
+): Effect.Effect<void, ProducerClosed> => {
+  const partition = route === undefined ? record.partition : partitionOf(record, route)
+  const lane = (
+    route === undefined || partition === undefined ? s.lanes[0] : s.lanes[(partition + route.laneOffset) % s.laneCount]
+  ) as Lane
+  // The caller's span travels with the record (W3C trace context), so its consumer continues the trace.
+  const headers =
+    span !== undefined && record.headers?.[traceparentHeader] === undefined
+      ? { ...record.headers, [traceparentHeader]: traceparentOf(span) }
+      : record.headers
+  const pending: Pending = {
+    record: { topic, key: record.key ?? null, value: record.value, headers, partition, timestamp: record.timestamp },
+    done,
+    span
+  }
+  // The lane's last record from here on, also while it waits for room (offers wait in line): a flush waits for it.
+  lane.lastEnqueued = done
+  const queued = () => {
+    if (lane.waitingSince === undefined) lane.waitingSince = fiber.getRef(Clock.Clock).currentTimeMillisUnsafe()
+  }
+  // offerUnsafe refuses when the queue is full or ended; offer then waits for room, or says that it ended.
+  if (Queue.offerUnsafe(lane.queue, pending)) return Effect.sync(queued)
+  return Queue.offer(lane.queue, pending).pipe(
+    Effect.onInterrupt(() => Effect.sync(() => Deferred.doneUnsafe(done, Exit.interrupt(fiber.id)))),
+    Effect.flatMap((offered) => {
+      if (offered) return Effect.sync(queued)
+      const closed = new ProducerClosed({ topic })
+      Deferred.doneUnsafe(done, Exit.fail(closed))
+      return Effect.fail(closed)
+    })
+  )
+}
+
+/**
+ * Sends of a topic whose route is being read wait in that topic's line, in the order they were made, and one
+ * fiber (`release`) reads the route once and queues them all in that order: a send made meanwhile joins the line
+ * rather than overtake those in it. The line is a plain array walked by a loop, so however many sends wait, the
+ * stack and the work to release them stay flat (sends that each awaited the one before nested one resumption in
+ * the next, thousands deep).
+ */
+interface Waiting {
+  readonly record: OutgoingRecord
+  readonly span: Tracer.AnySpan | undefined
+  readonly done: Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>
+  /** succeeds once the record is queued; fails with why it was not */
+  readonly queued: Deferred.Deferred<void, ProduceError>
+  /** its caller was interrupted while it waited: it is not sent */
+  cancelled: boolean
+}
+
+const countFailed = (s: State, done: Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>, topic: string) =>
+  s.uncounted.has(done) ? Effect.void : Metric.update(s.produceFailed({ topic }), 1)
+
+const refuse = (s: State, topic: string, waiting: Waiting, cause: Cause.Cause<ProduceError>) => {
+  Deferred.doneUnsafe(waiting.queued, Exit.failCause(cause))
+  Deferred.doneUnsafe(waiting.done, Exit.failCause(cause))
+  // Refused before it was queued (no such topic or partition, or closed): a failed send all the same.
+  return countFailed(s, waiting.done, topic)
+}
+
+const release = (s: State, topic: string, line: Array<Waiting>) =>
+  Effect.withFiber((fiber) =>
+    Effect.flatMap(Effect.exit(readRoute(s, topic)), (read) => {
+      let index = 0
+      const next: Effect.Effect<void> = Effect.suspend(() => {
+        // The line is dropped in the same synchronous step as its last entry is seen: a send that finds no line
+        // goes straight to its lane, behind every record of this line.
+        if (index >= line.length) {
+          s.lines.delete(topic)
+          return Effect.void
+        }
+        const waiting = line[index++] as Waiting
+        if (waiting.cancelled) {
+          Deferred.doneUnsafe(waiting.done, Exit.interrupt())
+          return next
+        }
+        if (Exit.isFailure(read)) return Effect.andThen(refuse(s, topic, waiting, read.cause), next)
+        const route = read.value
+        const partition = waiting.record.partition
+        if (partition !== undefined && partition >= route.partitions) {
+          const detail = `partition ${partition} of ${topic} does not exist (it has ${route.partitions})`
+          return Effect.andThen(refuse(s, topic, waiting, Cause.fail(partitionError(topic, partition, detail))), next)
+        }
+        return enqueueTo(
+          s,
+          fiber,
+          waiting.record,
+          topic,
+          s.laneCount === 1 ? undefined : route,
+          waiting.span,
+          waiting.done
+        ).pipe(
+          Effect.matchEffect({
+            onSuccess: () => Effect.sync(() => Deferred.doneUnsafe(waiting.queued, Exit.void)),
+            onFailure: (closed) => refuse(s, topic, waiting, Cause.fail(closed))
+          }),
+          Effect.andThen(next)
+        )
+      })
+      return next
+    })
+  )
+
+/** Joins the topic's line (starting it, and its route read, if there is none); succeeds once the record is queued. */
+const inLine = (
+  s: State,
+  topic: string,
+  record: OutgoingRecord,
+  span: Tracer.AnySpan | undefined,
+  done: Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>
+): Effect.Effect<void, ProduceError> => {
+  const waiting: Waiting = { record, span, done, queued: Deferred.makeUnsafe(), cancelled: false }
+  const line = s.lines.get(topic)
+  const joined = Deferred.await(waiting.queued).pipe(
+    Effect.onInterrupt(() =>
+      Effect.sync(() => {
+        waiting.cancelled = true
+      })
+    )
+  )
+  if (line !== undefined) {
+    line.push(waiting)
+    return joined
+  }
+  const started: Array<Waiting> = [waiting]
+  s.lines.set(topic, started)
+  return Effect.andThen(FiberSet.run(s.readers, release(s, topic, started)), joined)
+}
+
+/** Queues a record (waiting for its topic's route on first use) and succeeds with its completion. */
+const enqueue = (
+  s: State,
+  record: OutgoingRecord,
+  sendOptions?: SendOptions | undefined
+): Effect.Effect<Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>, ProduceError> =>
+  Effect.withFiber((fiber) => {
+    const topic = record.topic ?? s.options.topic
+    const partition = record.partition
+    const done = Deferred.makeUnsafe<KafkaClient.RecordMetadata, ProduceError>()
+    if (sendOptions?.countFailure === false) s.uncounted.add(done)
+    const span = Context.getOrUndefined(fiber.context, Tracer.ParentSpan)
+    // The path of almost every record: a known topic, no partition or one known to exist, nobody in line.
+    if (s.lines.size === 0 || !s.lines.has(topic)) {
+      const route = s.routes.get(topic)
+      if (known(route, partition)) {
+        return Effect.as(enqueueTo(s, fiber, record, topic, s.laneCount === 1 ? undefined : route, span, done), done)
+      }
+    }
+    if (partition !== undefined && !(Number.isSafeInteger(partition) && partition >= 0)) {
+      const error = partitionError(topic, partition, `partition ${partition} is not a whole number from 0`)
+      return Effect.andThen(countFailed(s, done, topic), Effect.fail(error))
+    }
+    if (s.closing) return Effect.fail(new ProducerClosed({ topic }))
+    return Effect.as(inLine(s, topic, record, span, done), done)
+  })
+
+const sendOne = (s: State, record: OutgoingRecord, sendOptions?: SendOptions) =>
+  Effect.flatMap(enqueue(s, record, sendOptions), Deferred.await)
+
+const sendMany = (s: State, records: Iterable<OutgoingRecord>) =>
+  Effect.gen(function* () {
+    const pending: Array<Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>> = []
+    for (const record of records) pending.push(yield* enqueue(s, record))
+    return yield* Effect.forEach(pending, Deferred.await)
+  })
+
+/**
+ * What lingers leaves at once, and so does what is sent until every record sent before the flush is done: each
+ * lane's last record (lanes complete in queue order; a record waiting for room counts) and the sends still waiting
+ * for their topic's route.
+ */
+const flushLanes = (s: State) =>
+  Effect.suspend(() => {
+    const awaited: Array<Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>> = []
+    for (const lane of s.lanes) if (lane.lastEnqueued !== undefined) awaited.push(lane.lastEnqueued)
+    for (const line of s.lines.values()) for (const waiting of line) awaited.push(waiting.done)
+    if (awaited.length === 0) return Effect.void
+    return Effect.acquireUseRelease(
+      Effect.sync(() => {
+        for (const lane of s.lanes) {
+          lane.flushes++
+          if (lane.wakeUp !== undefined) Deferred.doneUnsafe(lane.wakeUp, Effect.void)
+        }
+      }),
+      () => Effect.forEach(awaited, (done) => Effect.ignore(Deferred.await(done)), { discard: true }),
+      () =>
+        Effect.sync(() => {
+          for (const lane of s.lanes) lane.flushes--
+        })
+    )
+  })
+
+// ---------------------------------------------------------------------------------------------------------------
+// Batching and the drain: one fiber a lane takes batches and sends them
+// ---------------------------------------------------------------------------------------------------------------
+/** The longest prefix of `batch` within maxBatchBytes (at least one record); the rest is carried. */
+const withinBytes = (s: State, lane: Lane, batch: ReadonlyArray<Pending>) => {
+  let bytes = 0
+  for (let index = 0; index < batch.length; index++) {
+    bytes += recordBytes((batch[index] as Pending).record)
+    if (bytes > s.maxBatchBytes && index > 0) {
+      lane.carried = batch.slice(index)
+      return batch.slice(0, index)
+    }
+  }
+  return batch
+}
+
+/**
+ * After a take: what is left is a full batch's overflow (takes take all that waits up to the batch size), whose
+ * records arrived before now, so now is a safe start for their linger; an empty queue has nothing waiting.
+ */
+const taken = (lane: Lane) =>
+  Effect.clockWith((clock) =>
+    Effect.sync(() => {
+      lane.waitingSince = Queue.sizeUnsafe(lane.queue) > 0 ? clock.currentTimeMillisUnsafe() : undefined
+    })
+  )
+
+/**
+ * The lane's next batch: what is waiting, plus what arrives until its oldest record has waited `linger` (without
+ * waiting once it is full). Records that queued while the previous request was in flight have waited already:
+ * counting the linger from the oldest, not from the take, keeps a busy lane from adding a linger to every request.
+ */
+const nextBatch = (s: State, lane: Lane) =>
+  Effect.gen(function* () {
+    if (lane.carried.length > 0) {
+      const batch = lane.carried
+      lane.carried = []
+      return withinBytes(s, lane, batch)
+    }
+    const batch = yield* Queue.takeBetween(lane.queue, 1, s.options.batchSize)
+    const oldest = lane.waitingSince
+    yield* taken(lane)
+    const missing = s.options.batchSize - batch.length
+    if (missing === 0 || s.lingerMillis <= 0 || lane.flushes > 0) return withinBytes(s, lane, batch)
+    const lingered = oldest === undefined ? 0 : (yield* Clock.currentTimeMillis) - oldest
+    if (lingered >= s.lingerMillis) {
+      return withinBytes(s, lane, batch)
+    }
+    // takeBetween takes atomically, so losing the race against the linger timer (or a flush) takes nothing.
+    // A queue ended while lingering (the scope is closing) has nothing more to give: send what we hold.
+    const wakeUp = Deferred.makeUnsafe<void>()
+    lane.wakeUp = wakeUp
+    const rest = yield* Queue.takeBetween(lane.queue, missing, missing).pipe(
+      Effect.timeoutOption(Duration.millis(s.lingerMillis - lingered)),
+      Effect.catch(() => Effect.succeedNone),
+      Effect.raceFirst(Effect.as(Deferred.await(wakeUp), Option.none<Array<Pending>>())),
+      Effect.ensuring(Effect.sync(() => (lane.wakeUp = undefined)))
+    )
+    if (Option.isSome(rest)) {
+      yield* taken(lane)
+      return withinBytes(s, lane, [...batch, ...rest.value])
+    }
+    const waiting = yield* Queue.size(lane.queue)
+    if (waiting === 0) return withinBytes(s, lane, batch)
+    const more = yield* Queue.takeBetween(lane.queue, 1, missing)
+    yield* taken(lane)
+    return withinBytes(s, lane, [...batch, ...more])
+  })
+
+/** One request of `batch`'s records, retriable failures tried again on the schedule; its outcome, with its time. */
+const request = (s: State, lane: Lane, batch: ReadonlyArray<Pending>) =>
+  Effect.suspend(() => {
+    const records = new Array<KafkaClient.ProducerRecord>(batch.length)
+    // The drain fiber has no span of its own: the request's span links to each caller's, so that a trace of a
+    // send leads to the request that carried it.
+    const links: Array<Tracer.SpanLink> = []
+    for (let index = 0; index < batch.length; index++) {
+      const pending = batch[index] as Pending
+      records[index] = pending.record
+      if (pending.span !== undefined) links.push({ span: pending.span, attributes: noAttributes })
+    }
+    return lane.connection.send(records).pipe(
+      Effect.tapError((error) =>
+        error.retriable ? Effect.logWarning(`produce failed, will retry: ${error.message}`) : Effect.void
+      ),
+      // An unknown topic too: its first record found it (`readRoute`), so now it is being re-created, or the
+      // answering broker has not heard of it yet (kafkajs itself deems that error retriable); deleted, it fails
+      // after the retries.
+      Effect.retry({
+        schedule: s.retry,
+        times: s.options.retries,
+        while: (error) => error.retriable || error.reason._tag === "UnknownTopic"
+      }),
+      Effect.withSpan(
+        "kafka.produce",
+        {
+          kind: "producer",
+          attributes: { "messaging.system": "kafka", "messaging.batch.message_count": batch.length },
+          links
+        },
+        // The drain fiber's stack says nothing about the callers, and capturing it costs an Error per request.
+        { captureStackTrace: false }
+      ),
+      Effect.timed,
+      Effect.exit
+    )
+  })
+
+/** Completes each caller of `batch` with its metadata, or all of them with the request's failure. */
+const complete = (
+  s: State,
+  batch: ReadonlyArray<Pending>,
+  exit: Exit.Exit<[Duration.Duration, ReadonlyArray<KafkaClient.RecordMetadata>], KafkaClient.KafkaError>
+) =>
+  Effect.suspend(() => {
+    if (Exit.isSuccess(exit)) {
+      const metadata = exit.value[1]
+      for (let index = 0; index < batch.length; index++) {
+        Deferred.doneUnsafe((batch[index] as Pending).done, Exit.succeed(metadata[index] as KafkaClient.RecordMetadata))
+      }
+    } else {
+      const failed = Exit.failCause(exit.cause)
+      for (const pending of batch) Deferred.doneUnsafe(pending.done, failed)
+      // A topic deleted since its route was read: the next record for it reads it again, and fails alone.
+      const error = Cause.findErrorOption(exit.cause)
+      if (Option.isSome(error) && error.value.reason._tag === "UnknownTopic") s.routes.delete(error.value.reason.topic)
+    }
+    const perTopic = new Map<string, number>()
+    for (const pending of batch) {
+      if (Exit.isFailure(exit) && s.uncounted.has(pending.done)) continue
+      perTopic.set(pending.record.topic, (perTopic.get(pending.record.topic) ?? 0) + 1)
+    }
+    const counter = Exit.isSuccess(exit) ? s.produced : s.produceFailed
+    return Effect.forEach(perTopic, ([topic, n]) => Metric.update(counter({ topic }), n), { discard: true }).pipe(
+      Effect.andThen(
+        Exit.isSuccess(exit) ? Metric.update(Metrics.produceLatency, Duration.toSeconds(exit.value[0])) : Effect.void
+      )
+    )
+  })
+
+/**
+ * Sends a batch and completes its callers, each with its own outcome where the request's failure may not be
+ * theirs. A request that failed for good (or after its retries) holding several topics is sent again topic by
+ * topic, so a topic that is deleted, not authorised or unreachable fails its own records only. One of a single
+ * topic that failed for good is sent again record by record: kafkajs fails a whole answer on the first partition's
+ * error (a record too large for its topic's `max.message.bytes`), which would fail its batch-mates too — unless
+ * the topic is unknown, which all of its records share. Resends go in order, so a partition keeps its order;
+ * records of partitions the failed request had written may be stored twice (at-least-once).
+ */
+const sendBatch = (s: State, lane: Lane, batch: ReadonlyArray<Pending>): Effect.Effect<void> =>
+  Effect.flatMap(request(s, lane, batch), (exit) => {
+    if (batch.length === 1 || Exit.isSuccess(exit)) return complete(s, batch, exit)
+    const byTopic = new Map<string, Array<Pending>>()
+    for (const pending of batch) {
+      const of = byTopic.get(pending.record.topic)
+      if (of === undefined) byTopic.set(pending.record.topic, [pending])
+      else of.push(pending)
+    }
+    if (byTopic.size > 1) {
+      return Effect.forEach(byTopic.values(), (records) => sendBatch(s, lane, records), { discard: true })
+    }
+    const error = Cause.findErrorOption(exit.cause)
+    if (Option.isSome(error) && !error.value.retriable && error.value.reason._tag !== "UnknownTopic") {
+      return Effect.forEach(
+        batch,
+        (pending) => Effect.flatMap(request(s, lane, [pending]), (one) => complete(s, [pending], one)),
+        { discard: true }
+      )
+    }
+    return complete(s, batch, exit)
+  })
+
+// Each lane sends one batch at a time and retries it before the next, so the records of a partition (always
+// the same lane) are written in the order they were sent; the lanes' requests are in flight together.
+const drain = (s: State, lane: Lane) =>
+  Effect.gen(function* () {
+    // Ends when the queue is ended and empty (takeBetween fails) — never with records carried over.
+    while (true) {
+      const batch = yield* nextBatch(s, lane)
+      lane.inFlight = batch
+      lane.sendingSince = yield* Clock.currentTimeMillis
+      yield* Effect.uninterruptible(sendBatch(s, lane, batch))
+      lane.inFlight = []
+      lane.sendingSince = undefined
+    }
+  }).pipe(Effect.catchCause(() => Effect.void))
+
+// ---------------------------------------------------------------------------------------------------------------
+// Readiness and closing
+// ---------------------------------------------------------------------------------------------------------------
+/**
+ * Readiness follows the sends: a batch that has had no answer (its retries included) for `stalledAfter` makes the
+ * producer not ready, with the reason, until it ends: a hung broker neither refuses nor answers.
+ */
+const watchStalls = (s: State) => {
+  let stalled: string | undefined
+  return Effect.repeat(
+    Effect.gen(function* () {
+      const now = yield* Clock.currentTimeMillis
+      let oldest = now
+      for (const lane of s.lanes) if (lane.sendingSince !== undefined) oldest = Math.min(oldest, lane.sendingSince)
+      const was = stalled
+      stalled =
+        now - oldest > Duration.toMillis(stalledAfter)
+          ? `a produce request unanswered for ${Math.round((now - oldest) / 1000)} s`
+          : undefined
+      if (stalled !== was) yield* Observability.report("producer", stalled === undefined, stalled)
+    }),
+    Schedule.spaced("1 second")
+  )
+}
+
+/**
+ * Closing: nothing lingers from here on; sends waiting for a route are queued first (or refused), then the queues
+ * end and the lanes drain, all within the flush timeout. Past it, every caller still waiting (for a route, for room
+ * in a queue, for an answer) fails with `ProducerClosed`.
+ */
+const close = (s: State, drainers: ReadonlyArray<Fiber.Fiber<void>>) =>
+  Effect.gen(function* () {
+    s.closing = true
+    // Nothing lingers from here on.
+    for (const lane of s.lanes) {
+      lane.flushes++
+      if (lane.wakeUp !== undefined) Deferred.doneUnsafe(lane.wakeUp, Effect.void)
+    }
+    // Sends waiting for a route are queued first (or refused), then the queues end and drain; all within the
+    // flush timeout.
+    const flushed = yield* FiberSet.awaitEmpty(s.readers).pipe(
+      Effect.andThen(Effect.forEach(s.lanes, (lane) => Queue.end(lane.queue), { discard: true })),
+      Effect.andThen(Fiber.joinAll(drainers)),
+      Effect.timeoutOption(s.options.flushTimeout ?? Duration.seconds(30))
+    )
+    if (Option.isNone(flushed)) {
+      yield* FiberSet.clear(s.readers)
+      for (const [topic, line] of s.lines) {
+        for (const waiting of line) {
+          if (!Deferred.isDoneUnsafe(waiting.done)) {
+            yield* refuse(s, topic, waiting, Cause.fail(new ProducerClosed({ topic })))
+          }
+        }
+      }
+      s.lines.clear()
+      for (const lane of s.lanes) yield* Queue.end(lane.queue)
+      // Not waited for: a batch being sent goes on (uninterruptible) with its retries and back-offs, which could
+      // outlast the flush timeout by minutes; its callers are failed below, and the fiber ends after that batch.
+      yield* Effect.forkDetach(Fiber.interruptAll(drainers))
+      const abandoned: Array<Pending> = []
+      for (const lane of s.lanes) {
+        abandoned.push(...lane.inFlight, ...lane.carried)
+        // Clearing makes room, which lets in the sends that waited for it: clear until nothing comes, then shut
+        // the queue so that a send still waiting is refused (ProducerClosed) rather than left waiting for ever.
+        while (true) {
+          const waiting = yield* Queue.clear(lane.queue)
+          if (waiting.length === 0) break
+          abandoned.push(...waiting)
+        }
+        yield* Queue.shutdown(lane.queue)
+      }
+      yield* Effect.logWarning(
+        `producer closed with ${abandoned.length} records unsent or unacknowledged after the flush timeout`
+      )
+      for (const pending of abandoned) {
+        // A record whose batch was completed meanwhile (its ack or error came) is counted there.
+        if (Deferred.isDoneUnsafe(pending.done)) continue
+        Deferred.doneUnsafe(pending.done, Effect.fail(new ProducerClosed({ topic: pending.record.topic })))
+        yield* countFailed(s, pending.done, pending.record.topic)
+      }
+    }
+  })
+
+/** A lane: its producer connection, a bounded queue of its share of the capacity, and nothing in flight yet. */
+const makeLane = (client: KafkaClient.KafkaClient["Service"], options: ProducerOptions, capacity: number) =>
+  Effect.gen(function* () {
+    const connection = yield* client.producer({
+      idempotent: options.idempotent,
+      acks: options.acks,
+      compression: options.compression
+    })
+    const queue = yield* Queue.bounded<Pending, Cause.Done>(capacity)
+    const lane: Lane = {
+      connection,
+      queue,
+      inFlight: [],
+      sendingSince: undefined,
+      carried: [],
+      lastEnqueued: undefined,
+      waitingSince: undefined,
+      flushes: 0,
+      wakeUp: undefined
+    }
+    return lane
+  })
+
+// ---------------------------------------------------------------------------------------------------------------
+// The service
+// ---------------------------------------------------------------------------------------------------------------
 export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
   // A batch size of 0 would drain empty batches for ever; acks other than all would fail every idempotent send.
   const problems = problemsOf(options)
@@ -233,604 +856,40 @@ export const make = Effect.fnUntraced(function* (options: ProducerOptions) {
   const laneCount = Math.max(1, Math.floor(options.lanes ?? defaultLanes))
   // The bound holds for all lanes together: each lane's queue takes its share.
   const laneCapacity = Math.max(1, Math.ceil(options.queueCapacity / laneCount))
-  const lanes: ReadonlyArray<Lane> = yield* Effect.forEach(
-    Array.from({ length: laneCount }, (_, index) => index),
-    () =>
-      Effect.gen(function* () {
-        const connection = yield* client.producer({
-          idempotent: options.idempotent,
-          acks: options.acks,
-          compression: options.compression
-        })
-        const queue = yield* Queue.bounded<Pending, Cause.Done>(laneCapacity)
-        const lane: Lane = {
-          connection,
-          queue,
-          inFlight: [],
-          sendingSince: undefined,
-          carried: [],
-          lastEnqueued: undefined,
-          waitingSince: undefined,
-          flushes: 0,
-          wakeUp: undefined
-        }
-        return lane
-      }),
+  const lanes = yield* Effect.forEach(
+    Array.from({ length: laneCount }),
+    () => makeLane(client, options, laneCapacity),
     { concurrency: "unbounded" }
   )
   yield* Observability.report("producer", true)
   yield* Effect.addFinalizer(() => Observability.report("producer", false))
-  // Readiness follows the sends: a batch that has had no answer (its retries included) for `stalledAfter` makes the
-  // producer not ready, with the reason, until it ends: a hung broker neither refuses nor answers.
-  let stalled: string | undefined
-  yield* Effect.forkScoped(
-    Effect.repeat(
-      Effect.gen(function* () {
-        const now = yield* Clock.currentTimeMillis
-        let oldest = now
-        for (const lane of lanes) if (lane.sendingSince !== undefined) oldest = Math.min(oldest, lane.sendingSince)
-        const was = stalled
-        stalled =
-          now - oldest > Duration.toMillis(stalledAfter)
-            ? `a produce request unanswered for ${Math.round((now - oldest) / 1000)} s`
-            : undefined
-        if (stalled !== was) yield* Observability.report("producer", stalled === undefined, stalled)
-      }),
-      Schedule.spaced("1 second")
-    )
-  )
-  const produced = Metrics.tagged(Metrics.recordsProduced)
-  const produceFailed = Metrics.tagged(Metrics.recordsProduceFailed)
-  // The completions of sends whose failure is not counted (`SendOptions.countFailure`).
-  const uncounted = new WeakSet<Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>>()
-  const countFailed = (done: Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>, topic: string) =>
-    uncounted.has(done) ? Effect.void : Metric.update(produceFailed({ topic }), 1)
-  const retry = retrySchedule(
-    options.retryBackoff ?? Duration.millis(100),
-    options.retryBackoffMax ?? Duration.seconds(5)
-  )
-  const maxBatchBytes = options.maxBatchBytes ?? 1_000_000
-
-  // What the producer knows of each topic in use (see `routeFor`).
-  const routes = new Map<string, Route>()
-
-  /** One request of `batch`'s records, retriable failures tried again on the schedule; its outcome, with its time. */
-  const request = (lane: Lane, batch: ReadonlyArray<Pending>) =>
-    Effect.suspend(() => {
-      const records = new Array<KafkaClient.ProducerRecord>(batch.length)
-      // The drain fiber has no span of its own: the request's span links to each caller's, so that a trace of a
-      // send leads to the request that carried it.
-      const links: Array<Tracer.SpanLink> = []
-      for (let index = 0; index < batch.length; index++) {
-        const pending = batch[index] as Pending
-        records[index] = pending.record
-        if (pending.span !== undefined) links.push({ span: pending.span, attributes: noAttributes })
-      }
-      return lane.connection.send(records).pipe(
-        Effect.tapError((error) =>
-          error.retriable ? Effect.logWarning(`produce failed, will retry: ${error.message}`) : Effect.void
-        ),
-        // An unknown topic too: its first record found it (`routeFor`), so now it is being re-created, or the
-        // answering broker has not heard of it yet (kafkajs itself deems that error retriable); deleted, it fails
-        // after the retries.
-        Effect.retry({
-          schedule: retry,
-          times: options.retries,
-          while: (error) => error.retriable || error.reason._tag === "UnknownTopic"
-        }),
-        Effect.withSpan(
-          "kafka.produce",
-          {
-            kind: "producer",
-            attributes: { "messaging.system": "kafka", "messaging.batch.message_count": batch.length },
-            links
-          },
-          // The drain fiber's stack says nothing about the callers, and capturing it costs an Error per request.
-          { captureStackTrace: false }
-        ),
-        Effect.timed,
-        Effect.exit
-      )
-    })
-
-  /** Completes each caller of `batch` with its metadata, or all of them with the request's failure. */
-  const complete = (
-    batch: ReadonlyArray<Pending>,
-    exit: Exit.Exit<[Duration.Duration, ReadonlyArray<KafkaClient.RecordMetadata>], KafkaClient.KafkaError>
-  ) =>
-    Effect.suspend(() => {
-      if (Exit.isSuccess(exit)) {
-        const metadata = exit.value[1]
-        for (let index = 0; index < batch.length; index++) {
-          Deferred.doneUnsafe(
-            (batch[index] as Pending).done,
-            Exit.succeed(metadata[index] as KafkaClient.RecordMetadata)
-          )
-        }
-      } else {
-        const failed = Exit.failCause(exit.cause)
-        for (const pending of batch) Deferred.doneUnsafe(pending.done, failed)
-        // A topic deleted since its route was read: the next record for it reads it again, and fails alone.
-        const error = Cause.findErrorOption(exit.cause)
-        if (Option.isSome(error) && error.value.reason._tag === "UnknownTopic") routes.delete(error.value.reason.topic)
-      }
-      const perTopic = new Map<string, number>()
-      for (const pending of batch) {
-        if (Exit.isFailure(exit) && uncounted.has(pending.done)) continue
-        perTopic.set(pending.record.topic, (perTopic.get(pending.record.topic) ?? 0) + 1)
-      }
-      const counter = Exit.isSuccess(exit) ? produced : produceFailed
-      return Effect.forEach(perTopic, ([topic, n]) => Metric.update(counter({ topic }), n), { discard: true }).pipe(
-        Effect.andThen(
-          Exit.isSuccess(exit) ? Metric.update(Metrics.produceLatency, Duration.toSeconds(exit.value[0])) : Effect.void
-        )
-      )
-    })
-
-  /**
-   * Sends a batch and completes its callers, each with its own outcome where the request's failure may not be
-   * theirs. A request that failed for good (or after its retries) holding several topics is sent again topic by
-   * topic, so a topic that is deleted, not authorised or unreachable fails its own records only. One of a single
-   * topic that failed for good is sent again record by record: kafkajs fails a whole answer on the first partition's
-   * error (a record too large for its topic's `max.message.bytes`), which would fail its batch-mates too — unless
-   * the topic is unknown, which all of its records share. Resends go in order, so a partition keeps its order;
-   * records of partitions the failed request had written may be stored twice (at-least-once).
-   */
-  const sendBatch = (lane: Lane, batch: ReadonlyArray<Pending>): Effect.Effect<void> =>
-    Effect.flatMap(request(lane, batch), (exit) => {
-      if (batch.length === 1 || Exit.isSuccess(exit)) return complete(batch, exit)
-      const byTopic = new Map<string, Array<Pending>>()
-      for (const pending of batch) {
-        const of = byTopic.get(pending.record.topic)
-        if (of === undefined) byTopic.set(pending.record.topic, [pending])
-        else of.push(pending)
-      }
-      if (byTopic.size > 1) {
-        return Effect.forEach(byTopic.values(), (records) => sendBatch(lane, records), { discard: true })
-      }
-      const error = Cause.findErrorOption(exit.cause)
-      if (Option.isSome(error) && !error.value.retriable && error.value.reason._tag !== "UnknownTopic") {
-        return Effect.forEach(
-          batch,
-          (pending) => Effect.flatMap(request(lane, [pending]), (one) => complete([pending], one)),
-          { discard: true }
-        )
-      }
-      return complete(batch, exit)
-    })
-
-  /** The longest prefix of `batch` within maxBatchBytes (at least one record); the rest is carried. */
-  const withinBytes = (lane: Lane, batch: ReadonlyArray<Pending>) => {
-    let bytes = 0
-    for (let index = 0; index < batch.length; index++) {
-      bytes += recordBytes((batch[index] as Pending).record)
-      if (bytes > maxBatchBytes && index > 0) {
-        lane.carried = batch.slice(index)
-        return batch.slice(0, index)
-      }
-    }
-    return batch
+  const s: State = {
+    options,
+    client,
+    laneCount,
+    lanes,
+    routes: new Map(),
+    lines: new Map(),
+    // Made before `close` is added, so that the readers are interrupted after it (finalizers run in reverse), not
+    // before it waits for them.
+    readers: yield* FiberSet.make<void>(),
+    closing: false,
+    retry: retrySchedule(options.retryBackoff ?? Duration.millis(100), options.retryBackoffMax ?? Duration.seconds(5)),
+    maxBatchBytes: options.maxBatchBytes ?? 1_000_000,
+    lingerMillis: Duration.toMillis(options.linger),
+    produced: Metrics.tagged(Metrics.recordsProduced),
+    produceFailed: Metrics.tagged(Metrics.recordsProduceFailed),
+    uncounted: new WeakSet()
   }
-
-  const lingerMillis = Duration.toMillis(options.linger)
-
-  /**
-   * After a take: what is left is a full batch's overflow (takes take all that waits up to the batch size), whose
-   * records arrived before now, so now is a safe start for their linger; an empty queue has nothing waiting.
-   */
-  const taken = (lane: Lane) =>
-    Effect.clockWith((clock) =>
-      Effect.sync(() => {
-        lane.waitingSince = Queue.sizeUnsafe(lane.queue) > 0 ? clock.currentTimeMillisUnsafe() : undefined
-      })
-    )
-
-  /**
-   * The lane's next batch: what is waiting, plus what arrives until its oldest record has waited `linger` (without
-   * waiting once it is full). Records that queued while the previous request was in flight have waited already:
-   * counting the linger from the oldest, not from the take, keeps a busy lane from adding a linger to every request.
-   */
-  const nextBatch = (lane: Lane) =>
-    Effect.gen(function* () {
-      if (lane.carried.length > 0) {
-        const batch = lane.carried
-        lane.carried = []
-        return withinBytes(lane, batch)
-      }
-      const batch = yield* Queue.takeBetween(lane.queue, 1, options.batchSize)
-      const oldest = lane.waitingSince
-      yield* taken(lane)
-      const missing = options.batchSize - batch.length
-      if (missing === 0 || lingerMillis <= 0 || lane.flushes > 0) return withinBytes(lane, batch)
-      const lingered = oldest === undefined ? 0 : (yield* Clock.currentTimeMillis) - oldest
-      if (lingered >= lingerMillis) {
-        return withinBytes(lane, batch)
-      }
-      // takeBetween takes atomically, so losing the race against the linger timer (or a flush) takes nothing.
-      // A queue ended while lingering (the scope is closing) has nothing more to give: send what we hold.
-      const wakeUp = Deferred.makeUnsafe<void>()
-      lane.wakeUp = wakeUp
-      const rest = yield* Queue.takeBetween(lane.queue, missing, missing).pipe(
-        Effect.timeoutOption(Duration.millis(lingerMillis - lingered)),
-        Effect.catch(() => Effect.succeedNone),
-        Effect.raceFirst(Effect.as(Deferred.await(wakeUp), Option.none<Array<Pending>>())),
-        Effect.ensuring(Effect.sync(() => (lane.wakeUp = undefined)))
-      )
-      if (Option.isSome(rest)) {
-        yield* taken(lane)
-        return withinBytes(lane, [...batch, ...rest.value])
-      }
-      const waiting = yield* Queue.size(lane.queue)
-      if (waiting === 0) return withinBytes(lane, batch)
-      const more = yield* Queue.takeBetween(lane.queue, 1, missing)
-      yield* taken(lane)
-      return withinBytes(lane, [...batch, ...more])
-    })
-
-  // Each lane sends one batch at a time and retries it before the next, so the records of a partition (always
-  // the same lane) are written in the order they were sent; the lanes' requests are in flight together.
-  const drain = (lane: Lane) =>
-    Effect.gen(function* () {
-      // Ends when the queue is ended and empty (takeBetween fails) — never with records carried over.
-      while (true) {
-        const batch = yield* nextBatch(lane)
-        lane.inFlight = batch
-        lane.sendingSince = yield* Clock.currentTimeMillis
-        yield* Effect.uninterruptible(sendBatch(lane, batch))
-        lane.inFlight = []
-        lane.sendingSince = undefined
-      }
-    }).pipe(Effect.catchCause(() => Effect.void))
-
-  const drainers = yield* Effect.forEach(lanes, (lane) => Effect.forkDetach(drain(lane)))
-  // The fibers that read a topic's route and release the sends waiting for it (`inLine`). Made before the
-  // finalizer below, so that they are interrupted after it (finalizers run in reverse), not before it waits for them.
-  const readers = yield* FiberSet.make<void>()
-
-  yield* Effect.addFinalizer(() =>
-    Effect.gen(function* () {
-      closing = true
-      // Nothing lingers from here on.
-      for (const lane of lanes) {
-        lane.flushes++
-        if (lane.wakeUp !== undefined) Deferred.doneUnsafe(lane.wakeUp, Effect.void)
-      }
-      // Sends waiting for a route are queued first (or refused), then the queues end and drain; all within the
-      // flush timeout.
-      const flushed = yield* FiberSet.awaitEmpty(readers).pipe(
-        Effect.andThen(Effect.forEach(lanes, (lane) => Queue.end(lane.queue), { discard: true })),
-        Effect.andThen(Fiber.joinAll(drainers)),
-        Effect.timeoutOption(options.flushTimeout ?? Duration.seconds(30))
-      )
-      if (Option.isNone(flushed)) {
-        yield* FiberSet.clear(readers)
-        for (const [topic, line] of lines) {
-          for (const waiting of line) {
-            if (!Deferred.isDoneUnsafe(waiting.done)) {
-              yield* refuse(topic, waiting, Cause.fail(new ProducerClosed({ topic })))
-            }
-          }
-        }
-        lines.clear()
-        for (const lane of lanes) yield* Queue.end(lane.queue)
-        // Not waited for: a batch being sent goes on (uninterruptible) with its retries and back-offs, which could
-        // outlast the flush timeout by minutes; its callers are failed below, and the fiber ends after that batch.
-        yield* Effect.forkDetach(Fiber.interruptAll(drainers))
-        const abandoned: Array<Pending> = []
-        for (const lane of lanes) {
-          abandoned.push(...lane.inFlight, ...lane.carried)
-          // Clearing makes room, which lets in the sends that waited for it: clear until nothing comes, then shut
-          // the queue so that a send still waiting is refused (ProducerClosed) rather than left waiting for ever.
-          while (true) {
-            const waiting = yield* Queue.clear(lane.queue)
-            if (waiting.length === 0) break
-            abandoned.push(...waiting)
-          }
-          yield* Queue.shutdown(lane.queue)
-        }
-        yield* Effect.logWarning(
-          `producer closed with ${abandoned.length} records unsent or unacknowledged after the flush timeout`
-        )
-        for (const pending of abandoned) {
-          // A record whose batch was completed meanwhile (its ack or error came) is counted there.
-          if (Deferred.isDoneUnsafe(pending.done)) continue
-          Deferred.doneUnsafe(pending.done, Effect.fail(new ProducerClosed({ topic: pending.record.topic })))
-          yield* countFailed(pending.done, pending.record.topic)
-        }
-      }
-    })
-  )
-
-  // With several lanes the producer chooses each record's partition itself, as kafkajs' default partitioner would,
-  // to send all of a partition's records through one lane. That needs partition counts: read once per topic and
-  // again every `partitionCountMaxAge` (a topic can gain partitions). One lane leaves the choice to the client, and
-  // reads the count only to check the topic and explicit partitions (`routeFor`).
-  const partitionCount = (topic: string) =>
-    client.admin.partitionCount(topic).pipe(
-      Effect.flatMap((partitions) =>
-        partitions > 0
-          ? Effect.succeed(partitions)
-          : Effect.fail(
-              new KafkaClient.KafkaError({
-                operation: "fetch topic metadata",
-                topic,
-                reason: new KafkaClient.UnknownTopic({ topic })
-              })
-            )
-      ),
-      Effect.retry({ schedule: retry, times: options.retries, while: (error) => error.retriable })
-    )
-  const routeOf = (topic: string) =>
-    Effect.flatMap(partitionCount(topic), (partitions) =>
-      // Null-keyed records start at a random partition, as kafkajs' partitioner does, so short-lived producers
-      // do not all begin with partition 0.
-      Effect.map(Random.nextIntBetween(0, partitions - 1), (start) => {
-        const known = routes.get(topic)
-        if (known !== undefined) return known
-        const route: Route = { partitions, roundRobin: start, laneOffset: routes.size }
-        routes.set(topic, route)
-        return route
-      }).pipe(
-        // The topic's counters from 0, so that its first failure is an increase that alerts see.
-        Effect.tap(() => Metric.update(produced({ topic }), 0)),
-        Effect.tap(() => Metric.update(produceFailed({ topic }), 0))
-      )
-    )
-  if (laneCount > 1) {
-    yield* Effect.forkScoped(
-      Effect.forEach(
-        routes,
-        ([topic, route]) =>
-          partitionCount(topic).pipe(
-            Effect.tap((partitions) =>
-              Effect.sync(() => {
-                route.partitions = partitions
-              })
-            ),
-            Effect.ignore
-          ),
-        { discard: true }
-      ).pipe(Effect.delay(partitionCountMaxAge), Effect.forever)
-    )
-  }
-
-  /** The record's partition: its own, or its key's as kafkajs' default partitioner (murmur2), or round-robin. */
-  const partitionOf = (record: OutgoingRecord, route: Route) => {
-    if (record.partition !== undefined) return record.partition
-    const key = record.key
-    if (key !== null && key !== undefined) return Murmur2.partitionForKey(key, route.partitions)
-    route.roundRobin = (route.roundRobin + 1) % route.partitions
-    return route.roundRobin
-  }
-
-  /**
-   * Puts the record in its lane's queue, waiting while the queue is full, and succeeds once it is queued. `done` is
-   * its completion, made before it is queued: a flush waits on it from the moment the record has a place in line.
-   */
-  const enqueueTo = (
-    fiber: Fiber.Fiber<unknown, unknown>,
-    record: OutgoingRecord,
-    topic: string,
-    route: Route | undefined,
-    span: Tracer.AnySpan | undefined,
-    done: Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>
-  ): Effect.Effect<void, ProducerClosed> => {
-    const partition = route === undefined ? record.partition : partitionOf(record, route)
-    const lane = (
-      route === undefined || partition === undefined ? lanes[0] : lanes[(partition + route.laneOffset) % laneCount]
-    ) as Lane
-    // The caller's span travels with the record (W3C trace context), so its consumer continues the trace.
-    const headers =
-      span !== undefined && record.headers?.[traceparentHeader] === undefined
-        ? { ...record.headers, [traceparentHeader]: traceparentOf(span) }
-        : record.headers
-    const pending: Pending = {
-      record: { topic, key: record.key ?? null, value: record.value, headers, partition, timestamp: record.timestamp },
-      done,
-      span
-    }
-    // The lane's last record from here on, also while it waits for room (offers wait in line): a flush waits for it.
-    lane.lastEnqueued = done
-    const queued = () => {
-      if (lane.waitingSince === undefined) lane.waitingSince = fiber.getRef(Clock.Clock).currentTimeMillisUnsafe()
-    }
-    // offerUnsafe refuses when the queue is full or ended; offer then waits for room, or says that it ended.
-    if (Queue.offerUnsafe(lane.queue, pending)) return Effect.sync(queued)
-    return Queue.offer(lane.queue, pending).pipe(
-      Effect.onInterrupt(() => Effect.sync(() => Deferred.doneUnsafe(done, Exit.interrupt(fiber.id)))),
-      Effect.flatMap((offered) => {
-        if (offered) return Effect.sync(queued)
-        const closed = new ProducerClosed({ topic })
-        Deferred.doneUnsafe(done, Exit.fail(closed))
-        return Effect.fail(closed)
-      })
-    )
-  }
-
-  const partitionError = (topic: string, partition: number, detail: string) =>
-    new KafkaClient.KafkaError({
-      operation: "produce",
-      topic,
-      partition,
-      reason: new KafkaClient.BrokerError({ type: "UNKNOWN_TOPIC_OR_PARTITION", retriable: false, detail })
-    })
-
-  /** Whether a record can go without reading its topic's route: the topic is known, and its partition if it names one. */
-  const known = (route: Route | undefined, partition: number | undefined): route is Route =>
-    route !== undefined &&
-    (partition === undefined || (Number.isSafeInteger(partition) && partition >= 0 && partition < route.partitions))
-
-  /**
-   * The topic's route: read on its first record (so a record for a topic that does not exist fails alone, not with
-   * the batch it would have joined), and the partition count read again when a record names a partition beyond it
-   * (the topic may have gained partitions). kafkajs leaves out the records of a partition it has no metadata for and
-   * writes the rest of the request, which then fails as a whole (no answer for that partition) and would be sent
-   * again: its other records twice.
-   */
-  const readRoute = (topic: string): Effect.Effect<Route, KafkaClient.KafkaError> => {
-    const route = routes.get(topic)
-    if (route === undefined) return routeOf(topic)
-    return Effect.map(partitionCount(topic), (partitions) => {
-      route.partitions = partitions
-      return route
-    })
-  }
-
-  /**
-   * Sends of a topic whose route is being read wait in that topic's line, in the order they were made, and one
-   * fiber (`release`) reads the route once and queues them all in that order: a send made meanwhile joins the line
-   * rather than overtake those in it. The line is a plain array walked by a loop, so however many sends wait, the
-   * stack and the work to release them stay flat (sends that each awaited the one before nested one resumption in
-   * the next, thousands deep).
-   */
-  interface Waiting {
-    readonly record: OutgoingRecord
-    readonly span: Tracer.AnySpan | undefined
-    readonly done: Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>
-    /** succeeds once the record is queued; fails with why it was not */
-    readonly queued: Deferred.Deferred<void, ProduceError>
-    /** its caller was interrupted while it waited: it is not sent */
-    cancelled: boolean
-  }
-  const lines = new Map<string, Array<Waiting>>()
-  let closing = false
-
-  const refuse = (topic: string, waiting: Waiting, cause: Cause.Cause<ProduceError>) => {
-    Deferred.doneUnsafe(waiting.queued, Exit.failCause(cause))
-    Deferred.doneUnsafe(waiting.done, Exit.failCause(cause))
-    // Refused before it was queued (no such topic or partition, or closed): a failed send all the same.
-    return countFailed(waiting.done, topic)
-  }
-
-  const release = (topic: string, line: Array<Waiting>) =>
-    Effect.withFiber((fiber) =>
-      Effect.flatMap(Effect.exit(readRoute(topic)), (read) => {
-        let index = 0
-        const next: Effect.Effect<void> = Effect.suspend(() => {
-          // The line is dropped in the same synchronous step as its last entry is seen: a send that finds no line
-          // goes straight to its lane, behind every record of this line.
-          if (index >= line.length) {
-            lines.delete(topic)
-            return Effect.void
-          }
-          const waiting = line[index++] as Waiting
-          if (waiting.cancelled) {
-            Deferred.doneUnsafe(waiting.done, Exit.interrupt())
-            return next
-          }
-          if (Exit.isFailure(read)) return Effect.andThen(refuse(topic, waiting, read.cause), next)
-          const route = read.value
-          const partition = waiting.record.partition
-          if (partition !== undefined && partition >= route.partitions) {
-            const detail = `partition ${partition} of ${topic} does not exist (it has ${route.partitions})`
-            return Effect.andThen(refuse(topic, waiting, Cause.fail(partitionError(topic, partition, detail))), next)
-          }
-          return enqueueTo(
-            fiber,
-            waiting.record,
-            topic,
-            laneCount === 1 ? undefined : route,
-            waiting.span,
-            waiting.done
-          ).pipe(
-            Effect.matchEffect({
-              onSuccess: () => Effect.sync(() => Deferred.doneUnsafe(waiting.queued, Exit.void)),
-              onFailure: (closed) => refuse(topic, waiting, Cause.fail(closed))
-            }),
-            Effect.andThen(next)
-          )
-        })
-        return next
-      })
-    )
-
-  /** Joins the topic's line (starting it, and its route read, if there is none); succeeds once the record is queued. */
-  const inLine = (
-    topic: string,
-    record: OutgoingRecord,
-    span: Tracer.AnySpan | undefined,
-    done: Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>
-  ): Effect.Effect<void, ProduceError> => {
-    const waiting: Waiting = { record, span, done, queued: Deferred.makeUnsafe(), cancelled: false }
-    const line = lines.get(topic)
-    const joined = Deferred.await(waiting.queued).pipe(
-      Effect.onInterrupt(() =>
-        Effect.sync(() => {
-          waiting.cancelled = true
-        })
-      )
-    )
-    if (line !== undefined) {
-      line.push(waiting)
-      return joined
-    }
-    const started: Array<Waiting> = [waiting]
-    lines.set(topic, started)
-    return Effect.andThen(FiberSet.run(readers, release(topic, started)), joined)
-  }
-
-  /** Queues a record (waiting for its topic's route on first use) and succeeds with its completion. */
-  const enqueue = (
-    record: OutgoingRecord,
-    sendOptions?: SendOptions | undefined
-  ): Effect.Effect<Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>, ProduceError> =>
-    Effect.withFiber((fiber) => {
-      const topic = record.topic ?? options.topic
-      const partition = record.partition
-      const done = Deferred.makeUnsafe<KafkaClient.RecordMetadata, ProduceError>()
-      if (sendOptions?.countFailure === false) uncounted.add(done)
-      const span = Context.getOrUndefined(fiber.context, Tracer.ParentSpan)
-      // The path of almost every record: a known topic, no partition or one known to exist, nobody in line.
-      if (lines.size === 0 || !lines.has(topic)) {
-        const route = routes.get(topic)
-        if (known(route, partition)) {
-          return Effect.as(enqueueTo(fiber, record, topic, laneCount === 1 ? undefined : route, span, done), done)
-        }
-      }
-      if (partition !== undefined && !(Number.isSafeInteger(partition) && partition >= 0)) {
-        const error = partitionError(topic, partition, `partition ${partition} is not a whole number from 0`)
-        return Effect.andThen(countFailed(done, topic), Effect.fail(error))
-      }
-      if (closing) return Effect.fail(new ProducerClosed({ topic }))
-      return Effect.as(inLine(topic, record, span, done), done)
-    })
-
-  const send = (record: OutgoingRecord, sendOptions?: SendOptions) =>
-    Effect.flatMap(enqueue(record, sendOptions), Deferred.await)
-
-  const sendAll = (records: Iterable<OutgoingRecord>) =>
-    Effect.gen(function* () {
-      const pending: Array<Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>> = []
-      for (const record of records) pending.push(yield* enqueue(record))
-      return yield* Effect.forEach(pending, Deferred.await)
-    })
-
-  /**
-   * What lingers leaves at once, and so does what is sent until every record sent before the flush is done: each
-   * lane's last record (lanes complete in queue order; a record waiting for room counts) and the sends still waiting
-   * for their topic's route.
-   */
-  const flush = Effect.suspend(() => {
-    const awaited: Array<Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>> = []
-    for (const lane of lanes) if (lane.lastEnqueued !== undefined) awaited.push(lane.lastEnqueued)
-    for (const line of lines.values()) for (const waiting of line) awaited.push(waiting.done)
-    if (awaited.length === 0) return Effect.void
-    return Effect.acquireUseRelease(
-      Effect.sync(() => {
-        for (const lane of lanes) {
-          lane.flushes++
-          if (lane.wakeUp !== undefined) Deferred.doneUnsafe(lane.wakeUp, Effect.void)
-        }
-      }),
-      () => Effect.forEach(awaited, (done) => Effect.ignore(Deferred.await(done)), { discard: true }),
-      () =>
-        Effect.sync(() => {
-          for (const lane of lanes) lane.flushes--
-        })
-    )
+  yield* Effect.forkScoped(watchStalls(s))
+  const drainers = yield* Effect.forEach(lanes, (lane) => Effect.forkDetach(drain(s, lane)))
+  yield* Effect.addFinalizer(() => close(s, drainers))
+  if (laneCount > 1) yield* Effect.forkScoped(refreshPartitionCounts(s))
+  return KafkaProducer.of({
+    send: (record, sendOptions) => sendOne(s, record, sendOptions),
+    sendAll: (records) => sendMany(s, records),
+    flush: flushLanes(s)
   })
-
-  return KafkaProducer.of({ send, sendAll, flush })
 })
 
 /**
