@@ -1,7 +1,7 @@
 /**
  * KafkaConsumer: a consumer-group member that hands records to a key-ordered worker pool and commits manually.
  *
- * Guarantees (design.md: Delivery, Ordering, Worker pool, Commits, Rebalance, Shutdown):
+ * Guarantees (docs/guarantees.md, KafkaConsumer: delivery, ordering, worker pool, commits, rebalance, shutdown):
  * - At-least-once: no offset is committed past a record whose handler has not finished (`OffsetTracker`).
  * - Records with the same key are handled one at a time, in offset order; different keys run in parallel, across
  *   partitions too (`WorkerPool`, `KAFKA_CONSUMER_WORKERS` fibers). Records without a key may run in parallel.
@@ -783,6 +783,7 @@ const runMember = <E, R>(s: Run<E, R>) =>
     Effect.retry({ schedule: s.restartSchedule, while: (error) => restarts(s, error) })
   )
 
+/** A KafkaConsumer with `options`; `run` joins the group. */
 export const make = (
   options: ConsumerOptions
 ): Effect.Effect<KafkaConsumer["Service"], never, KafkaClient.KafkaClient> =>
@@ -854,9 +855,19 @@ export const optionsFrom = (config: KafkaConfig.ConsumerConfig): ConsumerOptions
   heartbeatInterval: config.heartbeatInterval
 })
 
+/**
+ * The KafkaConsumer with explicit options.
+ *
+ * @example
+ * ```ts
+ * const Live = KafkaConsumer.layer({ groupId: "billing", topics: ["orders"], workers: 8, maxInFlight: 1000,
+ *   fromBeginning: true, commitInterval: Duration.seconds(5), shutdownTimeout: Duration.seconds(30) })
+ * ```
+ */
 export const layer = (options: ConsumerOptions): Layer.Layer<KafkaConsumer, never, KafkaClient.KafkaClient> =>
   Layer.effect(KafkaConsumer, make(options))
 
+/** The KafkaConsumer configured from the environment (`KafkaConfig.consumer`: KAFKA_CONSUMER_*). */
 export const layerConfig: Layer.Layer<KafkaConsumer, KafkaConfig.KafkaConfigError, KafkaClient.KafkaClient> =
   Layer.effect(
     KafkaConsumer,

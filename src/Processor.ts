@@ -1,6 +1,6 @@
 /**
  * Processor: typed handlers per topic over the Consumer, with in-place retries, the retry-topic ladder and the
- * dead-letter topic (design.md: Failures, Bad input).
+ * dead-letter topic (docs/guarantees.md, Processor).
  *
  * For each record the processor decodes the value (UTF-8 JSON, then the handler's `Schema`) and the headers (an
  * optional `Schema`), then runs the handler. The outcome is one of:
