@@ -26,10 +26,10 @@ export interface Codec {
  */
 export class CodecError extends Error {
   override readonly name = "CodecError"
-  readonly codec: Compression
+  readonly codec: string
   readonly detail: string
   readonly offsets: { readonly first: bigint; readonly last: bigint } | undefined
-  constructor(codec: Compression, detail: string, offsets?: { readonly first: bigint; readonly last: bigint }) {
+  constructor(codec: string, detail: string, offsets?: { readonly first: bigint; readonly last: bigint }) {
     super(`${codec} batch could not be decompressed: ${detail}`)
     this.codec = codec
     this.detail = detail
@@ -47,13 +47,18 @@ const batchHeaderLength = 61
  * when `compressed` is a view into the fetch response (as the engines decode it) and that header checks out (magic 2,
  * this codec); else undefined. Only for the error message: the records themselves are gone.
  */
-export const batchOffsets = (compressed: Uint8Array, codec: Compression) => {
+export const batchOffsets = (compressed: Uint8Array, codec: Compression | number) => {
   if (compressed.byteOffset < batchHeaderLength) return undefined
   const header = Buffer.from(compressed.buffer, compressed.byteOffset - batchHeaderLength, batchHeaderLength)
-  if (header.readInt8(16) !== 2 || (header.readInt16BE(21) & 0x07) !== codecIds[codec]) return undefined
+  const id = typeof codec === "number" ? codec : codecIds[codec]
+  if (header.readInt8(16) !== 2 || (header.readInt16BE(21) & 0x07) !== id) return undefined
   const first = header.readBigInt64BE(0)
   return { first, last: first + BigInt(header.readInt32BE(23)) }
 }
+
+/** A batch whose attributes name a codec Kafka does not have (5–7): its data cannot be read. */
+export const unknownCodec = (id: number, data: Buffer) =>
+  new CodecError(`codec ${id}`, "Kafka has no such codec (the batch's attributes are corrupt)", batchOffsets(data, id))
 
 const failed = (codec: Compression, data?: Buffer) => (cause: unknown) => {
   const offsets = data === undefined ? undefined : batchOffsets(data, codec)

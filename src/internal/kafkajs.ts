@@ -122,16 +122,25 @@ const disconnect = (
  * kafkajs reads and writes gzip itself, and leaves snappy, lz4 and zstd to codecs registered in its process-wide
  * table: ours (`codecs.ts`) are registered once, when the first client is made.
  */
-const registerCodecs = () => {
+export const registerCodecs = () => {
   const kafkajsCodec = (codec: Codecs.Codec) => () => ({
     compress: (encoder: { readonly buffer: Buffer }) => codec.compress(encoder.buffer),
     decompress: (buffer: Buffer) => codec.decompress(buffer)
   })
   // Not a named import: Node's reading of kafkajs' CommonJS exports does not see this one.
-  const table = KafkaJS.CompressionCodecs
+  // kafkajs types its table with the four codecs it names; at run time it is indexed by any codec id (0–7).
+  const table = KafkaJS.CompressionCodecs as Record<number, (typeof KafkaJS.CompressionCodecs)[CompressionTypes.GZIP]>
   table[CompressionTypes.Snappy] = kafkajsCodec(Codecs.codecs.snappy)
   table[CompressionTypes.LZ4] = kafkajsCodec(Codecs.codecs.lz4)
   table[CompressionTypes.ZSTD] = kafkajsCodec(Codecs.codecs.zstd)
+  // Kafka defines codecs 0–4; a batch claiming 5–7 (corrupt attributes) would otherwise be read as uncompressed
+  // garbage, and fail somewhere past the decompression with nothing to say why.
+  for (const id of [5, 6, 7]) {
+    table[id] = () => ({
+      compress: () => Promise.reject(new Error(`codec ${id} does not exist`)),
+      decompress: (buffer: Buffer) => Promise.reject(Codecs.unknownCodec(id, buffer))
+    })
+  }
 }
 
 const compressionType: Readonly<Record<KafkaConfig.Compression, CompressionTypes>> = {

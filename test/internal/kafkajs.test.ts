@@ -1,6 +1,6 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Effect } from "effect"
-import {
+import KafkaJS, {
   KafkaJSConnectionError,
   KafkaJSNonRetriableError,
   KafkaJSNumberOfRetriesExceeded,
@@ -8,7 +8,8 @@ import {
   KafkaJSRequestTimeoutError,
   KafkaJSSASLAuthenticationError
 } from "kafkajs"
-import { bridgedLevel, reasonOf, retriableOnFreshProducer } from "../../src/internal/kafkajs.ts"
+import { CodecError } from "../../src/internal/codecs.ts"
+import { bridgedLevel, reasonOf, registerCodecs, retriableOnFreshProducer } from "../../src/internal/kafkajs.ts"
 import * as KafkaClient from "../../src/KafkaClient.ts"
 
 // kafkajs' error classes, built as kafkajs builds them, mapped to our reasons.
@@ -191,6 +192,27 @@ describe("kafkajs errors → KafkaError reasons", () => {
     Effect.sync(() => {
       const reason = reasonOf(new Error("boom"), "b")
       assert.isTrue(reason._tag === "ClientFailed" && !reason.retriable)
+    })
+  )
+
+  it.effect("a batch whose attributes name a codec Kafka does not have fails as a corrupt batch, not as garbage", () =>
+    Effect.promise(async () => {
+      registerCodecs()
+      const table = KafkaJS.CompressionCodecs as unknown as Record<
+        number,
+        () => { decompress: (b: Buffer) => Promise<Buffer> }
+      >
+      for (const id of [5, 6, 7]) {
+        const failure = await table[id]?.()
+          .decompress(Buffer.from("x"))
+          .then(
+            () => undefined,
+            (error: unknown) => error
+          )
+        assert.instanceOf(failure, CodecError)
+        const reason = reasonOf(failure, "b:9092")
+        assert.strictEqual(reason._tag, "CorruptBatch")
+      }
     })
   )
 })
