@@ -338,19 +338,22 @@ export const make = Effect.fnUntraced(function* (options: ProcessorOptions) {
         .sort((a, b) => (a.number ?? 0) - (b.number ?? 0)) as Array<{ topic: string; number: number }>
       const missingMain = mainTopics.filter((topic) => !existing.has(topic))
       const missingOther = [...RetryPolicy.retryTopics(policy), policy.dlqTopic].filter((topic) => !existing.has(topic))
-      if (missingMain.length + missingOther.length === 0) return beyond
-      if (options.createTopics !== true) return yield* new TopicsMissing({ topics: [...missingMain, ...missingOther] })
+      if (options.createTopics !== true) {
+        if (missingMain.length + missingOther.length === 0) return beyond
+        return yield* new TopicsMissing({ topics: [...missingMain, ...missingOther] })
+      }
+      // Asked for even when they all exist: createTopics waits until each has its partitions' leaders, and another
+      // replica may have created them a moment ago.
       const created = [
         ...(yield* client.admin.createTopics(
-          missingMain.map((topic) => ({ topic, partitions: options.topicPartitions ?? 6 }))
+          mainTopics.map((topic) => ({ topic, partitions: options.topicPartitions ?? 6 }))
         ))
       ]
-      if (missingOther.length > 0) {
-        // Retry and dead-letter topics get as many partitions as the largest main topic, so they keep its spread.
-        const counts = yield* Effect.forEach(mainTopics, client.admin.partitionCount)
-        const partitions = Math.max(1, ...counts)
-        created.push(...(yield* client.admin.createTopics(missingOther.map((topic) => ({ topic, partitions })))))
-      }
+      // Retry and dead-letter topics get as many partitions as the largest main topic, so they keep its spread.
+      const counts = yield* Effect.forEach(mainTopics, client.admin.partitionCount)
+      const partitions = Math.max(1, ...counts)
+      const others = [...RetryPolicy.retryTopics(policy), policy.dlqTopic]
+      created.push(...(yield* client.admin.createTopics(others.map((topic) => ({ topic, partitions })))))
       if (created.length > 0) yield* Effect.logInfo(`created topics ${created.join(", ")}`)
       return beyond
     })

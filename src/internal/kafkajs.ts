@@ -151,6 +151,13 @@ const compressionType: Readonly<Record<KafkaConfig.Compression, CompressionTypes
   zstd: CompressionTypes.ZSTD
 }
 
+/** Topics just created whose partitions the broker cannot answer for yet: retriable. */
+const leaderless = (detail: string) =>
+  new KafkaClient.KafkaError({
+    operation: "create topics",
+    reason: new KafkaClient.BrokerError({ type: "LEADER_NOT_AVAILABLE", retriable: true, detail })
+  })
+
 const attempt = <A>(
   brokers: string,
   operation: string,
@@ -351,22 +358,40 @@ export const make = (
           attempt(brokers, "list topics", () => admin.listTopics()),
           (existing) => topics.filter((spec) => !existing.includes(spec.topic))
         )
+        // Every topic asked for, created by this call or by another replica a moment before, has a leader for
+        // each of its partitions when this succeeds: a member that subscribes at once would otherwise be told
+        // that the topic does not exist.
+        const leadersKnown = attempt(brokers, "fetch topic metadata", () =>
+          admin.fetchTopicMetadata({ topics: topics.map((spec) => spec.topic) })
+        ).pipe(
+          Effect.flatMap(({ topics: found }) =>
+            found.length === topics.length &&
+            found.every(({ partitions }) => partitions.length > 0 && partitions.every(({ leader }) => leader >= 0))
+              ? Effect.void
+              : Effect.fail(leaderless("some partitions have no leader yet"))
+          ),
+          Effect.catch((error) => Effect.fail(error.retriable ? error : leaderless(error.message)))
+        )
+        const created: Array<string> = []
         return retryConnect(
           Effect.gen(function* () {
             const missing = yield* missingOf
-            if (missing.length === 0) return []
-            yield* attempt(brokers, "create topics", () =>
-              admin.createTopics({
-                waitForLeaders: true,
-                topics: missing.map((spec) => ({
-                  topic: spec.topic,
-                  numPartitions: spec.partitions,
-                  replicationFactor: spec.replicationFactor ?? -1,
-                  configEntries: Object.entries(spec.configs ?? {}).map(([name, value]) => ({ name, value }))
-                }))
-              })
-            )
-            return missing.map((spec) => spec.topic)
+            if (missing.length > 0) {
+              yield* attempt(brokers, "create topics", () =>
+                admin.createTopics({
+                  waitForLeaders: true,
+                  topics: missing.map((spec) => ({
+                    topic: spec.topic,
+                    numPartitions: spec.partitions,
+                    replicationFactor: spec.replicationFactor ?? -1,
+                    configEntries: Object.entries(spec.configs ?? {}).map(([name, value]) => ({ name, value }))
+                  }))
+                })
+              )
+              created.push(...missing.map((spec) => spec.topic))
+            }
+            yield* leadersKnown
+            return created
           }),
           schedule,
           "create topics"
