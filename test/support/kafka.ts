@@ -73,7 +73,10 @@ export const committedOffsets = (brokers: string, groupId: string, topic: string
       }
     },
     catch: (cause) => new ReadError({ message: `committed offsets of ${groupId} on ${topic}: ${String(cause)}` })
-  })
+  }).pipe(
+    // The group's coordinator can be loading or moving (a broker that has just been thawed or restarted): ask again.
+    Effect.retry({ schedule: Schedule.spaced("500 millis"), times: 20 })
+  )
 
 /** Waits until `groupId` has committed every partition of `topic` up to its end, polling every 250 ms. */
 export const awaitCommittedToEnd = (brokers: string, groupId: string, topic: string, timeout: Duration.Input) =>
@@ -92,6 +95,8 @@ export const awaitCommittedToEnd = (brokers: string, groupId: string, topic: str
     },
     catch: (cause) => new ReadError({ message: `committed offsets of ${groupId} on ${topic}: ${String(cause)}` })
   }).pipe(
+    // A coordinator loading or moving answers with an error for a moment: that is not yet, not never.
+    Effect.retry({ schedule: Schedule.spaced("500 millis"), times: 20 }),
     Effect.repeat({ until: (done) => done, schedule: Schedule.spaced("250 millis") }),
     Effect.timeoutOrElse({
       duration: timeout,
