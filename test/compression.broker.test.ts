@@ -10,7 +10,7 @@ import { Effect } from "effect"
 import { inject } from "vitest"
 import * as Broker from "../scripts/kafka/broker.ts"
 import * as Program from "../scripts/program.ts"
-import { awaitCommittedToEnd, createTopic, uniqueName } from "./support/kafka.ts"
+import { awaitCommittedToEnd, consumerProgramEnv, createTopic, uniqueName } from "./support/kafka.ts"
 
 const brokers = inject("kafkaBrokers")
 const codecs = ["gzip", "snappy", "lz4", "zstd"] as const
@@ -75,16 +75,7 @@ describe("compressed topics and other clients", () => {
           yield* kcatProduce(topic, codec, events("kcat", 1000))
           const groupId = `${topic}-group`
           const consumer = Program.start(Program.consumerProgram, {
-            env: {
-              KAFKA_BROKERS: brokers,
-              KAFKA_CONSUMER_TOPIC: topic,
-              KAFKA_CONSUMER_GROUP_ID: groupId,
-              KAFKA_RETRY_TOPIC_PREFIX: `${topic}-retry`,
-              KAFKA_DLQ_TOPIC: `${topic}-dlq`,
-              KAFKA_CREATE_TOPICS: "true",
-              KAFKA_CONSUMER_COMMIT_INTERVAL_MS: "200",
-              LOG_FORMAT: "json"
-            }
+            env: consumerProgramEnv(brokers, topic)
           })
           const exitCode = yield* awaitCommittedToEnd(brokers, groupId, topic, "90 seconds").pipe(
             Effect.andThen(Effect.sync(() => consumer.child.kill("SIGTERM"))),

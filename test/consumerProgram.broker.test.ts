@@ -9,27 +9,18 @@ import { Effect } from "effect"
 import { inject } from "vitest"
 import * as Program from "../scripts/program.ts"
 import { eventually } from "./support/http.ts"
-import { awaitCommittedToEnd, uniqueName } from "./support/kafka.ts"
+import { awaitCommittedToEnd, consumerProgramEnv, uniqueName } from "./support/kafka.ts"
 
 const brokers = inject("kafkaBrokers")
-
-const consumerEnv = (topic: string, groupId: string) => ({
-  KAFKA_BROKERS: brokers,
-  KAFKA_CONSUMER_TOPIC: topic,
-  KAFKA_CONSUMER_GROUP_ID: groupId,
-  KAFKA_RETRY_TOPIC_PREFIX: `${topic}-retry`,
-  KAFKA_DLQ_TOPIC: `${topic}-dlq`,
-  KAFKA_CREATE_TOPICS: "true",
-  KAFKA_CONSUMER_COMMIT_INTERVAL_MS: "200",
-  LOG_FORMAT: "json"
-})
 
 /** Starts the programs at once, waits until each consumes, produces 1,000 events to each topic, and stops them. */
 const startTogether = (members: ReadonlyArray<{ readonly topic: string; readonly groupId: string }>) =>
   Effect.gen(function* () {
     const programs = members.map((member) => ({
       ...member,
-      program: Program.start(Program.consumerProgram, { env: consumerEnv(member.topic, member.groupId) })
+      program: Program.start(Program.consumerProgram, {
+        env: consumerProgramEnv(brokers, member.topic, { KAFKA_CONSUMER_GROUP_ID: member.groupId })
+      })
     }))
     return yield* Effect.gen(function* () {
       for (const { program, topic } of programs) {

@@ -12,7 +12,14 @@ import { Effect } from "effect"
 import * as Broker from "../scripts/kafka/broker.ts"
 import * as Program from "../scripts/program.ts"
 import { eventually, freePort, get } from "./support/http.ts"
-import { awaitCommittedToEnd, committedOffsets, createTopic, readTopic, uniqueName } from "./support/kafka.ts"
+import {
+  awaitCommittedToEnd,
+  committedOffsets,
+  consumerProgramEnv,
+  createTopic,
+  readTopic,
+  uniqueName
+} from "./support/kafka.ts"
 
 const dir = Fs.mkdtempSync(Path.join(Os.tmpdir(), "kafka-effect-faults-"))
 let broker: Broker.Broker
@@ -103,16 +110,10 @@ describe("faults of a broker of its own", () => {
         const { run, took } = yield* freezeThenSignal(Path.join(Program.root, "src", "consumer.ts"), {
           // 20 ms a record on 5 workers: 3,000 records take about 12 s, so work is in flight when the broker freezes.
           args: ["--work-ms", "20"],
-          env: {
-            KAFKA_CONSUMER_TOPIC: topic,
-            KAFKA_CONSUMER_GROUP_ID: `${topic}-group`,
-            KAFKA_RETRY_TOPIC_PREFIX: `${topic}-retry`,
-            KAFKA_DLQ_TOPIC: `${topic}-dlq`,
-            KAFKA_CREATE_TOPICS: "true",
+          env: consumerProgramEnv(broker.brokers, topic, {
             KAFKA_CONSUMER_SHUTDOWN_TIMEOUT_MS: "3000",
-            KAFKA_CONSUMER_COMMIT_INTERVAL_MS: "200",
             LOG_LEVEL: "debug"
-          },
+          }),
           // Records are being processed (debug lines per record): freeze; at the next one, signal.
           marker: '"processed ',
           flowing: 50
@@ -144,18 +145,11 @@ describe("faults of a broker of its own", () => {
         const port = yield* freePort
         const consumer = Program.start(Program.consumerProgram, {
           args: ["--work-ms", "20"],
-          env: {
-            KAFKA_BROKERS: broker.brokers,
-            KAFKA_CONSUMER_TOPIC: topic,
-            KAFKA_CONSUMER_GROUP_ID: groupId,
-            KAFKA_RETRY_TOPIC_PREFIX: `${topic}-retry`,
-            KAFKA_DLQ_TOPIC: `${topic}-dlq`,
-            KAFKA_CREATE_TOPICS: "true",
+          env: consumerProgramEnv(broker.brokers, topic, {
             KAFKA_CONSUMER_SESSION_TIMEOUT_MS: "10000",
             KAFKA_CONSUMER_HEARTBEAT_INTERVAL_MS: "1000",
-            METRICS_PORT: String(port),
-            LOG_FORMAT: "json"
-          }
+            METRICS_PORT: String(port)
+          })
         })
         yield* Effect.gen(function* () {
           const readyz = get(`http://127.0.0.1:${port}/readyz`)
@@ -211,15 +205,7 @@ describe("faults of a broker of its own", () => {
         })
         const started = performance.now()
         const run = yield* Program.run(Program.consumerProgram, {
-          env: {
-            KAFKA_BROKERS: broker.brokers,
-            KAFKA_CONSUMER_TOPIC: topic,
-            KAFKA_CONSUMER_GROUP_ID: `${topic}-group`,
-            KAFKA_RETRY_TOPIC_PREFIX: `${topic}-retry`,
-            KAFKA_DLQ_TOPIC: `${topic}-dlq`,
-            KAFKA_CREATE_TOPICS: "true",
-            LOG_FORMAT: "json"
-          },
+          env: consumerProgramEnv(broker.brokers, topic),
           timeout: 90_000
         })
         assert.strictEqual(run.exitCode, 1, run.stderr.slice(-3000))
@@ -243,16 +229,7 @@ describe("faults of a broker of its own", () => {
         const topic = uniqueName("quiet")
         const groupId = `${topic}-group`
         yield* createTopic(broker.brokers, topic, 3)
-        const env = {
-          KAFKA_BROKERS: broker.brokers,
-          KAFKA_CONSUMER_TOPIC: topic,
-          KAFKA_CONSUMER_GROUP_ID: groupId,
-          KAFKA_RETRY_TOPIC_PREFIX: `${topic}-retry`,
-          KAFKA_DLQ_TOPIC: `${topic}-dlq`,
-          KAFKA_CREATE_TOPICS: "true",
-          KAFKA_CONSUMER_COMMIT_INTERVAL_MS: "200",
-          LOG_FORMAT: "json"
-        }
+        const env = consumerProgramEnv(broker.brokers, topic)
         const produce = Program.run(Path.join(Program.root, "src", "producer.ts"), {
           args: ["--count", "500", "--rate", "0"],
           env: { KAFKA_BROKERS: broker.brokers, KAFKA_PRODUCER_TOPIC: topic, LOG_FORMAT: "json" }

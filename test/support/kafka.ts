@@ -14,6 +14,22 @@ export const uniqueName = (prefix: string) => `${prefix}-${Date.now()}-${randomB
 export const configFor = (brokers: string, env: Record<string, string> = {}) =>
   ConfigProvider.layer(ConfigProvider.fromEnv({ env: { KAFKA_BROKERS: brokers, ...env } }))
 
+/**
+ * The environment of a consumer program on `topic`, as the tests run it: group `<topic>-group`, retry topics and DLQ
+ * named after the topic and created at start, commits every 200 ms, JSON logs; `extra` on top.
+ */
+export const consumerProgramEnv = (brokers: string, topic: string, extra: Record<string, string> = {}) => ({
+  KAFKA_BROKERS: brokers,
+  KAFKA_CONSUMER_TOPIC: topic,
+  KAFKA_CONSUMER_GROUP_ID: `${topic}-group`,
+  KAFKA_RETRY_TOPIC_PREFIX: `${topic}-retry`,
+  KAFKA_DLQ_TOPIC: `${topic}-dlq`,
+  KAFKA_CREATE_TOPICS: "true",
+  KAFKA_CONSUMER_COMMIT_INTERVAL_MS: "200",
+  LOG_FORMAT: "json",
+  ...extra
+})
+
 /** `KafkaClient.layerConfig` against `brokers`, configured by `env`. */
 export const clientLayer = (brokers: string, env: Record<string, string> = {}) =>
   KafkaClient.layerConfig.pipe(Layer.provide(configFor(brokers, env)))
