@@ -1,11 +1,11 @@
 /** What the benchmarks share. */
 import { Duration, Option } from "effect"
-import * as KafkaClient from "../src/KafkaClient.ts"
+import * as KafkaJS from "../src/engines/kafkajs/KafkaJS.ts"
 import type * as KafkaConfig from "../src/KafkaConfig.ts"
 
 /** Our KafkaClient on `brokers`, with the defaults of the environment's configuration. */
 export const clientLayer = (brokers: string) =>
-  KafkaClient.layerKafkaJS({
+  KafkaJS.layer({
     brokers: brokers.split(","),
     clientId: "bench",
     sasl: Option.none(),

@@ -67,7 +67,7 @@ interface Member {
   readonly crash: (cause: Cause.Cause<unknown>) => Effect.Effect<void>
 }
 
-/** How often kafkajs (as `layerKafkaJS` configures it) tries a failing batch call again before it crashes. */
+/** How often kafkajs (as the kafkajs engine configures it) tries a failing batch call again before it crashes. */
 const batchRetries = 5
 
 interface Group {

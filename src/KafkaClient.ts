@@ -2,9 +2,9 @@
  * KafkaClient: the port through which kafka-effect talks to Kafka — admin and producer primitives, Effect-native,
  * with typed errors that say whether trying again can help.
  *
- * Two implementations keep the same contract: `layerKafkaJS` (kafkajs against real brokers, the default) and the
- * in-memory broker for tests. Everything above this module (Producer, Consumer, Processor) depends on the port
- * only.
+ * Two implementations keep the same contract: the kafkajs engine (`kafka-effect/engines/kafkajs`, against real
+ * brokers) and the in-memory broker for tests (`InMemoryKafka`). Everything above this module (Producer, Consumer,
+ * Processor) depends on the port only, and the port on neither: `layerConfig` loads the engine when it is chosen.
  *
  * @example
  * ```ts
@@ -18,8 +18,7 @@
  * ```
  */
 import { Context, Duration, Effect, Layer, Metric, Schedule, Schema, type Scope, type Stream } from "effect"
-import * as KafkaJS from "./internal/kafkajs.ts"
-import * as KafkaConfig from "./KafkaConfig.ts"
+import type * as KafkaConfig from "./KafkaConfig.ts"
 import * as Metrics from "./Metrics.ts"
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -362,7 +361,7 @@ export class KafkaClient extends Context.Service<
 
 /**
  * The reconnect policy: exponential from `initial` (doubling), each delay jittered to 80–120 %, never above `max`.
- * It recurs for as long as the error is retriable; `layerKafkaJS` logs each attempt.
+ * It recurs for as long as the error is retriable; `retryConnect` logs each attempt.
  */
 export const reconnectSchedule = (options: {
   readonly initial: Duration.Duration
@@ -408,13 +407,12 @@ export const retryConnect = <A, R>(
 // ---------------------------------------------------------------------------------------------------------------
 
 /**
- * kafkajs against real brokers. Connecting waits for the brokers on `reconnectSchedule` (a process started before
- * its broker waits instead of exiting); kafkajs' own logs go to the Effect logger at matching levels.
+ * The client the environment configures (`KafkaConfig.connection`), over the kafkajs engine, loaded only now: the
+ * port imports no engine.
  */
-export const layerKafkaJS = (connection: KafkaConfig.ConnectionConfig): Layer.Layer<KafkaClient, KafkaError> =>
-  Layer.effect(KafkaClient, KafkaJS.make(connection, retryConnect))
-
-/** `layerKafkaJS` configured from the environment (`KafkaConfig.connection`). */
 export const layerConfig: Layer.Layer<KafkaClient, KafkaError | KafkaConfig.KafkaConfigError> = Layer.unwrap(
-  Effect.map(KafkaConfig.connection, layerKafkaJS)
+  Effect.map(
+    Effect.promise(() => import("./engines/kafkajs/KafkaJS.ts")),
+    (engine) => engine.layerConfig
+  )
 )

@@ -1,5 +1,5 @@
 /**
- * KafkaClient.layerKafkaJS against a real broker with SASL and TLS listeners: the right credentials connect,
+ * The kafkajs engine against a real broker with SASL and TLS listeners: the right credentials connect,
  * wrong ones fail at once with a typed error (no retry storm), and secrets never reach the logs.
  */
 import { afterAll, assert, beforeAll, describe, it } from "@effect/vitest"
@@ -51,7 +51,7 @@ const reasonOf = (exit: Exit.Exit<unknown, unknown>) => {
   return error._tag === "Some" && error.value instanceof KafkaClient.KafkaError ? error.value.reason._tag : "none"
 }
 
-describe("KafkaClient.layerKafkaJS with SASL and TLS", () => {
+describe("the kafkajs engine with SASL and TLS", () => {
   for (const mechanism of ["scram-sha-256", "scram-sha-512", "plain"] as const) {
     it.live(`SASL ${mechanism} with the right password connects`, () =>
       Effect.gen(function* () {

@@ -1,3 +1,5 @@
+import * as Fs from "node:fs"
+import * as Path from "node:path"
 import { assert, describe, it } from "@effect/vitest"
 import { Clock, Duration, Effect, Fiber, Logger, Ref } from "effect"
 import { TestClock } from "effect/testing"
@@ -107,6 +109,18 @@ describe("KafkaClient.reconnectSchedule", () => {
       })
       assert.isFalse(missing.retriable)
       assert.include(missing.message, "topic nope does not exist")
+    })
+  )
+
+  it.effect("the port imports no engine: an engine is loaded only when chosen, and engines import the port", () =>
+    Effect.sync(() => {
+      const port = Fs.readFileSync(Path.join(import.meta.dirname, "..", "src", "KafkaClient.ts"), "utf8")
+      assert.notMatch(port, /^import .*engines/m)
+      const engine = Fs.readFileSync(
+        Path.join(import.meta.dirname, "..", "src", "engines", "kafkajs", "KafkaJS.ts"),
+        "utf8"
+      )
+      assert.match(engine, /^import \* as KafkaClient from "\.\.\/\.\.\/KafkaClient\.ts"/m)
     })
   )
 })

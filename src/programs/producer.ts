@@ -180,7 +180,7 @@ export const main = (argv: ReadonlyArray<string>) =>
 const produce = (options: Options) =>
   Effect.gen(function* () {
     const producerConfig = yield* KafkaConfig.producer
-    // Closing takes the flush timeout at most, then a second for each client's disconnect (see internal/kafkajs.ts).
+    // Closing takes the flush timeout at most, then a second for each client's disconnect (see engines/kafkajs/KafkaJS.ts).
     yield* boundShutdown(Duration.sum(producerConfig.flushTimeout, Duration.seconds(5)))
     const tally = yield* Ref.make<Tally>({ started: 0, sent: 0, invalid: 0, failed: 0 })
     const startedAt = performance.now()

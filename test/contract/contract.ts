@@ -1,6 +1,6 @@
 /**
  * The KafkaClient contract: one set of behaviours, run against `InMemoryKafka.layer` and against
- * `KafkaClient.layerKafkaJS` on a real broker, so the fake cannot drift from Kafka where tests rely on it.
+ * the kafkajs engine (`KafkaJS.layer`) on a real broker, so the fake cannot drift from Kafka where tests rely on it.
  *
  * Where the fake cannot match the broker exactly — when a rebalance happens, how long it takes — a test states the
  * weaker property both must meet ("eventually the members' assignments split the partitions"), with a bound on how

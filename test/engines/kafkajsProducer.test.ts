@@ -7,7 +7,7 @@ import { createRequire } from "node:module"
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Exit } from "effect"
 import { KafkaJSProtocolError, type Message, Partitioners, type RecordMetadata } from "kafkajs"
-import { metadataOf, stablePartitioner } from "../../src/internal/kafkajs.ts"
+import { metadataOf, stablePartitioner } from "../../src/engines/kafkajs/KafkaJS.ts"
 import type * as KafkaClient from "../../src/KafkaClient.ts"
 
 interface PartitionData {

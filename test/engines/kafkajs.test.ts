@@ -8,8 +8,8 @@ import KafkaJS, {
   KafkaJSRequestTimeoutError,
   KafkaJSSASLAuthenticationError
 } from "kafkajs"
+import { bridgedLevel, reasonOf, registerCodecs, retriableOnFreshProducer } from "../../src/engines/kafkajs/KafkaJS.ts"
 import { CodecError } from "../../src/internal/codecs.ts"
-import { bridgedLevel, reasonOf, registerCodecs, retriableOnFreshProducer } from "../../src/internal/kafkajs.ts"
 import * as KafkaClient from "../../src/KafkaClient.ts"
 
 // kafkajs' error classes, built as kafkajs builds them, mapped to our reasons.

@@ -1,8 +1,9 @@
 /**
- * The kafkajs adapter behind `KafkaClient.layerKafkaJS`. Users depend on the port, not on this file.
+ * The kafkajs engine behind the `KafkaClient` port (`layer`, or `KafkaClient.layerConfig`, which loads it when
+ * chosen). Users depend on the port; this file depends on it, never the other way.
  */
 import * as Fs from "node:fs"
-import { Clock, Deferred, Duration, Effect, Option, Redacted, type Schedule, type Scope, SubscriptionRef } from "effect"
+import { Clock, Deferred, Duration, Effect, Layer, Option, Redacted, type Scope, SubscriptionRef } from "effect"
 import type * as LogLevel from "effect/LogLevel"
 import KafkaJS, {
   CompressionTypes,
@@ -18,9 +19,9 @@ import KafkaJS, {
   Partitioners,
   type SASLOptions
 } from "kafkajs"
-import * as KafkaClient from "../KafkaClient.ts"
-import type * as KafkaConfig from "../KafkaConfig.ts"
-import * as Codecs from "./codecs.ts"
+import * as Codecs from "../../internal/codecs.ts"
+import * as KafkaClient from "../../KafkaClient.ts"
+import * as KafkaConfig from "../../KafkaConfig.ts"
 
 // ---------------------------------------------------------------------------------------------------------------
 // Errors
@@ -282,13 +283,11 @@ const saslOptions = (sasl: KafkaConfig.SaslConfig): SASLOptions => ({
 // The client
 // ---------------------------------------------------------------------------------------------------------------
 
+const retryConnect = KafkaClient.retryConnect
+
+/** The kafkajs client for the life of the scope; connecting waits for the brokers on the reconnect schedule. */
 export const make = (
-  connection: KafkaConfig.ConnectionConfig,
-  retryConnect: <A, R>(
-    connect: Effect.Effect<A, KafkaClient.KafkaError, R>,
-    schedule: Schedule.Schedule<Duration.Duration>,
-    step?: string | undefined
-  ) => Effect.Effect<A, KafkaClient.KafkaError, R>
+  connection: KafkaConfig.ConnectionConfig
 ): Effect.Effect<KafkaClient.KafkaClient["Service"], KafkaClient.KafkaError, Scope.Scope> =>
   Effect.gen(function* () {
     const brokers = connection.brokers.join(",")
@@ -899,3 +898,22 @@ export const metadataOf = (
   }
   return Effect.succeed(metadata)
 }
+
+/**
+ * kafkajs against real brokers. Connecting waits for the brokers on `KafkaClient.reconnectSchedule` (a process
+ * started before its broker waits instead of exiting); kafkajs' own logs go to the Effect logger.
+ *
+ * @example
+ * ```ts
+ * import * as KafkaJS from "kafka-effect/engines/kafkajs"
+ * const Client = KafkaJS.layer(connection)   // or KafkaClient.layerConfig, which picks the engine from the environment
+ * ```
+ */
+export const layer = (
+  connection: KafkaConfig.ConnectionConfig
+): Layer.Layer<KafkaClient.KafkaClient, KafkaClient.KafkaError> =>
+  Layer.effect(KafkaClient.KafkaClient, make(connection))
+
+/** `layer` configured from the environment (`KafkaConfig.connection`). */
+export const layerConfig: Layer.Layer<KafkaClient.KafkaClient, KafkaClient.KafkaError | KafkaConfig.KafkaConfigError> =
+  Layer.unwrap(Effect.map(KafkaConfig.connection, layer))
