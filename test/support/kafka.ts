@@ -173,8 +173,10 @@ export const readTopic = (brokers: string, topic: string) =>
     },
     catch: (cause) => new ReadError({ message: `read back ${topic} from ${brokers}: ${String(cause)}` })
   }).pipe(
+    // A broker that has just been thawed or restarted answers NOT_LEADER or NOT_COORDINATOR for a moment: read again.
+    Effect.retry({ schedule: Schedule.spaced("500 millis"), times: 10 }),
     Effect.timeoutOrElse({
-      duration: "60 seconds",
+      duration: "90 seconds",
       orElse: () => Effect.fail(new ReadError({ message: `read back ${topic}: timed out` }))
     })
   )
