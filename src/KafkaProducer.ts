@@ -376,6 +376,8 @@ const enqueueTo = (
     span
   }
   // The lane's last record from here on, also while it waits for room (offers wait in line): a flush waits for it.
+  // Interrupted while it waits, it never enters the queue, and the one before it is the lane's last again.
+  const previous = lane.lastEnqueued
   lane.lastEnqueued = done
   const queued = () => {
     if (lane.waitingSince === undefined) lane.waitingSince = fiber.getRef(Clock.Clock).currentTimeMillisUnsafe()
@@ -383,7 +385,12 @@ const enqueueTo = (
   // offerUnsafe refuses when the queue is full or ended; offer then waits for room, or says that it ended.
   if (Queue.offerUnsafe(lane.queue, pending)) return Effect.sync(queued)
   return Queue.offer(lane.queue, pending).pipe(
-    Effect.onInterrupt(() => Effect.sync(() => Deferred.doneUnsafe(done, Exit.interrupt(fiber.id)))),
+    Effect.onInterrupt(() =>
+      Effect.sync(() => {
+        if (lane.lastEnqueued === done) lane.lastEnqueued = previous
+        Deferred.doneUnsafe(done, Exit.interrupt(fiber.id))
+      })
+    ),
     Effect.flatMap((offered) => {
       if (offered) return Effect.sync(queued)
       const closed = new ProducerClosed({ topic })
@@ -415,9 +422,8 @@ const countFailed = (s: State, done: Deferred.Deferred<KafkaClient.RecordMetadat
 
 const refuse = (s: State, topic: string, waiting: Waiting, cause: Cause.Cause<ProduceError>) => {
   Deferred.doneUnsafe(waiting.queued, Exit.failCause(cause))
-  Deferred.doneUnsafe(waiting.done, Exit.failCause(cause))
-  // Refused before it was queued (no such topic or partition, or closed): a failed send all the same.
-  return countFailed(s, waiting.done, topic)
+  // Refused before it was queued (no such topic or partition, or closed): a failed send all the same, counted once.
+  return Deferred.doneUnsafe(waiting.done, Exit.failCause(cause)) ? countFailed(s, waiting.done, topic) : Effect.void
 }
 
 const release = (s: State, topic: string, line: Array<Waiting>) =>
@@ -428,7 +434,7 @@ const release = (s: State, topic: string, line: Array<Waiting>) =>
         // The line is dropped in the same synchronous step as its last entry is seen: a send that finds no line
         // goes straight to its lane, behind every record of this line.
         if (index >= line.length) {
-          s.lines.delete(topic)
+          if (s.lines.get(topic) === line) s.lines.delete(topic)
           return Effect.void
         }
         const waiting = line[index++] as Waiting
@@ -436,9 +442,15 @@ const release = (s: State, topic: string, line: Array<Waiting>) =>
           Deferred.doneUnsafe(waiting.done, Exit.interrupt())
           return next
         }
-        if (Exit.isFailure(read)) return Effect.andThen(refuse(s, topic, waiting, read.cause), next)
-        const route = read.value
         const partition = waiting.record.partition
+        // A failed read of a known topic's count (for a partition beyond it) fails only the sends that needed it.
+        const route = Exit.isSuccess(read) ? read.value : s.routes.get(topic)
+        if (route === undefined || (Exit.isFailure(read) && !known(route, partition))) {
+          return Effect.andThen(
+            refuse(s, topic, waiting, Exit.isFailure(read) ? read.cause : Cause.die("no route")),
+            next
+          )
+        }
         if (partition !== undefined && partition >= route.partitions) {
           const detail = `partition ${partition} of ${topic} does not exist (it has ${route.partitions})`
           return Effect.andThen(refuse(s, topic, waiting, Cause.fail(partitionError(topic, partition, detail))), next)
@@ -456,6 +468,8 @@ const release = (s: State, topic: string, line: Array<Waiting>) =>
             onSuccess: () => Effect.sync(() => Deferred.doneUnsafe(waiting.queued, Exit.void)),
             onFailure: (closed) => refuse(s, topic, waiting, Cause.fail(closed))
           }),
+          // This fiber interrupted while it offers (closing, past the flush timeout): the caller is told so.
+          Effect.onInterrupt(() => refuse(s, topic, waiting, Cause.fail(new ProducerClosed({ topic })))),
           Effect.andThen(next)
         )
       })
@@ -472,7 +486,6 @@ const inLine = (
   done: Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>
 ): Effect.Effect<void, ProduceError> => {
   const waiting: Waiting = { record, span, done, queued: Deferred.makeUnsafe(), cancelled: false }
-  const line = s.lines.get(topic)
   const joined = Deferred.await(waiting.queued).pipe(
     Effect.onInterrupt(() =>
       Effect.sync(() => {
@@ -480,13 +493,19 @@ const inLine = (
       })
     )
   )
-  if (line !== undefined) {
-    line.push(waiting)
-    return joined
-  }
-  const started: Array<Waiting> = [waiting]
-  s.lines.set(topic, started)
-  return Effect.andThen(FiberSet.run(s.readers, release(s, topic, started)), joined)
+  // Joining a line and starting its reader are one uninterruptible step: a line without a reader would hold every
+  // later send of its topic for ever.
+  const join = Effect.suspend(() => {
+    const line = s.lines.get(topic)
+    if (line !== undefined) {
+      line.push(waiting)
+      return Effect.void
+    }
+    const started: Array<Waiting> = [waiting]
+    s.lines.set(topic, started)
+    return Effect.asVoid(FiberSet.run(s.readers, release(s, topic, started)))
+  })
+  return Effect.andThen(Effect.uninterruptible(join), joined)
 }
 
 /** Queues a record (waiting for its topic's route on first use) and succeeds with its completion. */
@@ -505,14 +524,17 @@ const enqueue = (
     if (s.lines.size === 0 || !s.lines.has(topic)) {
       const route = s.routes.get(topic)
       if (known(route, partition)) {
-        return Effect.as(enqueueTo(s, fiber, record, topic, s.laneCount === 1 ? undefined : route, span, done), done)
+        return enqueueTo(s, fiber, record, topic, s.laneCount === 1 ? undefined : route, span, done).pipe(
+          Effect.tapError(() => countFailed(s, done, topic)),
+          Effect.as(done)
+        )
       }
     }
     if (partition !== undefined && !(Number.isSafeInteger(partition) && partition >= 0)) {
       const error = partitionError(topic, partition, `partition ${partition} is not a whole number from 0`)
       return Effect.andThen(countFailed(s, done, topic), Effect.fail(error))
     }
-    if (s.closing) return Effect.fail(new ProducerClosed({ topic }))
+    if (s.closing) return Effect.andThen(countFailed(s, done, topic), Effect.fail(new ProducerClosed({ topic })))
     return Effect.as(inLine(s, topic, record, span, done), done)
   })
 
@@ -533,10 +555,21 @@ const sendMany = (s: State, records: Iterable<OutgoingRecord>) =>
  */
 const flushLanes = (s: State) =>
   Effect.suspend(() => {
-    const awaited: Array<Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>> = []
-    for (const lane of s.lanes) if (lane.lastEnqueued !== undefined) awaited.push(lane.lastEnqueued)
-    for (const line of s.lines.values()) for (const waiting of line) awaited.push(waiting.done)
-    if (awaited.length === 0) return Effect.void
+    const waiting: Array<Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>> = []
+    for (const line of s.lines.values()) for (const entry of line) waiting.push(entry.done)
+    if (waiting.length === 0 && s.lanes.every((lane) => lane.lastEnqueued === undefined)) return Effect.void
+    // A failed or interrupted record is done too; an interrupted one never entered its queue, so the lane's last is
+    // read again (the one before it, or one sent since).
+    const ended = (done: Deferred.Deferred<KafkaClient.RecordMetadata, ProduceError>) =>
+      Effect.map(
+        Effect.exit(Deferred.await(done)),
+        (exit) => Exit.isFailure(exit) && Cause.hasInterruptsOnly(exit.cause)
+      )
+    const flushLane = (lane: Lane) =>
+      Effect.gen(function* () {
+        let last = lane.lastEnqueued
+        while (last !== undefined && (yield* ended(last)) && lane.lastEnqueued !== last) last = lane.lastEnqueued
+      })
     return Effect.acquireUseRelease(
       Effect.sync(() => {
         for (const lane of s.lanes) {
@@ -544,7 +577,11 @@ const flushLanes = (s: State) =>
           if (lane.wakeUp !== undefined) Deferred.doneUnsafe(lane.wakeUp, Effect.void)
         }
       }),
-      () => Effect.forEach(awaited, (done) => Effect.ignore(Deferred.await(done)), { discard: true }),
+      () =>
+        Effect.andThen(
+          Effect.forEach(waiting, ended, { discard: true }),
+          Effect.forEach(s.lanes, flushLane, { concurrency: "unbounded", discard: true })
+        ),
       () =>
         Effect.sync(() => {
           for (const lane of s.lanes) lane.flushes--
@@ -667,22 +704,27 @@ const complete = (
   exit: Exit.Exit<[Duration.Duration, ReadonlyArray<KafkaClient.RecordMetadata>], KafkaClient.KafkaError>
 ) =>
   Effect.suspend(() => {
+    // Each record is counted once, by whoever completes it: a record that closing failed at the flush timeout
+    // (ProducerClosed, counted there) is not counted again when its request answers after all.
+    const perTopic = new Map<string, number>()
+    const count = (pending: Pending) =>
+      perTopic.set(pending.record.topic, (perTopic.get(pending.record.topic) ?? 0) + 1)
     if (Exit.isSuccess(exit)) {
       const metadata = exit.value[1]
       for (let index = 0; index < batch.length; index++) {
-        Deferred.doneUnsafe((batch[index] as Pending).done, Exit.succeed(metadata[index] as KafkaClient.RecordMetadata))
+        const pending = batch[index] as Pending
+        if (Deferred.doneUnsafe(pending.done, Exit.succeed(metadata[index] as KafkaClient.RecordMetadata))) {
+          count(pending)
+        }
       }
     } else {
       const failed = Exit.failCause(exit.cause)
-      for (const pending of batch) Deferred.doneUnsafe(pending.done, failed)
+      for (const pending of batch) {
+        if (Deferred.doneUnsafe(pending.done, failed) && !s.uncounted.has(pending.done)) count(pending)
+      }
       // A topic deleted since its route was read: the next record for it reads it again, and fails alone.
       const error = Cause.findErrorOption(exit.cause)
       if (Option.isSome(error) && error.value.reason._tag === "UnknownTopic") s.routes.delete(error.value.reason.topic)
-    }
-    const perTopic = new Map<string, number>()
-    for (const pending of batch) {
-      if (Exit.isFailure(exit) && s.uncounted.has(pending.done)) continue
-      perTopic.set(pending.record.topic, (perTopic.get(pending.record.topic) ?? 0) + 1)
     }
     const counter = Exit.isSuccess(exit) ? s.produced : s.produceFailed
     return Effect.forEach(perTopic, ([topic, n]) => Metric.update(counter({ topic }), n), { discard: true }).pipe(
@@ -764,6 +806,20 @@ const watchStalls = (s: State) => {
   )
 }
 
+/** Refuses every send still in a line (closing): ProducerClosed, but for those whose caller is gone. */
+const refuseLines = (s: State) =>
+  Effect.gen(function* () {
+    for (const [topic, line] of s.lines) {
+      for (const waiting of line) {
+        if (waiting.cancelled) Deferred.doneUnsafe(waiting.done, Exit.interrupt())
+        else if (!Deferred.isDoneUnsafe(waiting.queued)) {
+          yield* refuse(s, topic, waiting, Cause.fail(new ProducerClosed({ topic })))
+        }
+      }
+    }
+    s.lines.clear()
+  })
+
 /**
  * Closing: nothing lingers from here on; sends waiting for a route are queued first (or refused), then the queues
  * end and the lanes drain, all within the flush timeout. Past it, every caller still waiting (for a route, for room
@@ -784,16 +840,11 @@ const close = (s: State, drainers: ReadonlyArray<Fiber.Fiber<void>>) =>
       Effect.andThen(Fiber.joinAll(drainers)),
       Effect.timeoutOption(s.options.flushTimeout ?? Duration.seconds(30))
     )
+    // Nothing waits in a line once its reader is done; should a send still be there, it is told, not left waiting.
+    if (Option.isSome(flushed)) yield* refuseLines(s)
     if (Option.isNone(flushed)) {
       yield* FiberSet.clear(s.readers)
-      for (const [topic, line] of s.lines) {
-        for (const waiting of line) {
-          if (!Deferred.isDoneUnsafe(waiting.done)) {
-            yield* refuse(s, topic, waiting, Cause.fail(new ProducerClosed({ topic })))
-          }
-        }
-      }
-      s.lines.clear()
+      yield* refuseLines(s)
       for (const lane of s.lanes) yield* Queue.end(lane.queue)
       // Not waited for: a batch being sent goes on (uninterruptible) with its retries and back-offs, which could
       // outlast the flush timeout by minutes; its callers are failed below, and the fiber ends after that batch.

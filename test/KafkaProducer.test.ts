@@ -1,5 +1,6 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Duration, Effect, Exit, Fiber, Layer, Metric, Option, Scope } from "effect"
+import * as Scheduler from "effect/Scheduler"
 import { TestClock } from "effect/testing"
 import * as InMemoryKafka from "../src/InMemoryKafka.ts"
 import * as KafkaClient from "../src/KafkaClient.ts"
@@ -624,6 +625,97 @@ describe("Producer", () => {
       yield* Fiber.join(sending)
       assert.isTrue((yield* health.status).ready, "answered: ready again")
     }).pipe(Effect.provide(Observability.layerHealth))
+  )
+
+  it.effect(
+    "past the flush timeout, a send whose topic's line was queueing it when closing stopped waiting is told ProducerClosed",
+    () =>
+      Effect.gen(function* () {
+        // A hung broker: a, in flight, never answers; b fills the queue; c and d wait in the line of a new topic,
+        // whose reader waits for room.
+        const { scope, producer } = yield* setup(
+          { batchSize: 1, queueCapacity: 1, linger: Duration.zero, retries: 0, flushTimeout: Duration.millis(300) },
+          1,
+          "1 hour"
+        )
+        const fibers = yield* Effect.forEach(
+          [{ value: "a" }, { value: "b" }, { topic: "other", value: "c" }, { topic: "other", value: "d" }],
+          (record) => Effect.forkChild(Effect.exit(producer.send(record)))
+        )
+        yield* TestClock.adjust("10 millis")
+        const closing = yield* Effect.forkChild(Scope.close(scope, Exit.void))
+        yield* TestClock.adjust("1 second")
+        assert.isDefined(closing.pollUnsafe(), "closed")
+        for (const fiber of fibers) {
+          const outcome = fiber.pollUnsafe()
+          assert.isDefined(outcome, "every caller completes")
+          const error =
+            outcome !== undefined && Exit.isSuccess(outcome) ? Exit.findErrorOption(outcome.value) : undefined
+          assert.strictEqual(error !== undefined && Option.getOrUndefined(error)?._tag, "ProducerClosed")
+        }
+      })
+  )
+
+  it.effect("a record acked after closing gave up on it is counted once, as failed (its caller was told so)", () =>
+    Effect.gen(function* () {
+      const { scope, producer } = yield* setup(
+        { linger: Duration.zero, retries: 0, flushTimeout: Duration.millis(200) },
+        1,
+        "600 millis"
+      )
+      const sending = yield* Effect.forkChild(Effect.exit(producer.send({ value: "a" })))
+      yield* TestClock.adjust("10 millis")
+      const closing = yield* Effect.forkChild(Scope.close(scope, Exit.void))
+      yield* TestClock.adjust("1 second")
+      yield* Fiber.join(closing)
+      yield* Fiber.join(sending)
+      const count = (metric: typeof Metrics.recordsProduced) =>
+        Effect.map(Metric.value(Metric.withAttributes(metric, { topic: "events" })), (state) => state.count)
+      assert.strictEqual(yield* count(Metrics.recordsProduceFailed), 1)
+      assert.strictEqual(yield* count(Metrics.recordsProduced), 0)
+    }).pipe(Effect.provideService(Metric.MetricRegistry, new Map()))
+  )
+
+  it.effect(
+    "flush is not cut short by a send interrupted while it waited for room: it waits for the records before",
+    () =>
+      Effect.gen(function* () {
+        const { producer } = yield* setup({ batchSize: 1, queueCapacity: 1, linger: Duration.zero }, 1, "500 millis")
+        yield* Effect.forkChild(producer.send({ value: "warm-up" }))
+        yield* TestClock.adjust("500 millis")
+        const a = yield* Effect.forkChild(producer.send({ value: "a" }))
+        const b = yield* Effect.forkChild(producer.send({ value: "b" }))
+        const c = yield* Effect.forkChild(producer.send({ value: "c" }))
+        yield* TestClock.adjust("10 millis")
+        yield* Fiber.interrupt(c)
+        const flushing = yield* Effect.forkChild(Effect.exit(producer.flush))
+        yield* TestClock.adjust("100 millis")
+        assert.isUndefined(flushing.pollUnsafe(), "still waiting for a and b")
+        yield* TestClock.adjust("1 second")
+        const flushed = yield* Fiber.join(flushing)
+        assert.isTrue(Exit.isSuccess(flushed), "flush succeeds")
+        assert.isDefined(a.pollUnsafe())
+        assert.isDefined(b.pollUnsafe())
+      }).pipe(Effect.scoped)
+  )
+
+  it.effect("a send interrupted at any point of joining its topic's line never leaves the line without a reader", () =>
+    Effect.gen(function* () {
+      const { producer } = yield* setup({ linger: Duration.zero })
+      // The scheduler yields every N operations: for each N, the first send is interrupted at that yield, somewhere
+      // in its way into a new topic's line; a later send to the same topic must still go through.
+      for (let n = 2; n <= 80; n++) {
+        const topic = `t${n}`
+        const first = yield* Effect.forkChild(
+          producer.send({ topic, value: "first" }).pipe(Effect.provideService(Scheduler.MaxOpsBeforeYield, n))
+        )
+        yield* Effect.yieldNow
+        yield* Fiber.interrupt(first)
+        // Hung in an orphaned line, this would never complete (and the test would time out).
+        const later = yield* producer.send({ topic, value: "later" })
+        assert.strictEqual(later.topic, topic, `N=${n}`)
+      }
+    }).pipe(Effect.scoped)
   )
 
   it.effect("send after the scope closed fails with ProducerClosed", () =>
