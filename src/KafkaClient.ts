@@ -73,6 +73,12 @@ export class CorruptBatch extends Schema.TaggedError<CorruptBatch>()("CorruptBat
   partitions: Schema.Array(Schema.Struct({ topic: Schema.String, partition: Schema.Number }))
 }) {}
 
+/** A codec's native package cannot load on this platform (no prebuilt binary for it). Not retriable. */
+export class CodecUnavailable extends Schema.TaggedError<CodecUnavailable>()("CodecUnavailable", {
+  codec: Schema.String,
+  detail: Schema.String
+}) {}
+
 /** Anything else the client reported. */
 export class ClientFailed extends Schema.TaggedError<ClientFailed>()("ClientFailed", {
   retriable: Schema.Boolean,
@@ -87,6 +93,7 @@ export const KafkaErrorReason = Schema.Union([
   UnknownTopic,
   BrokerError,
   CorruptBatch,
+  CodecUnavailable,
   ClientFailed
 ])
 export type KafkaErrorReason = typeof KafkaErrorReason.Type

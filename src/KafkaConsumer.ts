@@ -762,7 +762,7 @@ const member = <E, R>(s: Run<E, R>) =>
   }).pipe(Effect.scoped)
 
 const restarts = <E, R>(s: Run<E, R>, error: KafkaClient.KafkaError) =>
-  error.reason._tag !== "CorruptBatch" && (s.started || error.retriable)
+  error.reason._tag !== "CorruptBatch" && error.reason._tag !== "CodecUnavailable" && (s.started || error.retriable)
 
 /**
  * The member until `run` is interrupted: restarted on `restartSchedule` after a crash, as kafkajs crashes on

@@ -117,9 +117,13 @@ const makeGate = (capacity: number) => {
         restore(Deferred.await(waiter.granted)).pipe(
           Effect.onInterrupt(() =>
             Effect.sync(() => {
-              // Granted as it was interrupted: the places go back to the next in line.
+              // Granted as it was interrupted: the places go back to the next in line. Not granted: it leaves the
+              // line, and those behind it may go now (it may have been the head, holding them up).
               if (Deferred.isDoneUnsafe(waiter.granted)) release(places)
-              else waiter.cancelled = true
+              else {
+                waiter.cancelled = true
+                release(0)
+              }
             })
           ),
           Effect.andThen(then)

@@ -96,4 +96,20 @@ describe("WorkerPool", () => {
       assert.deepStrictEqual(ran, ["a", "c"])
     }).pipe(Effect.scoped)
   )
+
+  it.effect("a big submit at the head of the line, interrupted, lets the smaller ones behind it go at once", () =>
+    Effect.gen(function* () {
+      const pool = yield* WorkerPool.make({ workers: 1, maxInFlight: 4 })
+      const hold = yield* Deferred.make<void>()
+      yield* pool.submitTo(0, Deferred.await(hold), 3)
+      // One place is free: the big one (4) waits at the head; the small one (1) waits behind it.
+      const big = yield* Effect.forkChild(pool.submitTo(0, Effect.void, 4))
+      const small = yield* Effect.forkChild(pool.submit("k", Effect.void))
+      yield* Effect.yieldNow
+      assert.isUndefined(small.pollUnsafe(), "behind the big one")
+      yield* Fiber.interrupt(big)
+      yield* Fiber.join(small)
+      yield* Deferred.succeed(hold, undefined)
+    }).pipe(Effect.scoped)
+  )
 })

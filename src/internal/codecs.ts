@@ -61,6 +61,7 @@ export const unknownCodec = (id: number, data: Buffer) =>
   new CodecError(`codec ${id}`, "Kafka has no such codec (the batch's attributes are corrupt)", batchOffsets(data, id))
 
 const failed = (codec: Compression, data?: Buffer) => (cause: unknown) => {
+  if (cause instanceof CodecUnavailable) throw cause
   const offsets = data === undefined ? undefined : batchOffsets(data, codec)
   throw new CodecError(codec, cause instanceof Error ? cause.message : String(cause), offsets)
 }
@@ -77,8 +78,29 @@ const once = <A>(load: () => Promise<A>) => {
     return loaded
   }
 }
-const snappyModule = once(() => import("snappy"))
-const lz4Module = once(() => import("lz4-napi"))
+/**
+ * A codec's native package that cannot load on this platform (no prebuilt binary for it): not the batch's fault,
+ * and not something to go past by skipping records.
+ */
+export class CodecUnavailable extends Error {
+  override readonly name = "CodecUnavailable"
+  readonly codec: string
+  constructor(codec: string, cause: unknown) {
+    super(
+      `the ${codec} codec cannot be loaded on this platform: ${cause instanceof Error ? cause.message : String(cause)}`
+    )
+    this.codec = codec
+  }
+}
+
+const load = <A>(codec: string, module: () => Promise<A>) =>
+  once(() =>
+    module().catch((cause: unknown) => {
+      throw new CodecUnavailable(codec, cause)
+    })
+  )
+const snappyModule = load("snappy", () => import("snappy"))
+const lz4Module = load("lz4", () => import("lz4-napi"))
 
 /** xerial's snappy framing: this magic, a version and a compatible version (int32 each), then blocks. */
 const xerialMagic = Buffer.from([0x82, 0x53, 0x4e, 0x41, 0x50, 0x50, 0x59, 0x00])
@@ -138,7 +160,7 @@ export const codecs: Readonly<Record<Exclude<Compression, "none">, Codec>> = {
   lz4: {
     compress: async (data) => (await lz4Module()).compressFrame(data),
     decompress: async (data) => {
-      const lz4 = await lz4Module().catch(failed("lz4"))
+      const lz4 = await lz4Module()
       return lz4.decompressFrame(data).catch(failed("lz4", data))
     }
   },

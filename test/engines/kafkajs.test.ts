@@ -9,7 +9,7 @@ import KafkaJS, {
   KafkaJSSASLAuthenticationError
 } from "kafkajs"
 import { bridgedLevel, reasonOf, registerCodecs, retriableOnFreshProducer } from "../../src/engines/kafkajs/KafkaJS.ts"
-import { CodecError } from "../../src/internal/codecs.ts"
+import { CodecError, CodecUnavailable } from "../../src/internal/codecs.ts"
 import * as KafkaClient from "../../src/KafkaClient.ts"
 
 // kafkajs' error classes, built as kafkajs builds them, mapped to our reasons.
@@ -214,5 +214,26 @@ describe("kafkajs errors → KafkaError reasons", () => {
         assert.strictEqual(reason._tag, "CorruptBatch")
       }
     })
+  )
+
+  it.effect(
+    "a corrupt gzip batch is a CorruptBatch too (our codec replaces kafkajs' own); a codec that cannot load is not",
+    () =>
+      Effect.promise(async () => {
+        registerCodecs()
+        const table = KafkaJS.CompressionCodecs as unknown as Record<
+          number,
+          () => { decompress: (b: Buffer) => Promise<Buffer> }
+        >
+        const failure = await table[1]?.()
+          .decompress(Buffer.from("not gzip at all"))
+          .then(
+            () => undefined,
+            (error: unknown) => error
+          )
+        assert.strictEqual(reasonOf(failure, "b:9092")._tag, "CorruptBatch")
+        const unavailable = reasonOf(new CodecUnavailable("snappy", new Error("no prebuilt binary")), "b:9092")
+        assert.strictEqual(unavailable._tag, "CodecUnavailable")
+      })
   )
 })

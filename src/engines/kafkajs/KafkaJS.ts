@@ -3,7 +3,18 @@
  * chosen). Users depend on the port; this file depends on it, never the other way.
  */
 import * as Fs from "node:fs"
-import { Clock, Deferred, Duration, Effect, Layer, Option, Redacted, type Scope, SubscriptionRef } from "effect"
+import {
+  Clock,
+  Deferred,
+  Duration,
+  Effect,
+  Layer,
+  Option,
+  Redacted,
+  Schedule,
+  type Scope,
+  SubscriptionRef
+} from "effect"
 import type * as LogLevel from "effect/LogLevel"
 import KafkaJS, {
   CompressionTypes,
@@ -70,6 +81,9 @@ const innermost = (cause: unknown): KafkaJSErrorLike => {
 export const reasonOf = (cause: unknown, brokers: string): KafkaClient.KafkaErrorReason => {
   const error = innermost(cause)
   const detail = error.message ?? String(cause)
+  if (error instanceof Codecs.CodecUnavailable) {
+    return new KafkaClient.CodecUnavailable({ codec: error.codec, detail: error.message })
+  }
   if (error instanceof Codecs.CodecError) {
     return new KafkaClient.CorruptBatch({
       codec: error.codec,
@@ -131,6 +145,8 @@ export const registerCodecs = () => {
   // Not a named import: Node's reading of kafkajs' CommonJS exports does not see this one.
   // kafkajs types its table with the four codecs it names; at run time it is indexed by any codec id (0–7).
   const table = KafkaJS.CompressionCodecs as Record<number, (typeof KafkaJS.CompressionCodecs)[CompressionTypes.GZIP]>
+  // gzip too, instead of kafkajs' own (the same zlib): a corrupt gzip batch is then a CorruptBatch like the others.
+  table[CompressionTypes.GZIP] = kafkajsCodec(Codecs.codecs.gzip)
   table[CompressionTypes.Snappy] = kafkajsCodec(Codecs.codecs.snappy)
   table[CompressionTypes.LZ4] = kafkajsCodec(Codecs.codecs.lz4)
   table[CompressionTypes.ZSTD] = kafkajsCodec(Codecs.codecs.zstd)
@@ -360,19 +376,27 @@ export const make = (
         // Every topic asked for, created by this call or by another replica a moment before, has a leader for
         // each of its partitions when this succeeds: a member that subscribes at once would otherwise be told
         // that the topic does not exist.
+        // Waited for 30 s at most: a partition that stays leaderless (its only replica's broker is down) is not
+        // a reason to keep the whole member from starting.
+        const names = [...new Set(topics.map((spec) => spec.topic))]
         const leadersKnown = attempt(brokers, "fetch topic metadata", () =>
-          admin.fetchTopicMetadata({ topics: topics.map((spec) => spec.topic) })
+          admin.fetchTopicMetadata({ topics: names })
         ).pipe(
           Effect.flatMap(({ topics: found }) =>
-            found.length === topics.length &&
+            found.length === names.length &&
             found.every(({ partitions }) => partitions.length > 0 && partitions.every(({ leader }) => leader >= 0))
               ? Effect.void
               : Effect.fail(leaderless("some partitions have no leader yet"))
           ),
-          Effect.catch((error) => Effect.fail(error.retriable ? error : leaderless(error.message)))
+          Effect.retry({ schedule: Schedule.spaced("500 millis"), times: 60, while: (error) => error.retriable }),
+          Effect.catchIf(
+            (error) => error.reason._tag === "BrokerError" && error.reason.type === "LEADER_NOT_AVAILABLE",
+            (error) =>
+              Effect.logWarning(`topics created, but ${error.reason._tag === "BrokerError" ? error.reason.detail : ""}`)
+          )
         )
         const created: Array<string> = []
-        return retryConnect(
+        const createMissing = retryConnect(
           Effect.gen(function* () {
             const missing = yield* missingOf
             if (missing.length > 0) {
@@ -389,12 +413,11 @@ export const make = (
               )
               created.push(...missing.map((spec) => spec.topic))
             }
-            yield* leadersKnown
-            return created
           }),
           schedule,
           "create topics"
         )
+        return createMissing.pipe(Effect.andThen(leadersKnown), Effect.as(created))
       },
       deleteTopics: (topics) => attempt(brokers, "delete topics", () => admin.deleteTopics({ topics: [...topics] })),
       listTopics: attempt(brokers, "list topics", () => admin.listTopics()),
