@@ -10,8 +10,9 @@
  *     round warms the code of both (a cold kafkajs alone ran at about 60% of its warm speed).
  * (b) I/O-bound: 20,000 records, 10,000 keys, 6 partitions, a handler that waits 5 ms: ours with 64 workers vs
  *     kafkajs `eachMessage` with partitionsConsumedConcurrently 6; per-key order violations counted.
- * (c) memory: peak RSS of a consumer process draining a 1,000,000-record backlog with a 1 ms handler, sampled
- *     every 500 ms, with the V8 heap settings in `memoryNodeFlags` (README, Benchmarks).
+ * (c) memory: peak RSS of the consumer program (`src/consumer.ts`, as `node dist/consumer.js` runs) at its defaults,
+ *     with no flags from us, draining a 1,000,000-event backlog, sampled every 500 ms. The program applies its own
+ *     heap policy (src/programs/heap.ts).
  */
 import { execFile, spawn } from "node:child_process"
 import * as Fs from "node:fs"
@@ -25,6 +26,7 @@ import * as Event from "../src/Event.ts"
 import type * as KafkaClient from "../src/KafkaClient.ts"
 import * as KafkaConsumer from "../src/KafkaConsumer.ts"
 import * as KafkaProducer from "../src/KafkaProducer.ts"
+import { heapFlags } from "../src/programs/heap.ts"
 import { clientLayer } from "./support.ts"
 
 const here = import.meta.dirname
@@ -177,14 +179,6 @@ const decode = (value: Uint8Array | null) =>
 
 const median = (values: ReadonlyArray<number>) => [...values].sort((x, y) => x - y)[Math.floor(values.length / 2)] ?? 0
 
-/**
- * The V8 heap settings of the memory benchmark's consumer process, as a container would set them in NODE_OPTIONS.
- * Without a cap V8 lets the old generation grow to about 4× what is live before it collects (≈ 55 MB live, RSS
- * ≈ 480 MB). A cap alone also shrinks the young generation, which then promotes so much that the process spends
- * its time in full collections; so the semi-space size is set with it.
- */
-const memoryNodeFlags = ["--max-old-space-size=160", "--max-semi-space-size=16"]
-
 const main = Effect.gen(function* () {
   const jars = yield* Broker.resolveJars
   const external = process.env.KAFKA_BROKERS
@@ -318,26 +312,20 @@ const main = Effect.gen(function* () {
     () =>
       new Promise<{ peakMb: number; samples: Array<number>; seconds: number }>((resolve, reject) => {
         const groupId = `bench-memory-${stamp()}`
+        // Type stripping is not a heap flag: the program re-executes itself with its heap policy, as from dist/.
         const child = spawn(
           process.execPath,
-          [
-            ...memoryNodeFlags,
-            "--experimental-strip-types",
-            "--no-warnings",
-            Path.join(here, "..", "test", "support", "consumerProcess.ts")
-          ],
+          ["--experimental-strip-types", "--no-warnings", Path.join(here, "..", "src", "consumer.ts")],
           {
             env: {
               PATH: process.env.PATH ?? "",
               KAFKA_BROKERS: brokers,
               KAFKA_CONSUMER_TOPIC: memTopic,
               KAFKA_CONSUMER_GROUP_ID: groupId,
-              KAFKA_CONSUMER_WORKERS: "64",
-              HANDLER_DELAY_MS: "1",
-              PROGRESS_EVERY: "10000",
+              KAFKA_CREATE_TOPICS: "true",
               LOG_LEVEL: "warn"
             },
-            stdio: ["ignore", "pipe", "inherit"]
+            stdio: ["ignore", "ignore", "inherit"]
           }
         )
         // Drained when the group's committed offsets add up to the backlog (the process prints only a count).
@@ -379,15 +367,16 @@ const main = Effect.gen(function* () {
   const half = Math.floor(memory.samples.length / 2)
   const memoryResult = {
     records: big,
-    handlerMs: 1,
+    program: "src/consumer.ts at its defaults",
     peakRssMb: memory.peakMb,
     firstHalfPeakMb: Math.max(...memory.samples.slice(0, half)),
     secondHalfPeakMb: Math.max(...memory.samples.slice(half)),
-    nodeFlags: memoryNodeFlags.join(" "),
+    nodeFlagsFromUs: "none",
+    programHeapFlags: heapFlags.join(" "),
     seconds: Number(memory.seconds.toFixed(1))
   }
   results.memory = memoryResult
-  yield* log(`(c) memory, draining ${big} records with a 1 ms handler (64 workers), ${memoryResult.nodeFlags}:
+  yield* log(`(c) memory, the consumer program at its defaults draining ${big} events, no flags from us:
     peak RSS                     ${memoryResult.peakRssMb} MB (target ≤ 250 MB)
     first / second half peak     ${memoryResult.firstHalfPeakMb} / ${memoryResult.secondHalfPeakMb} MB
     drained in                   ${memoryResult.seconds} s`)

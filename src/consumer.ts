@@ -4,7 +4,11 @@
  * letters (`replay`). See src/programs/consumer.ts for the behaviour and `--help` for the flags.
  */
 import "./programs/nodeVersion.ts"
-import { main } from "./programs/consumer.ts"
-import { run } from "./programs/main.ts"
+import { applyHeapPolicy } from "./programs/heap.ts"
+
+// Before the program's modules load: it may re-execute this process with the heap flags (src/programs/heap.ts).
+applyHeapPolicy()
+const { main } = await import("./programs/consumer.ts")
+const { run } = await import("./programs/main.ts")
 
 run(main(process.argv.slice(2)))

@@ -8,6 +8,7 @@ import { assert, describe, it } from "@effect/vitest"
 import { Deferred, Effect } from "effect"
 import * as Program from "../scripts/program.ts"
 import * as KafkaConfig from "../src/KafkaConfig.ts"
+import { heapFlags, userChoseHeap } from "../src/programs/heap.ts"
 import * as Help from "../src/programs/help.ts"
 
 const producer = Path.join(Program.root, "src", "producer.ts")
@@ -174,6 +175,38 @@ describe("the programs without a broker", () => {
         // With no broker: one line an attempt naming where it tried, no stack trace.
         assert.include(typo.stderr, "Kafka not reachable at 127.0.0.1:1 (attempt 1)")
         assert.notInclude(typo.stderr, "    at ")
+      }),
+    timeout
+  )
+
+  it.live(
+    "the consumer program bounds its heap itself, in the same process, unless the user chose heap flags",
+    () =>
+      Effect.gen(function* () {
+        // The command line of the running process, read once it is retrying its connection.
+        const commandLine = (env: Record<string, string>) =>
+          Effect.gen(function* () {
+            const seen = yield* Deferred.make<{ pid: number | undefined; argv: Array<string> }>()
+            yield* run(Program.consumerProgram, {
+              env: { ...noBroker, ...env },
+              onStderr: (soFar, program) => {
+                if (!soFar.includes("(attempt 1)")) return
+                const { pid } = program.child
+                const argv = Fs.readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0")
+                if (Deferred.doneUnsafe(seen, Effect.succeed({ pid, argv }))) program.child.kill("SIGTERM")
+              }
+            })
+            return yield* Deferred.await(seen)
+          })
+        const bounded = yield* commandLine({})
+        for (const flag of heapFlags) assert.include(bounded.argv, flag, bounded.argv.join(" "))
+        assert.include(bounded.argv, Program.consumerProgram, "the same program, with its arguments")
+        const chosen = yield* commandLine({ NODE_OPTIONS: "--max-old-space-size=300" })
+        for (const flag of heapFlags) assert.notInclude(chosen.argv, flag, chosen.argv.join(" "))
+        assert.isFalse(userChoseHeap(["--experimental-strip-types"], undefined))
+        assert.isTrue(userChoseHeap(["--max-semi-space-size=32"], undefined))
+        assert.isTrue(userChoseHeap([], "--enable-source-maps --max-old-space-size=4096"))
+        assert.isFalse(userChoseHeap([], "--max-old-space-sizes"))
       }),
     timeout
   )
