@@ -6,6 +6,7 @@ import type * as KafkaConfig from "../src/KafkaConfig.ts"
 /** Our KafkaClient on `brokers`, with the defaults of the environment's configuration. */
 export const clientLayer = (brokers: string) =>
   KafkaJS.layer({
+    engine: "kafkajs",
     brokers: brokers.split(","),
     clientId: "bench",
     sasl: Option.none(),

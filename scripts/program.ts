@@ -31,7 +31,12 @@ export const start = (
     process.execPath,
     ["--experimental-strip-types", "--no-warnings", script, ...(options.args ?? [])],
     {
-      env: { PATH: process.env.PATH ?? "", ...options.env },
+      // The engine of the test run (KAFKA_CLIENT), unless `env` names one.
+      env: {
+        PATH: process.env.PATH ?? "",
+        ...(process.env.KAFKA_CLIENT !== undefined && { KAFKA_CLIENT: process.env.KAFKA_CLIENT }),
+        ...options.env
+      },
       stdio: [options.stdin === undefined ? "ignore" : "pipe", "pipe", "pipe"]
     }
   )

@@ -18,7 +18,7 @@
  * ```
  */
 import { Context, Duration, Effect, Layer, Metric, Schedule, Schema, type Scope, type Stream } from "effect"
-import type * as KafkaConfig from "./KafkaConfig.ts"
+import * as KafkaConfig from "./KafkaConfig.ts"
 import * as Metrics from "./Metrics.ts"
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -414,12 +414,38 @@ export const retryConnect = <A, R>(
 // ---------------------------------------------------------------------------------------------------------------
 
 /**
- * The client the environment configures (`KafkaConfig.connection`), over the kafkajs engine, loaded only now: the
- * port imports no engine.
+ * The client the environment configures (`KafkaConfig.connection`), over the engine `KAFKA_CLIENT` names, loaded only
+ * now: the port imports no engine, and a user of one engine need not install the other.
  */
 export const layerConfig: Layer.Layer<KafkaClient, KafkaError | KafkaConfig.KafkaConfigError> = Layer.unwrap(
-  Effect.map(
-    Effect.promise(() => import("./engines/kafkajs/KafkaJS.ts")),
-    (engine) => engine.layerConfig
-  )
+  Effect.gen(function* () {
+    const connection = yield* KafkaConfig.connection
+    const engine = yield* loadEngine(connection.engine)
+    return engine.layer(connection)
+  })
 )
+
+/** What an engine module exports for `layerConfig`. */
+interface EngineModule {
+  readonly layer: (connection: KafkaConfig.ConnectionConfig) => Layer.Layer<KafkaClient, KafkaError>
+}
+
+const enginePackages: Readonly<Record<KafkaConfig.Engine, string>> = {
+  kafkajs: "kafkajs@2.2.4",
+  platformatic: "@platformatic/kafka@2.12.1"
+}
+
+/** Loads an engine's adapter (and so its package); a package that is not installed is named with its install. */
+export const loadEngine = (engine: KafkaConfig.Engine): Effect.Effect<EngineModule, KafkaError> =>
+  Effect.tryPromise({
+    try: (): Promise<EngineModule> =>
+      engine === "kafkajs" ? import("./engines/kafkajs/KafkaJS.ts") : import("./engines/platformatic/Platformatic.ts"),
+    catch: (cause) =>
+      new KafkaError({
+        operation: "load engine",
+        reason: new ClientFailed({
+          retriable: false,
+          detail: `KAFKA_CLIENT=${engine} could not be loaded (${String(cause)}); is it installed? npm install ${enginePackages[engine]}`
+        })
+      })
+  })

@@ -70,7 +70,12 @@ export interface TlsConfig {
   readonly keyFile: Option.Option<string>
 }
 
+/** The engine behind the `KafkaClient` port (`KAFKA_CLIENT`). */
+export type Engine = "kafkajs" | "platformatic"
+
 export interface ConnectionConfig {
+  /** which client library talks to Kafka; loaded only when chosen */
+  readonly engine: Engine
   readonly brokers: ReadonlyArray<string>
   readonly clientId: string
   readonly sasl: Option.Option<SaslConfig>
@@ -259,6 +264,7 @@ const topicForm = "a Kafka topic name: 1 to 249 characters of a-z A-Z 0-9 . _ -"
 
 /** The names of every variable, for reading them in one pass. */
 export const variables = [
+  "KAFKA_CLIENT",
   "KAFKA_BROKERS",
   "KAFKA_CLIENT_ID",
   "KAFKA_SASL_MECHANISM",
@@ -327,6 +333,12 @@ const readEnv: Effect.Effect<Reader, KafkaConfigError> = Effect.gen(function* ()
 })
 
 const readConnection = (r: Reader): ConnectionConfig => {
+  const engine = r.field(
+    "KAFKA_CLIENT",
+    "kafkajs",
+    oneOf<Engine>({ kafkajs: "kafkajs", platformatic: "platformatic" }),
+    "kafkajs or platformatic"
+  )
   const brokers = r.field(
     "KAFKA_BROKERS",
     ["localhost:9092"],
@@ -406,6 +418,7 @@ const readConnection = (r: Reader): ConnectionConfig => {
     )
   }
   return {
+    engine,
     brokers,
     clientId,
     sasl,

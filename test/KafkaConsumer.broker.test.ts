@@ -9,7 +9,7 @@ import { Effect, Layer, Schedule } from "effect"
 import { inject } from "vitest"
 import * as KafkaClient from "../src/KafkaClient.ts"
 import * as KafkaProducer from "../src/KafkaProducer.ts"
-import { clientLayer, createTopic, uniqueName } from "./support/kafka.ts"
+import { clientLayer, createTopic, testEngine, uniqueName } from "./support/kafka.ts"
 
 const brokers = inject("kafkaBrokers")
 const memberProgram = Path.join(import.meta.dirname, "support", "consumerProcess.ts")
@@ -37,7 +37,7 @@ class Member {
   constructor(name: string, env: Record<string, string>) {
     this.name = name
     this.child = spawn(process.execPath, ["--experimental-strip-types", "--no-warnings", memberProgram], {
-      env: { PATH: process.env.PATH ?? "", LOG_FORMAT: "json", LOG_LEVEL: "debug", ...env },
+      env: { PATH: process.env.PATH ?? "", LOG_FORMAT: "json", LOG_LEVEL: "debug", ...testEngine, ...env },
       stdio: ["ignore", "pipe", "pipe"]
     })
     let out = ""

@@ -5,6 +5,7 @@
 export const variables: ReadonlyArray<readonly [name: string, fallback: string, meaning: string]> = [
   ["KAFKA_BROKERS", "localhost:9092", "Bootstrap brokers, host:port[,host:port…]"],
   ["KAFKA_CLIENT_ID", "kafka-effect", "Client id sent to the brokers"],
+  ["KAFKA_CLIENT", "kafkajs", "The engine: kafkajs or platformatic (@platformatic/kafka; see Engines)"],
   ["KAFKA_SASL_MECHANISM", "unset (no SASL)", "plain, scram-sha-256 or scram-sha-512"],
   ["KAFKA_SASL_USERNAME", "", "SASL user"],
   ["KAFKA_SASL_PASSWORD", "", "SASL password (never logged)"],

@@ -10,9 +10,16 @@ import * as KafkaConfig from "../../src/KafkaConfig.ts"
 
 export const uniqueName = (prefix: string) => `${prefix}-${Date.now()}-${randomBytes(3).toString("hex")}`
 
-/** Our configuration as the environment would give it, with `env` on top of `KAFKA_BROKERS`. */
+/**
+ * The engine the suite runs on: `KAFKA_CLIENT` of the test run (`KAFKA_CLIENT=platformatic npm test`), kafkajs when
+ * unset. Every layer and program a test makes uses it, unless the test names an engine itself.
+ */
+export const testEngine: Record<string, string> =
+  process.env.KAFKA_CLIENT === undefined ? {} : { KAFKA_CLIENT: process.env.KAFKA_CLIENT }
+
+/** Our configuration as the environment would give it, with `env` on top of `KAFKA_BROKERS` and the test engine. */
 export const configFor = (brokers: string, env: Record<string, string> = {}) =>
-  ConfigProvider.layer(ConfigProvider.fromEnv({ env: { KAFKA_BROKERS: brokers, ...env } }))
+  ConfigProvider.layer(ConfigProvider.fromEnv({ env: { KAFKA_BROKERS: brokers, ...testEngine, ...env } }))
 
 /**
  * The environment of a consumer program on `topic`, as the tests run it: group `<topic>-group`, retry topics and DLQ

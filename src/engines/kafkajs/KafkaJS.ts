@@ -2,7 +2,6 @@
  * The kafkajs engine behind the `KafkaClient` port (`layer`, or `KafkaClient.layerConfig`, which loads it when
  * chosen). Users depend on the port; this file depends on it, never the other way.
  */
-import * as Fs from "node:fs"
 import {
   Clock,
   Deferred,
@@ -33,6 +32,14 @@ import KafkaJS, {
 import * as Codecs from "../../internal/codecs.ts"
 import * as KafkaClient from "../../KafkaClient.ts"
 import * as KafkaConfig from "../../KafkaConfig.ts"
+import {
+  asErrorLike as asErrorLikeOf,
+  isTlsCode,
+  leaderless,
+  makeAttempt,
+  readPem,
+  retriableOnFreshProducer
+} from "../shared.ts"
 
 // ---------------------------------------------------------------------------------------------------------------
 // Errors
@@ -51,12 +58,7 @@ interface KafkaJSErrorLike {
   readonly errors?: ReadonlyArray<unknown>
 }
 
-const asErrorLike = (cause: unknown): KafkaJSErrorLike =>
-  typeof cause === "object" && cause !== null ? (cause as KafkaJSErrorLike) : { message: String(cause) }
-
-/** Node's codes for a failed TLS handshake: retrying cannot fix a certificate. */
-const isTlsCode = (code: unknown) =>
-  typeof code === "string" && /CERT|SELF_SIGNED|ERR_TLS|ERR_SSL|UNABLE_TO_(GET|VERIFY)|HOSTNAME/.test(code)
+const asErrorLike = (cause: unknown) => asErrorLikeOf<KafkaJSErrorLike>(cause)
 
 /** kafkajs' wrappers around the error that decided the outcome, which they keep in `originalError` or `cause`. */
 const wrappers = new Set(["KafkaJSNumberOfRetriesExceeded", "KafkaJSNonRetriableError"])
@@ -168,30 +170,7 @@ const compressionType: Readonly<Record<KafkaConfig.Compression, CompressionTypes
   zstd: CompressionTypes.ZSTD
 }
 
-/** Topics just created whose partitions the broker cannot answer for yet: retriable. */
-const leaderless = (detail: string) =>
-  new KafkaClient.KafkaError({
-    operation: "create topics",
-    reason: new KafkaClient.BrokerError({ type: "LEADER_NOT_AVAILABLE", retriable: true, detail })
-  })
-
-const attempt = <A>(
-  brokers: string,
-  operation: string,
-  run: () => Promise<A>,
-  where?: { readonly topic?: string | undefined; readonly partition?: number | undefined }
-): Effect.Effect<A, KafkaClient.KafkaError> =>
-  Effect.tryPromise({
-    try: run,
-    catch: (cause) => {
-      let reason = reasonOf(cause, brokers)
-      // kafkajs reports a missing topic as UNKNOWN_TOPIC_OR_PARTITION without the name; the caller knows it.
-      if (where?.topic !== undefined && reason._tag === "BrokerError" && reason.type === "UNKNOWN_TOPIC_OR_PARTITION") {
-        reason = new KafkaClient.UnknownTopic({ topic: where.topic })
-      }
-      return new KafkaClient.KafkaError({ operation, ...where, reason })
-    }
-  })
+const attempt = makeAttempt(reasonOf)
 
 // ---------------------------------------------------------------------------------------------------------------
 // Logs: kafkajs → Effect logger
@@ -269,16 +248,6 @@ const logCreator =
 // ---------------------------------------------------------------------------------------------------------------
 // Connection settings
 // ---------------------------------------------------------------------------------------------------------------
-
-const readPem = (variable: string, path: string) =>
-  Effect.try({
-    try: () => Fs.readFileSync(path, "utf8"),
-    catch: (cause) =>
-      new KafkaClient.KafkaError({
-        operation: "read TLS files",
-        reason: new KafkaClient.TlsFailed({ detail: `${variable}=${path} cannot be read: ${String(cause)}` })
-      })
-  })
 
 const sslOptions = (tls: KafkaConfig.TlsConfig) =>
   Effect.gen(function* () {
@@ -780,27 +749,7 @@ const toKafkaJSHeaders = (headers: KafkaClient.Headers) => {
   return out
 }
 
-/** Errors about an idempotent producer's id or sequence, which a fresh producer does not have. */
-const producerStateErrors = new Set([
-  "UNKNOWN_PRODUCER_ID",
-  "OUT_OF_ORDER_SEQUENCE_NUMBER",
-  "INVALID_PRODUCER_EPOCH",
-  "INVALID_PRODUCER_ID_MAPPING"
-])
-
-/**
- * A produce error about the producer's id or sequence made retriable: the next try of the idempotent producer goes
- * out on a fresh one (see `producer`), which has neither problem.
- */
-export const retriableOnFreshProducer = (error: KafkaClient.KafkaError): KafkaClient.KafkaError =>
-  error.reason._tag === "BrokerError" && !error.reason.retriable && producerStateErrors.has(error.reason.type)
-    ? new KafkaClient.KafkaError({
-        operation: error.operation,
-        ...(error.topic !== undefined && { topic: error.topic }),
-        ...(error.partition !== undefined && { partition: error.partition }),
-        reason: new KafkaClient.BrokerError({ type: error.reason.type, retriable: true, detail: error.reason.detail })
-      })
-    : error
+export { retriableOnFreshProducer }
 
 /** The errors kafkajs treats as "the group is rebalancing: rejoin". */
 const rebalancingErrors = new Set([

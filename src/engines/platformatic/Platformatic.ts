@@ -1,0 +1,1144 @@
+/**
+ * The @platformatic/kafka engine behind the `KafkaClient` port (`layer`, or `KafkaClient.layerConfig` with
+ * `KAFKA_CLIENT=platformatic`, which loads it only then). Users depend on the port; this file depends on it.
+ *
+ * - Admin and producer are the library's `Admin` and `Producer`. The adapter partitions every record itself
+ *   (murmur2 as Java for keys, round robin for null keys): the library's default partitioner is not Java's, and its
+ *   compatible one sends every keyless record to partition 0.
+ * - The consumer uses the library's `Consumer` for group membership only (join, sync, its background heartbeats) and
+ *   fetches itself through the library's `fetch` on a connection pool of its own, so that it keeps the port's
+ *   contract: per-partition batches with their high watermark, per-partition pause, `resumeAt`, and a rebalance that
+ *   waits for running batch calls (through the `protocolsMetadata` hook the library awaits before every JoinGroup).
+ *   Commits are single OffsetCommit requests with the member's generation: the library's own `commit` rejoins and
+ *   commits again under the new generation, which could commit a partition the member lost.
+ */
+
+import {
+  ConnectionPool,
+  compressionsAlgorithmsByBitmask,
+  FetchIsolationLevels,
+  type GroupAssignment,
+  heartbeatV4,
+  ListOffsetTimestamps,
+  type MessageToProduce,
+  offsetCommitV8,
+  Admin as PltAdmin,
+  Consumer as PltConsumer,
+  Producer as PltProducer,
+  type RecordsBatch
+} from "@platformatic/kafka"
+import {
+  Cause,
+  Clock,
+  Deferred,
+  Duration,
+  Effect,
+  Exit,
+  Layer,
+  Option,
+  Redacted,
+  Schedule,
+  type Scope,
+  Semaphore,
+  SubscriptionRef
+} from "effect"
+import * as ChangeSignal from "../../internal/changeSignal.ts"
+import { partitionForKey } from "../../internal/murmur2.ts"
+import * as KafkaClient from "../../KafkaClient.ts"
+import * as KafkaConfig from "../../KafkaConfig.ts"
+import {
+  asErrorLike as asErrorLikeOf,
+  isTlsCode,
+  leaderless,
+  makeAttempt,
+  readPem,
+  retriableOnFreshProducer
+} from "../shared.ts"
+
+type FetchResponse = Awaited<ReturnType<PltConsumer["fetch"]>>
+type FetchRequestTopic = Parameters<PltConsumer["fetch"]>[0]["topics"][number]
+
+// ---------------------------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------------------------
+
+interface ErrorLike {
+  readonly name?: string
+  readonly message?: string
+  readonly code?: string
+  readonly apiId?: string
+  readonly canRetry?: boolean
+  readonly cause?: unknown
+  readonly errors?: ReadonlyArray<unknown>
+}
+
+const asErrorLike = (cause: unknown) => asErrorLikeOf<ErrorLike>(cause)
+
+/** Every error of the library's tree (MultipleErrors hold several, NetworkErrors a cause), depth first. */
+const errorTree = (cause: unknown): Array<ErrorLike> => {
+  const out: Array<ErrorLike> = []
+  const visit = (error: unknown, depth: number) => {
+    if (depth > 8 || typeof error !== "object" || error === null) return
+    const like = asErrorLike(error)
+    out.push(like)
+    for (const inner of like.errors ?? []) visit(inner, depth + 1)
+    if (like.cause !== undefined) visit(like.cause, depth + 1)
+  }
+  visit(cause, 0)
+  return out
+}
+
+/** A batch our wrapper of the library's codecs could not decompress, with its header when it could be read. */
+class DecompressFailed extends Error {
+  readonly codec: string
+  readonly detail: string
+  readonly offsets: { readonly first: bigint; readonly last: bigint } | undefined
+  constructor(codec: string, detail: string, offsets: { readonly first: bigint; readonly last: bigint } | undefined) {
+    super(`${codec} decompression failed: ${detail}`)
+    this.codec = codec
+    this.detail = detail
+    this.offsets = offsets
+  }
+}
+
+const codecNames: Readonly<Record<string, string>> = { 1: "gzip", 2: "snappy", 3: "lz4", 4: "zstd" }
+
+/** A record batch's header is 61 bytes; its compressed records follow it. */
+const BATCH_HEADER = 61
+
+/**
+ * The offsets of the batch whose compressed records are `data`, read from the header right before them when `data`
+ * is a view of the fetched bytes (and checked: magic 2, and the header's length matching `data`'s).
+ */
+export const batchOffsetsOf = (data: unknown): { first: bigint; last: bigint } | undefined => {
+  if (!(data instanceof Uint8Array) || data.byteOffset < BATCH_HEADER) return undefined
+  const view = new DataView(data.buffer, data.byteOffset - BATCH_HEADER, BATCH_HEADER)
+  const length = view.getInt32(8)
+  const magic = view.getInt8(16)
+  if (magic !== 2 || length !== BATCH_HEADER - 12 + data.byteLength) return undefined
+  const first = view.getBigInt64(0)
+  return { first, last: first + BigInt(view.getInt32(23)) }
+}
+
+let codecsWrapped = false
+
+/**
+ * The library decompresses while it parses a fetch response, and a corrupt batch surfaces as whatever the codec
+ * threw (for snappy and lz4 a bare WebAssembly trap). Its codecs are wrapped once so that the error names the codec
+ * and, when it can, the batch's offsets.
+ */
+const wrapCodecs = () => {
+  if (codecsWrapped) return
+  codecsWrapped = true
+  for (const [bitmask, algorithm] of Object.entries(compressionsAlgorithmsByBitmask)) {
+    const codec = codecNames[bitmask]
+    if (codec === undefined) continue
+    const original = algorithm.decompressSync
+    ;(algorithm as { decompressSync: typeof original }).decompressSync = (data) => {
+      try {
+        return original(data)
+      } catch (cause) {
+        throw new DecompressFailed(codec, cause instanceof Error ? cause.message : String(cause), batchOffsetsOf(data))
+      }
+    }
+  }
+}
+
+/** Decompression failures, which the library throws raw while it parses a fetch response. */
+const corruptCodec = (error: ErrorLike): string | undefined => {
+  if (error instanceof DecompressFailed) return error.codec
+  if (error.code === "Z_DATA_ERROR" || error.code === "Z_BUF_ERROR") return "gzip"
+  if (typeof error.code === "string" && error.code.startsWith("ZSTD_")) return "zstd"
+  if (error.name === "RuntimeError" && /unreachable|out of bounds/.test(error.message ?? "")) return "snappy or lz4"
+  if (error.code === "PLT_KFK_UNSUPPORTED_COMPRESSION") return "unknown"
+  return undefined
+}
+
+export const reasonOf = (cause: unknown, brokers: string): KafkaClient.KafkaErrorReason => {
+  const tree = errorTree(cause)
+  const top = tree[0] ?? { message: String(cause) }
+  const detail = [...new Set(tree.map((error) => error.message).filter((m) => m !== undefined && m !== ""))].join(": ")
+  for (const error of tree) {
+    const codec = corruptCodec(error)
+    if (codec !== undefined) {
+      const offsets = error instanceof DecompressFailed ? error.offsets : undefined
+      return new KafkaClient.CorruptBatch({
+        codec,
+        detail: error instanceof DecompressFailed ? error.detail : (error.message ?? detail),
+        ...(offsets !== undefined && { firstOffset: offsets.first.toString(), lastOffset: offsets.last.toString() }),
+        partitions: []
+      })
+    }
+  }
+  if (tree.some((error) => error.code === "PLT_KFK_AUTHENTICATION")) {
+    return new KafkaClient.AuthenticationFailed({ detail })
+  }
+  if (
+    tree.some((error) => isTlsCode(error.code) || /TLS handshake|requires TLS|certificate/i.test(error.message ?? ""))
+  ) {
+    return new KafkaClient.TlsFailed({ detail })
+  }
+  for (const error of tree) {
+    const unknown = /^Unknown topic (.+)\.$/.exec(error.message ?? "")
+    if (unknown?.[1] !== undefined) return new KafkaClient.UnknownTopic({ topic: unknown[1] })
+  }
+  const protocol = tree.find((error) => error.code === "PLT_KFK_PROTOCOL" && error.apiId !== undefined)
+  if (protocol?.apiId !== undefined) {
+    return new KafkaClient.BrokerError({ type: protocol.apiId, retriable: protocol.canRetry !== false, detail })
+  }
+  if (tree.some((error) => /timed out/i.test(error.message ?? "") && error.code === "PLT_KFK_NETWORK")) {
+    return tree.some((error) => /^Connection to .* timed out/.test(error.message ?? ""))
+      ? new KafkaClient.ConnectionFailed({ brokers, detail })
+      : new KafkaClient.RequestTimedOut({ detail })
+  }
+  if (
+    tree.some((error) => error.code === "PLT_KFK_NETWORK" || /ECONNREFUSED|ECONNRESET|EPIPE/.test(error.code ?? ""))
+  ) {
+    return new KafkaClient.ConnectionFailed({ brokers, detail })
+  }
+  return new KafkaClient.ClientFailed({ retriable: top.canRetry === true, detail })
+}
+
+const attempt = makeAttempt(reasonOf)
+
+/** Closes a client, waiting at most `bound`: a hung broker must not hold a shutdown. */
+const close = (run: () => Promise<unknown>, bound: Duration.Duration = Duration.seconds(1)) =>
+  Effect.promise(() => run().catch(() => undefined)).pipe(Effect.timeoutOption(bound), Effect.asVoid)
+
+// ---------------------------------------------------------------------------------------------------------------
+// Connection settings
+// ---------------------------------------------------------------------------------------------------------------
+
+const connectionOptions = (connection: KafkaConfig.ConnectionConfig) =>
+  Effect.gen(function* () {
+    const options: Record<string, unknown> = {
+      clientId: connection.clientId,
+      bootstrapBrokers: [...connection.brokers],
+      connectTimeout: Duration.toMillis(connection.connectionTimeout),
+      requestTimeout: Duration.toMillis(connection.requestTimeout),
+      // The library's own retries stay short: waiting for a broker is `reconnectSchedule`'s job, and a failed send
+      // is retried by the Producer's Schedule.
+      retries: 2,
+      retryDelay: 100
+    }
+    if (Option.isSome(connection.tls)) {
+      const tls = connection.tls.value
+      const ca = Option.isSome(tls.caFile) ? [yield* readPem("KAFKA_TLS_CA_FILE", tls.caFile.value)] : undefined
+      const cert = Option.isSome(tls.certFile) ? yield* readPem("KAFKA_TLS_CERT_FILE", tls.certFile.value) : undefined
+      const key = Option.isSome(tls.keyFile) ? yield* readPem("KAFKA_TLS_KEY_FILE", tls.keyFile.value) : undefined
+      options.tls = { rejectUnauthorized: true, ...(ca && { ca }), ...(cert && { cert }), ...(key && { key }) }
+      options.tlsServerName = true
+    }
+    if (Option.isSome(connection.sasl)) {
+      const sasl = connection.sasl.value
+      const password = sasl.password
+      options.sasl = {
+        mechanism: sasl.mechanism.toUpperCase(),
+        username: sasl.username,
+        // A function: the secret leaves its Redacted only when the library authenticates.
+        password: () => Redacted.value(password)
+      }
+      if (sasl.mechanism === "plain" && Option.isNone(connection.tls)) {
+        yield* Effect.logWarning(
+          "SASL PLAIN without TLS: the password crosses the network in clear text (set KAFKA_TLS=true, or use SCRAM)"
+        )
+      }
+    }
+    return options
+  })
+
+// ---------------------------------------------------------------------------------------------------------------
+// Records
+// ---------------------------------------------------------------------------------------------------------------
+
+const toBuffer = (value: string | Uint8Array | null): Buffer | undefined =>
+  value === null
+    ? undefined
+    : typeof value === "string"
+      ? Buffer.from(value, "utf8")
+      : Buffer.from(value.buffer, value.byteOffset, value.byteLength)
+
+/** Headers as the library writes them: a Map with a distinct key Buffer per occurrence, so a name can repeat. */
+const toHeaders = (headers: KafkaClient.Headers): Map<Buffer, Buffer> => {
+  const out = new Map<Buffer, Buffer>()
+  for (const [name, value] of Object.entries(headers)) {
+    const values = Array.isArray(value) ? value : [value as KafkaClient.HeaderValue]
+    for (const one of values) out.set(Buffer.from(name, "utf8"), toBuffer(one) ?? Buffer.alloc(0))
+  }
+  return out
+}
+
+const noHeaders: Readonly<Record<string, Uint8Array>> = Object.freeze({})
+const empty = new Uint8Array(0)
+
+const CONTROL_BATCH = 0x20
+const LOG_APPEND_TIME = 0x08
+
+/** The records of one partition's fetched batches from `from` on, control batches left out. */
+export const toRecords = (
+  topic: string,
+  partition: number,
+  batches: ReadonlyArray<RecordsBatch>,
+  from: bigint
+): Array<KafkaClient.ConsumedRecord> => {
+  const records: Array<KafkaClient.ConsumedRecord> = []
+  for (const batch of batches) {
+    if ((batch.attributes & CONTROL_BATCH) !== 0) continue
+    const logAppendTime = (batch.attributes & LOG_APPEND_TIME) !== 0
+    for (const record of batch.records) {
+      const offset = batch.firstOffset + BigInt(record.offsetDelta)
+      // A compressed batch starts where it starts, maybe before the offset asked for.
+      if (offset < from) continue
+      let headers: Record<string, Uint8Array> | undefined
+      let repeated: Record<string, Array<Uint8Array>> | undefined
+      for (const [key, value] of record.headers) {
+        const name = key === null ? "" : key.toString("utf8")
+        const bytes = value ?? empty
+        headers ??= {}
+        if (headers[name] !== undefined) {
+          repeated ??= {}
+          repeated[name] ??= [headers[name]]
+          repeated[name].push(bytes)
+        }
+        headers[name] = bytes
+      }
+      records.push({
+        topic,
+        partition,
+        offset,
+        key: record.key,
+        value: record.value,
+        headers: headers ?? noHeaders,
+        ...(repeated !== undefined && { repeatedHeaders: repeated }),
+        timestamp: Number(logAppendTime ? batch.maxTimestamp : batch.firstTimestamp + record.timestampDelta)
+      })
+    }
+  }
+  return records
+}
+
+/** One past the last offset the batches cover, control batches included: where to fetch next when none is a record. */
+const endOf = (batches: ReadonlyArray<RecordsBatch>): bigint | undefined => {
+  const last = batches.at(-1)
+  return last === undefined ? undefined : last.firstOffset + BigInt(last.lastOffsetDelta) + 1n
+}
+
+const key = (topic: string, partition: number) => `${topic}\u0000${partition}`
+
+/**
+ * A corrupt batch of one fetch named by the partitions it can be in: those asked for from an offset inside the
+ * batch, else every one asked for. The error then names the partition when there is one.
+ */
+export const located = (reason: KafkaClient.KafkaErrorReason, asked: ReadonlyMap<string, bigint>) => {
+  if (reason._tag !== "CorruptBatch") return { reason }
+  const all = [...asked.keys()].map((k) => {
+    const [topic = "", partition = "0"] = k.split("\u0000")
+    return { topic, partition: Number(partition) }
+  })
+  const first = reason.firstOffset === undefined ? undefined : BigInt(reason.firstOffset)
+  const last = reason.lastOffset === undefined ? first : BigInt(reason.lastOffset)
+  const inside =
+    first === undefined || last === undefined
+      ? all
+      : all.filter((tp) => {
+          const at = asked.get(key(tp.topic, tp.partition)) ?? -1n
+          return at >= first && at <= last
+        })
+  const partitions = inside.length > 0 ? inside : all
+  const only = partitions.length === 1 ? partitions[0] : undefined
+  return {
+    ...(only !== undefined && { topic: only.topic, partition: only.partition }),
+    reason: new KafkaClient.CorruptBatch({ ...reason, partitions })
+  }
+}
+
+/** The library's engines field: `>= 22.22.0 || >= 24.6.0` (read as 22.22+ in 22, 24.6+ from 24 on). */
+export const nodeSupported = (version: string): boolean => {
+  const [major = 0, minor = 0] = version.split(".").map(Number)
+  return major === 22 ? minor >= 22 : major === 24 ? minor >= 6 : major > 24
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The client
+// ---------------------------------------------------------------------------------------------------------------
+
+/** The @platformatic/kafka client for the life of the scope; connecting waits for the brokers on the reconnect schedule. */
+export const make = (
+  connection: KafkaConfig.ConnectionConfig
+): Effect.Effect<KafkaClient.KafkaClient["Service"], KafkaClient.KafkaError, Scope.Scope> =>
+  Effect.gen(function* () {
+    if (!nodeSupported(process.versions.node)) {
+      return yield* new KafkaClient.KafkaError({
+        operation: "load engine",
+        reason: new KafkaClient.ClientFailed({
+          retriable: false,
+          detail: `@platformatic/kafka needs Node.js 22.22 or newer in 22, or 24.6 or newer; this is ${process.version} (or set KAFKA_CLIENT=kafkajs)`
+        })
+      })
+    }
+    wrapCodecs()
+    const brokers = connection.brokers.join(",")
+    const base = yield* connectionOptions(connection)
+    const schedule = KafkaClient.reconnectSchedule({
+      initial: connection.reconnectBackoff,
+      max: connection.reconnectBackoffMax
+    })
+    const admin = yield* Effect.acquireRelease(
+      Effect.sync(() => new PltAdmin(base as unknown as ConstructorParameters<typeof PltAdmin>[0])),
+      (admin) => close(() => admin.close())
+    )
+    yield* Effect.interruptible(
+      KafkaClient.retryConnect(
+        attempt(brokers, "connect", () => admin.metadata({ topics: [], retries: 0, forceUpdate: true })),
+        schedule
+      )
+    )
+    yield* Effect.logInfo(`Connected to Kafka at ${brokers}`)
+
+    const metadataOf = (topics: ReadonlyArray<string>) =>
+      attempt(brokers, "fetch topic metadata", () => admin.metadata({ topics: [...topics], forceUpdate: true }), {
+        topic: topics.length === 1 ? topics[0] : undefined
+      })
+
+    const partitionCount = (topic: string) =>
+      Effect.map(metadataOf([topic]), (metadata) => metadata.topics.get(topic)?.partitionsCount ?? 0)
+
+    const adminPort: KafkaClient.Admin = {
+      createTopics: (topics) => {
+        const names = [...new Set(topics.map((spec) => spec.topic))]
+        const created: Array<string> = []
+        const createMissing = KafkaClient.retryConnect(
+          Effect.gen(function* () {
+            const existing = new Set(yield* attempt(brokers, "list topics", () => admin.listTopics()))
+            const missing = topics.filter((spec) => !existing.has(spec.topic) && !created.includes(spec.topic))
+            // One call per topic: configs apply to a whole call, and an existing topic fails a whole call.
+            for (const spec of missing) {
+              const made = yield* attempt(brokers, "create topics", () =>
+                admin.createTopics({
+                  topics: [spec.topic],
+                  partitions: spec.partitions,
+                  replicas: spec.replicationFactor ?? -1,
+                  configs: Object.entries(spec.configs ?? {}).map(([name, value]) => ({ name, value }))
+                })
+              ).pipe(
+                Effect.as(true),
+                // Created a moment ago by another replica of the deployment: not ours to report.
+                Effect.catchIf(
+                  (error) => error.reason._tag === "BrokerError" && error.reason.type === "TOPIC_ALREADY_EXISTS",
+                  () => Effect.succeed(false)
+                )
+              )
+              if (made) created.push(spec.topic)
+            }
+          }),
+          schedule,
+          "create topics"
+        )
+        // Every topic asked for has a leader for each partition when this succeeds (30 s at most).
+        const leadersKnown = metadataOf(names).pipe(
+          // A topic created a moment ago, that this broker does not know yet: not there yet, as a leader.
+          Effect.catchIf(
+            (error) => error.reason._tag === "UnknownTopic",
+            (error) => Effect.fail(leaderless(error.message))
+          ),
+          Effect.flatMap((metadata) =>
+            names.every((name) => {
+              const topic = metadata.topics.get(name)
+              return topic !== undefined && topic.partitionsCount > 0 && topic.partitions.every((p) => p.leader >= 0)
+            })
+              ? Effect.void
+              : Effect.fail(leaderless("some partitions have no leader yet"))
+          ),
+          Effect.retry({ schedule: Schedule.spaced("500 millis"), times: 60, while: (error) => error.retriable }),
+          Effect.catchIf(
+            (error) => error.reason._tag === "BrokerError" && error.reason.type === "LEADER_NOT_AVAILABLE",
+            () => Effect.logWarning("topics created, but some partitions have no leader yet")
+          )
+        )
+        return createMissing.pipe(Effect.andThen(leadersKnown), Effect.as(created))
+      },
+      deleteTopics: (topics) => attempt(brokers, "delete topics", () => admin.deleteTopics({ topics: [...topics] })),
+      listTopics: attempt(brokers, "list topics", () => admin.listTopics({ includeInternals: true })),
+      partitionCount,
+      fetchTopicOffsets: (topic) =>
+        Effect.gen(function* () {
+          const count = yield* partitionCount(topic)
+          const partitions = Array.from({ length: count }, (_, partition) => partition)
+          const listed = (timestamp: bigint) =>
+            attempt(
+              brokers,
+              "fetch topic offsets",
+              () =>
+                admin.listOffsets({
+                  topics: [
+                    { name: topic, partitions: partitions.map((partitionIndex) => ({ partitionIndex, timestamp })) }
+                  ],
+                  isolationLevel: FetchIsolationLevels.READ_UNCOMMITTED
+                }),
+              { topic }
+            ).pipe(
+              Effect.map((topics) => {
+                const byPartition = new Map<number, bigint>()
+                for (const p of topics[0]?.partitions ?? []) byPartition.set(p.partitionIndex, p.offset)
+                return byPartition
+              })
+            )
+          const [low, high] = yield* Effect.all([
+            listed(ListOffsetTimestamps.EARLIEST),
+            listed(ListOffsetTimestamps.LATEST)
+          ])
+          return partitions.map((partition) => ({
+            partition,
+            low: low.get(partition) ?? 0n,
+            high: high.get(partition) ?? 0n
+          }))
+        }),
+      fetchCommittedOffsets: (groupId, topic) =>
+        Effect.gen(function* () {
+          const count = yield* partitionCount(topic)
+          const partitionIndexes = Array.from({ length: count }, (_, partition) => partition)
+          const groups = yield* attempt(
+            brokers,
+            "fetch committed offsets",
+            () =>
+              admin.listConsumerGroupOffsets({ groups: [{ groupId, topics: [{ name: topic, partitionIndexes }] }] }),
+            { topic }
+          )
+          const committed = new Map<number, bigint>()
+          for (const p of groups[0]?.topics.find((t) => t.name === topic)?.partitions ?? []) {
+            committed.set(p.partitionIndex, p.committedOffset)
+          }
+          return partitionIndexes.map((partition) => {
+            const offset = committed.get(partition) ?? -1n
+            return { partition, offset: offset < 0n ? null : offset }
+          })
+        })
+    }
+
+    const producer = (options: KafkaClient.ProducerOptions) =>
+      Effect.gen(function* () {
+        const client = yield* Effect.acquireRelease(
+          Effect.sync(
+            () =>
+              new PltProducer({
+                ...(base as unknown as ConstructorParameters<typeof PltProducer>[0]),
+                idempotent: options.idempotent,
+                acks: options.acks,
+                compression: options.compression ?? "none",
+                autocreateTopics: false,
+                // One request at a time per broker keeps per-partition order (forced when idempotent anyway).
+                maxInflights: 1,
+                // Idempotent: the least the library bounds (≤ 1 means unbounded); our Schedule does the rest.
+                retries: options.idempotent ? 2 : 0,
+                retryDelay: 100,
+                ...(options.ackTimeout !== undefined && { timeout: Duration.toMillis(options.ackTimeout) })
+              })
+          ),
+          (client) => close(() => client.close(true))
+        )
+        // Probes the brokers once, on the reconnect schedule, so that a producer made while they are away waits.
+        yield* Effect.interruptible(
+          KafkaClient.retryConnect(
+            attempt(brokers, "connect producer", () => client.metadata({ topics: [], retries: 0 })),
+            schedule
+          )
+        )
+        // Round robin of keyless records, per topic.
+        const nextPartition = new Map<string, number>()
+        const send = (records: ReadonlyArray<KafkaClient.ProducerRecord>) =>
+          Effect.gen(function* () {
+            const topics = [...new Set(records.map((record) => record.topic))]
+            const metadata = yield* attempt(brokers, "produce", () => client.metadata({ topics }), {
+              topic: topics.length === 1 ? topics[0] : undefined
+            })
+            const messages = new Array<MessageToProduce<Buffer, Buffer, Buffer, Buffer>>(records.length)
+            for (let index = 0; index < records.length; index++) {
+              const record = records[index] as KafkaClient.ProducerRecord
+              const count = metadata.topics.get(record.topic)?.partitionsCount ?? 0
+              if (count === 0) {
+                return yield* new KafkaClient.KafkaError({
+                  operation: "produce",
+                  topic: record.topic,
+                  reason: new KafkaClient.UnknownTopic({ topic: record.topic })
+                })
+              }
+              let partition: number
+              if (record.partition !== undefined) {
+                if (record.partition < 0 || record.partition >= count) {
+                  return yield* new KafkaClient.KafkaError({
+                    operation: "produce",
+                    topic: record.topic,
+                    partition: record.partition,
+                    reason: new KafkaClient.BrokerError({
+                      type: "UNKNOWN_TOPIC_OR_PARTITION",
+                      retriable: false,
+                      detail: `${record.topic} has ${count} partitions`
+                    })
+                  })
+                }
+                partition = record.partition
+              } else if (record.key !== null) {
+                partition = partitionForKey(record.key, count)
+              } else {
+                const next = nextPartition.get(record.topic) ?? 0
+                nextPartition.set(record.topic, next + 1)
+                partition = next % count
+              }
+              const message: MessageToProduce<Buffer, Buffer, Buffer, Buffer> = { topic: record.topic, partition }
+              const keyBytes = toBuffer(record.key)
+              if (keyBytes !== undefined) message.key = keyBytes
+              const valueBytes = toBuffer(record.value)
+              if (valueBytes !== undefined) message.value = valueBytes
+              if (record.headers !== undefined) message.headers = toHeaders(record.headers)
+              if (record.timestamp !== undefined) message.timestamp = BigInt(record.timestamp)
+              messages[index] = message
+            }
+            const result = yield* attempt(brokers, "produce", () => client.send({ messages }), {
+              topic: topics.length === 1 ? topics[0] : undefined
+            })
+            const next = new Map<string, bigint>()
+            for (const { topic, partition, offset } of result.offsets ?? []) next.set(key(topic, partition), offset)
+            const out = new Array<KafkaClient.RecordMetadata>(records.length)
+            for (let index = 0; index < records.length; index++) {
+              const { topic, partition } = messages[index] as { topic: string; partition: number }
+              const at = next.get(key(topic, partition))
+              if (at !== undefined && at >= 0n) {
+                next.set(key(topic, partition), at + 1n)
+                out[index] = { topic, partition, offset: at }
+              } else if (options.acks === 0) {
+                out[index] = { topic, partition, offset: -1n }
+              } else {
+                return yield* new KafkaClient.KafkaError({
+                  operation: "produce",
+                  topic,
+                  partition,
+                  reason: new KafkaClient.ClientFailed({
+                    retriable: true,
+                    detail: "no response for this partition: not written"
+                  })
+                })
+              }
+            }
+            return out
+          }).pipe(
+            // The library gives these up, and starts the next send on a fresh producer id, which cures both.
+            Effect.mapError((error) => (options.idempotent ? retriableOnFreshProducer(error) : error))
+          )
+        return { send } satisfies KafkaClient.ProducerConnection
+      })
+
+    const consumer = (options: KafkaClient.ConsumerOptions) => makeConsumer(brokers, base, schedule, options)
+
+    return KafkaClient.KafkaClient.of({ brokers: connection.brokers, admin: adminPort, producer, consumer })
+  })
+
+/** Heartbeat and commit answers that mean "the group is rebalancing, or has moved on without this member". */
+/** How many times more a batch whose handler died is tried before the member crashes (kafkajs' retries). */
+const handlerRetries = 5
+
+const rebalancingErrors = new Set([
+  "REBALANCE_IN_PROGRESS",
+  "ILLEGAL_GENERATION",
+  "UNKNOWN_MEMBER_ID",
+  "NOT_COORDINATOR"
+])
+
+// ---------------------------------------------------------------------------------------------------------------
+// The consumer
+// ---------------------------------------------------------------------------------------------------------------
+
+interface Partition {
+  readonly topic: string
+  readonly partition: number
+}
+
+const makeConsumer = (
+  brokers: string,
+  base: Record<string, unknown>,
+  schedule: ReturnType<typeof KafkaClient.reconnectSchedule>,
+  options: KafkaClient.ConsumerOptions
+) =>
+  Effect.gen(function* () {
+    const firstTopic = options.topics.length === 1 ? options.topics[0] : undefined
+    const sessionTimeout = options.sessionTimeout ? Duration.toMillis(options.sessionTimeout) : 30_000
+    const heartbeatInterval = options.heartbeatInterval ? Duration.toMillis(options.heartbeatInterval) : 3_000
+    const rebalanceTimeout = Math.max(sessionTimeout, 60_000)
+    const maxWaitTime = options.fetchMaxWait ? Duration.toMillis(options.fetchMaxWait) : 5_000
+    const minBytes = options.fetchMinBytes ?? 1
+    const maxBytes = options.fetchMaxBytes ?? 10_485_760
+    const partitionMaxBytes = Math.min(maxBytes, 524_288)
+    const assignment = yield* SubscriptionRef.make<KafkaClient.Assignment>({ generation: 0, partitions: [] })
+    const crashed = yield* Deferred.make<never, KafkaClient.KafkaError>()
+    const changed = ChangeSignal.make()
+    const consumerScope = yield* Effect.scope
+
+    // The member's state, changed only on the JavaScript thread (library callbacks and our fibers).
+    let generation = 0
+    let owned = new Map<string, Partition>()
+    let positionsGeneration = -1
+    const positions = new Map<string, bigint>()
+    const paused = new Set<string>()
+    // partitions with a batch call queued or running: not fetched until it returns
+    const busy = new Set<string>()
+    let running = 0
+    // consecutive failed batch calls per partition
+    const handlerFailures = new Map<string, number>()
+    let rebalancePending = false
+    let stopping = false
+    let lastContact = yield* Clock.currentTimeMillis
+    const touch = () => {
+      lastContact = Math.max(lastContact, Date.now())
+    }
+    const idleWaiters: Array<() => void> = []
+    const notifyIdle = () => {
+      if (running > 0) return
+      for (const wake of idleWaiters.splice(0)) wake()
+    }
+
+    /**
+     * Awaited by the library before every JoinGroup: a rebalance waits for running batch calls, which see
+     * `isStale` and return, so that work kept inside a handler is committed before the partitions move.
+     */
+    const protocolsMetadata = () => {
+      rebalancePending = true
+      changed.notify()
+      return new Promise<Buffer>((resolve) => {
+        const done = () => {
+          clearTimeout(timer)
+          resolve(Buffer.alloc(0))
+        }
+        const timer = setTimeout(done, Math.max(1_000, rebalanceTimeout - 5_000))
+        if (running === 0) done()
+        else idleWaiters.push(done)
+      })
+    }
+
+    const client = new PltConsumer({
+      ...(base as unknown as ConstructorParameters<typeof PltConsumer>[0]),
+      groupId: options.groupId,
+      groupProtocol: "classic",
+      autocommit: false,
+      sessionTimeout,
+      heartbeatInterval,
+      rebalanceTimeout,
+      protocolsMetadata,
+      minBytes,
+      maxBytes,
+      maxWaitTime,
+      isolationLevel: FetchIsolationLevels.READ_COMMITTED,
+      // the library's rejoin retries; a rejoin that fails for good is a crash, restarted by the Consumer's Schedule
+      retries: 5,
+      retryDelay: 500
+    })
+    const fetchPool = new ConnectionPool(options.groupId, {
+      connectTimeout: base.connectTimeout as number,
+      requestTimeout: Math.max(base.requestTimeout as number, maxWaitTime + 5_000),
+      ...(base.tls !== undefined && { tls: base.tls as object, tlsServerName: true }),
+      ...(base.sasl !== undefined && { sasl: base.sasl as never })
+    } as ConstructorParameters<typeof ConnectionPool>[1])
+    client.topics.trackAll(...options.topics)
+
+    const context = yield* Effect.context<never>()
+    const runLog = (effect: Effect.Effect<void>) => Effect.runForkWith(context)(effect)
+    const crash = (operation: string, cause: unknown) => {
+      const reason = reasonOf(cause, brokers)
+      runLog(
+        Deferred.fail(
+          crashed,
+          new KafkaClient.KafkaError({ operation, ...(firstTopic !== undefined && { topic: firstTopic }), reason })
+        ).pipe(Effect.asVoid)
+      )
+      changed.notify()
+    }
+    client.on("error", (error: unknown) => {
+      if (!stopping) crash("consume", error)
+    })
+    client.on("consumer:group:join", (payload: { generationId?: number; assignments?: Array<GroupAssignment> }) => {
+      rebalancePending = false
+      generation = payload.generationId ?? generation + 1
+      const partitions = (payload.assignments ?? []).flatMap(({ topic, partitions: list }) =>
+        list.map((partition) => ({ topic, partition }))
+      )
+      owned = new Map(partitions.map((tp) => [key(tp.topic, tp.partition), tp]))
+      positions.clear()
+      touch()
+      runLog(SubscriptionRef.set(assignment, { generation, partitions }))
+      changed.notify()
+    })
+    client.on("consumer:group:rebalance", () => {
+      rebalancePending = true
+      changed.notify()
+    })
+    client.on("consumer:heartbeat:end", touch)
+    client.on("consumer:heartbeat:error", (payload: { error?: unknown }) => {
+      const reason = reasonOf(payload.error, brokers)
+      if (reason._tag === "BrokerError" && rebalancingErrors.has(reason.type)) {
+        rebalancePending = true
+        changed.notify()
+      }
+    })
+
+    yield* Effect.acquireRelease(
+      Effect.interruptible(
+        KafkaClient.retryConnect(
+          attempt(brokers, "connect consumer", () => client.metadata({ topics: [...options.topics] }), {
+            topic: firstTopic
+          }),
+          schedule
+        )
+      ),
+      // Leaves the group (one LeaveGroup, so that the others need not wait for the session to time out): 3 s at most.
+      () =>
+        Effect.suspend(() => {
+          stopping = true
+          changed.notify()
+          return Effect.andThen(
+            close(() => client.close(true), Duration.seconds(3)),
+            close(() => fetchPool.close())
+          )
+        })
+    )
+
+    /** The next offset of each owned partition: the committed one, else the start or end of the log. */
+    const loadPositions = Effect.gen(function* () {
+      const forGeneration = generation
+      const partitions = [...owned.values()]
+      if (partitions.length === 0) {
+        positionsGeneration = forGeneration
+        return
+      }
+      const byTopic = new Map<string, Array<number>>()
+      for (const { topic, partition } of partitions) byTopic.set(topic, [...(byTopic.get(topic) ?? []), partition])
+      const committed = yield* attempt(brokers, "fetch committed offsets", () =>
+        client.listCommittedOffsets({ topics: [...byTopic].map(([topic, list]) => ({ topic, partitions: list })) })
+      )
+      const missing = new Map<string, Array<number>>()
+      for (const { topic, partition } of partitions) {
+        const offset = committed.get(topic)?.[partition]
+        if (offset !== undefined && offset >= 0n) positions.set(key(topic, partition), offset)
+        else missing.set(topic, [...(missing.get(topic) ?? []), partition])
+      }
+      if (missing.size > 0) {
+        const listed = yield* attempt(brokers, "fetch topic offsets", () =>
+          client.listOffsets({
+            topics: [...missing.keys()],
+            partitions: Object.fromEntries(missing),
+            timestamp: options.fromBeginning ? ListOffsetTimestamps.EARLIEST : ListOffsetTimestamps.LATEST,
+            isolationLevel: FetchIsolationLevels.READ_COMMITTED
+          })
+        )
+        for (const [topic, list] of missing) {
+          for (const partition of list) positions.set(key(topic, partition), listed.get(topic)?.[partition] ?? 0n)
+        }
+      }
+      if (generation === forGeneration) positionsGeneration = forGeneration
+    })
+
+    /** Resets a partition whose position the broker no longer has (deleted by retention) as a fresh one. */
+    const resetPositions = (lost: ReadonlyArray<Partition>) =>
+      Effect.gen(function* () {
+        const byTopic = new Map<string, Array<number>>()
+        for (const { topic, partition } of lost) byTopic.set(topic, [...(byTopic.get(topic) ?? []), partition])
+        const listed = yield* attempt(brokers, "fetch topic offsets", () =>
+          client.listOffsets({
+            topics: [...byTopic.keys()],
+            partitions: Object.fromEntries(byTopic),
+            timestamp: options.fromBeginning ? ListOffsetTimestamps.EARLIEST : ListOffsetTimestamps.LATEST
+          })
+        )
+        for (const { topic, partition } of lost) {
+          const offset = listed.get(topic)?.[partition]
+          if (offset !== undefined) positions.set(key(topic, partition), offset)
+        }
+      })
+
+    const commit = (offsets: ReadonlyArray<KafkaClient.TopicPartitionOffset>) =>
+      Effect.suspend(() => {
+        if (stopping || client.memberId === null) {
+          return Effect.fail(
+            new KafkaClient.KafkaError({
+              operation: "commit",
+              reason: new KafkaClient.ClientFailed({
+                retriable: false,
+                detail: stopping ? "the consumer is stopping" : "the member has not joined its group"
+              })
+            })
+          )
+        }
+        const byTopic = new Map<
+          string,
+          Array<{ partitionIndex: number; committedOffset: bigint; committedLeaderEpoch: number }>
+        >()
+        for (const { topic, partition, offset } of offsets) {
+          const list = byTopic.get(topic) ?? []
+          list.push({ partitionIndex: partition, committedOffset: offset, committedLeaderEpoch: -1 })
+          byTopic.set(topic, list)
+        }
+        const memberId = client.memberId
+        const generationId = client.generationId
+        return attempt(brokers, "commit", async () => {
+          const connection = await coordinatorConnection()
+          await offsetCommitV8.api.async(
+            connection,
+            options.groupId,
+            generationId,
+            memberId,
+            null,
+            [...byTopic].map(([name, partitions]) => ({ name, partitions }))
+          )
+        }).pipe(Effect.tap(() => Effect.sync(touch)))
+      })
+
+    const coordinatorConnection = async () => {
+      const coordinator = await client.findGroupCoordinator()
+      const metadata = await client.metadata({ topics: [...options.topics] })
+      const broker = metadata.brokers.get(coordinator)
+      if (broker === undefined) throw new Error(`the group coordinator ${coordinator} is not among the brokers`)
+      return client.connections.get(broker)
+    }
+
+    // While a rejoin waits for batch calls the library does not heartbeat: the calls do, at most once an interval.
+    let lastOwnHeartbeat = 0
+    const heartbeat = Effect.suspend(() => {
+      if (!rebalancePending || client.memberId === null) return Effect.void
+      const now = Date.now()
+      if (now - lastOwnHeartbeat < heartbeatInterval) return Effect.void
+      lastOwnHeartbeat = now
+      const memberId = client.memberId
+      return attempt(brokers, "heartbeat", async () => {
+        const connection = await coordinatorConnection()
+        await heartbeatV4.api.async(connection, options.groupId, client.generationId, memberId, null)
+      }).pipe(Effect.tap(() => Effect.sync(touch)))
+    })
+
+    const run = <R>(handle: KafkaClient.BatchHandler<R>) =>
+      Effect.gen(function* () {
+        const callerContext = yield* Effect.context<R>()
+        const permits = yield* Semaphore.make(options.partitionsConsumedConcurrently ?? 1)
+        yield* attempt(brokers, "join group", () => client.joinGroup({})).pipe(
+          Effect.retry({ schedule, while: (error) => error.retriable })
+        )
+
+        const callHandler = (batch: KafkaClient.ConsumerBatch, fetchedIn: number) =>
+          Effect.gen(function* () {
+            const k = key(batch.topic, batch.partition)
+            // Fetched before a rejoin, paused since, or a rebalance pending: not handled; fetched again later (or
+            // by the partition's new owner) from the same position.
+            if (fetchedIn !== generation || !owned.has(k) || paused.has(k) || rebalancePending || stopping) return
+            running++
+            const exit = yield* handle(batch, {
+              heartbeat,
+              isStale: Effect.sync(() => rebalancePending || generation !== fetchedIn),
+              isRunning: Effect.sync(() => !stopping)
+            }).pipe(
+              Effect.provideContext(callerContext),
+              Effect.exit,
+              Effect.ensuring(
+                Effect.sync(() => {
+                  running--
+                  notifyIdle()
+                })
+              )
+            )
+            if (Exit.isFailure(exit)) {
+              // A handler that died: its batch is fetched again and tried 5 times more, a little later each time,
+              // then the member crashes (as kafkajs does), for the Consumer's Schedule to restart it.
+              const failed = (handlerFailures.get(k) ?? 0) + 1
+              handlerFailures.set(k, failed)
+              if (failed > handlerRetries) {
+                handlerFailures.delete(k)
+                crash("consume", Cause.squash(exit.cause))
+              } else {
+                yield* Effect.sleep(Duration.millis(Math.min(2_000, 100 * 2 ** (failed - 1))))
+              }
+              return
+            }
+            handlerFailures.delete(k)
+            if (generation === fetchedIn) {
+              const last = batch.records[batch.records.length - 1]?.offset ?? -1n
+              positions.set(k, exit.value === undefined ? last + 1n : exit.value.resumeAt)
+            }
+          }).pipe(
+            permits.withPermits(1),
+            Effect.ensuring(
+              Effect.sync(() => {
+                busy.delete(key(batch.topic, batch.partition))
+                changed.notify()
+              })
+            )
+          )
+
+        const fetchFrom = (
+          node: number,
+          wanted: ReadonlyArray<Partition>,
+          topicIds: ReadonlyMap<string, string>,
+          fetchedIn: number
+        ) =>
+          Effect.gen(function* () {
+            const byTopic = new Map<string, FetchRequestTopic>()
+            const asked = new Map<string, bigint>()
+            for (const { topic, partition } of wanted) {
+              const topicId = topicIds.get(topic)
+              const at = positions.get(key(topic, partition))
+              if (topicId === undefined || at === undefined) continue
+              asked.set(key(topic, partition), at)
+              const entry = byTopic.get(topicId) ?? { topicId, partitions: [] }
+              entry.partitions.push({
+                partition,
+                fetchOffset: at,
+                partitionMaxBytes,
+                currentLeaderEpoch: -1,
+                lastFetchedEpoch: -1
+              })
+              byTopic.set(topicId, entry)
+            }
+            if (byTopic.size === 0) return
+            const namesById = new Map([...topicIds].map(([name, id]) => [id, name]))
+            const response = yield* Effect.tryPromise({
+              try: () =>
+                client.fetch({
+                  node,
+                  topics: [...byTopic.values()],
+                  minBytes,
+                  maxBytes,
+                  maxWaitTime,
+                  connectionPool: fetchPool
+                }),
+              catch: (cause) => cause
+            }).pipe(
+              // One partition in error fails the whole fetch; the answer for the others is still in it.
+              Effect.catch((cause) => {
+                const partial = (cause as { response?: FetchResponse }).response
+                if (partial !== undefined && Array.isArray(partial.responses)) return Effect.succeed(partial)
+                return Effect.fail(
+                  new KafkaClient.KafkaError({ operation: "fetch", ...located(reasonOf(cause, brokers), asked) })
+                )
+              })
+            )
+            touch()
+            if (fetchedIn !== generation) return
+            const outOfRange: Array<Partition> = []
+            for (const topicResponse of response.responses) {
+              const topic = namesById.get(topicResponse.topicId) ?? topicResponse.topicId
+              for (const p of topicResponse.partitions) {
+                const k = key(topic, p.partitionIndex)
+                const from = asked.get(k)
+                if (from === undefined || !owned.has(k)) continue
+                if (p.errorCode === 1) {
+                  outOfRange.push({ topic, partition: p.partitionIndex })
+                  continue
+                }
+                if (p.errorCode !== 0 || paused.has(k) || positions.get(k) !== from) continue
+                const batches = p.records ?? []
+                const records = toRecords(topic, p.partitionIndex, batches, from)
+                if (records.length === 0) {
+                  const end = endOf(batches)
+                  if (end !== undefined && end > from) positions.set(k, end)
+                  continue
+                }
+                busy.add(k)
+                yield* Effect.forkDetach(
+                  callHandler(
+                    { topic, partition: p.partitionIndex, records, highWatermark: p.highWatermark },
+                    fetchedIn
+                  )
+                )
+              }
+            }
+            if (outOfRange.length > 0) yield* resetPositions(outOfRange)
+          })
+
+        // The fetch loop: each round asks every leader, in parallel, for the partitions that are neither paused
+        // nor in a batch call, then waits for a change when there is nothing to ask for.
+        let failures = 0
+        const round = Effect.gen(function* () {
+          const ticket = changed.ticket()
+          if (stopping) return
+          if (rebalancePending) return yield* ticket
+          if (positionsGeneration !== generation) {
+            yield* loadPositions
+            return
+          }
+          const wanted = [...owned.entries()].filter(([k]) => !paused.has(k) && !busy.has(k)).map(([, tp]) => tp)
+          if (wanted.length === 0) return yield* ticket
+          const metadata = yield* attempt(brokers, "fetch", () => client.metadata({ topics: [...options.topics] }))
+          const topicIds = new Map<string, string>()
+          const byLeader = new Map<number, Array<Partition>>()
+          for (const tp of wanted) {
+            const topicMetadata = metadata.topics.get(tp.topic)
+            if (topicMetadata === undefined) continue
+            topicIds.set(tp.topic, topicMetadata.id)
+            const leader = topicMetadata.partitions[tp.partition]?.leader ?? -1
+            if (leader < 0) continue
+            byLeader.set(leader, [...(byLeader.get(leader) ?? []), tp])
+          }
+          if (byLeader.size === 0) return yield* Effect.sleep("200 millis")
+          yield* Effect.forEach([...byLeader], ([node, list]) => fetchFrom(node, list, topicIds, generation), {
+            concurrency: "unbounded",
+            discard: true
+          })
+          failures = 0
+        }).pipe(
+          Effect.catch((error: KafkaClient.KafkaError) => {
+            failures++
+            if (!error.retriable || failures > 20) {
+              return Deferred.fail(
+                crashed,
+                new KafkaClient.KafkaError({
+                  operation: "consume",
+                  ...(error.topic !== undefined && { topic: error.topic }),
+                  ...(error.partition !== undefined && { partition: error.partition }),
+                  reason: error.reason
+                })
+              ).pipe(Effect.andThen(Effect.interrupt))
+            }
+            return Effect.logDebug(`fetch failed (attempt ${failures}): ${error.message}`).pipe(
+              Effect.andThen(Effect.sleep(Duration.millis(Math.min(5_000, 100 * 2 ** failures))))
+            )
+          })
+        )
+        // In the consumer's scope: it stops when the member does.
+        yield* Effect.forkIn(
+          Effect.whileLoop({ while: () => !stopping, body: () => round, step: () => undefined }),
+          consumerScope
+        )
+      })
+
+    const byKeys = (partitions: ReadonlyArray<KafkaClient.TopicPartition>) =>
+      partitions.map(({ topic, partition }) => key(topic, partition))
+    return {
+      run,
+      commit,
+      pause: (partitions) =>
+        Effect.sync(() => {
+          for (const k of byKeys(partitions)) paused.add(k)
+        }),
+      resume: (partitions) =>
+        Effect.sync(() => {
+          for (const k of byKeys(partitions)) paused.delete(k)
+          changed.notify()
+        }),
+      assignment: SubscriptionRef.get(assignment),
+      assignments: SubscriptionRef.changes(assignment),
+      crashed: Deferred.await(crashed),
+      lastContact: Effect.sync(() => lastContact)
+    } satisfies KafkaClient.ConsumerConnection
+  })
+
+/**
+ * @platformatic/kafka against real brokers. Connecting waits for the brokers on `KafkaClient.reconnectSchedule`.
+ *
+ * @example
+ * ```ts
+ * import * as Platformatic from "kafka-effect/engines/platformatic"
+ * const Client = Platformatic.layer(connection)   // or KafkaClient.layerConfig with KAFKA_CLIENT=platformatic
+ * ```
+ */
+export const layer = (
+  connection: KafkaConfig.ConnectionConfig
+): Layer.Layer<KafkaClient.KafkaClient, KafkaClient.KafkaError> =>
+  Layer.effect(KafkaClient.KafkaClient, make(connection))
+
+/** `layer` configured from the environment (`KafkaConfig.connection`). */
+export const layerConfig: Layer.Layer<KafkaClient.KafkaClient, KafkaClient.KafkaError | KafkaConfig.KafkaConfigError> =
+  Layer.unwrap(Effect.map(KafkaConfig.connection, layer))

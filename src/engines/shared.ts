@@ -1,0 +1,82 @@
+/**
+ * What the engine adapters share: turning a client library's failed promise into a `KafkaError`, reading TLS files,
+ * and the errors an idempotent producer recovers from on a fresh producer id. No engine is imported here.
+ */
+import * as Fs from "node:fs"
+import { Effect } from "effect"
+import * as KafkaClient from "../KafkaClient.ts"
+
+/** A thrown value as the error-like object an engine's classifier reads (a non-object becomes its message). */
+export const asErrorLike = <E extends { readonly message?: string }>(cause: unknown): E =>
+  typeof cause === "object" && cause !== null ? (cause as E) : ({ message: String(cause) } as E)
+
+/** Node's codes for a failed TLS handshake: retrying cannot fix a certificate. */
+export const isTlsCode = (code: unknown) =>
+  typeof code === "string" && /CERT|SELF_SIGNED|ERR_TLS|ERR_SSL|UNABLE_TO_(GET|VERIFY)|HOSTNAME/.test(code)
+
+/**
+ * `attempt(brokers, operation, run, where)`: runs a library call, its failure classified by the engine's `reasonOf`.
+ * A library that reports a missing topic only as UNKNOWN_TOPIC_OR_PARTITION, without the name, gets it from `where`.
+ */
+export const makeAttempt =
+  (reasonOf: (cause: unknown, brokers: string) => KafkaClient.KafkaErrorReason) =>
+  <A>(
+    brokers: string,
+    operation: string,
+    run: () => Promise<A>,
+    where?: { readonly topic?: string | undefined; readonly partition?: number | undefined }
+  ): Effect.Effect<A, KafkaClient.KafkaError> =>
+    Effect.tryPromise({
+      try: run,
+      catch: (cause) => {
+        let reason = reasonOf(cause, brokers)
+        if (
+          where?.topic !== undefined &&
+          reason._tag === "BrokerError" &&
+          reason.type === "UNKNOWN_TOPIC_OR_PARTITION"
+        ) {
+          reason = new KafkaClient.UnknownTopic({ topic: where.topic })
+        }
+        return new KafkaClient.KafkaError({ operation, ...where, reason })
+      }
+    })
+
+/** A PEM file named by a TLS variable, read at start-up; a file that cannot be read is a TLS failure naming it. */
+export const readPem = (variable: string, path: string) =>
+  Effect.try({
+    try: () => Fs.readFileSync(path, "utf8"),
+    catch: (cause) =>
+      new KafkaClient.KafkaError({
+        operation: "read TLS files",
+        reason: new KafkaClient.TlsFailed({ detail: `${variable}=${path} cannot be read: ${String(cause)}` })
+      })
+  })
+
+/** Topics just created whose partitions the broker cannot answer for yet: retriable. */
+export const leaderless = (detail: string) =>
+  new KafkaClient.KafkaError({
+    operation: "create topics",
+    reason: new KafkaClient.BrokerError({ type: "LEADER_NOT_AVAILABLE", retriable: true, detail })
+  })
+
+/** Errors about an idempotent producer's id or sequence, which a fresh producer does not have. */
+const producerStateErrors = new Set([
+  "UNKNOWN_PRODUCER_ID",
+  "OUT_OF_ORDER_SEQUENCE_NUMBER",
+  "INVALID_PRODUCER_EPOCH",
+  "INVALID_PRODUCER_ID_MAPPING"
+])
+
+/**
+ * A produce error about the producer's id or sequence made retriable: the next try of an idempotent producer goes
+ * out on a fresh producer id (both engines see to it), which has neither problem.
+ */
+export const retriableOnFreshProducer = (error: KafkaClient.KafkaError): KafkaClient.KafkaError =>
+  error.reason._tag === "BrokerError" && !error.reason.retriable && producerStateErrors.has(error.reason.type)
+    ? new KafkaClient.KafkaError({
+        operation: error.operation,
+        ...(error.topic !== undefined && { topic: error.topic }),
+        ...(error.partition !== undefined && { partition: error.partition }),
+        reason: new KafkaClient.BrokerError({ type: error.reason.type, retriable: true, detail: error.reason.detail })
+      })
+    : error

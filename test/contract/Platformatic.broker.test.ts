@@ -1,0 +1,9 @@
+import { inject } from "vitest"
+import { clientLayer } from "../support/kafka.ts"
+import { contractSuite } from "./contract.ts"
+
+const brokers = inject("kafkaBrokers")
+
+contractSuite("@platformatic/kafka on a real broker", () =>
+  clientLayer(brokers, { KAFKA_CLIENT: "platformatic", KAFKA_RECONNECT_BACKOFF_MAX_MS: "1000" })
+)
