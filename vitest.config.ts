@@ -1,7 +1,11 @@
 import { defineConfig } from "vitest/config"
 
-// Two projects: `unit` needs nothing but Node (the examples' tests are unit tests too); `broker` runs against a real
-// Kafka broker, started by the global setup for the run (or the one named by KAFKA_BROKERS). `npm test` runs both.
+// Three projects: `unit` needs nothing but Node (the examples' tests are unit tests too); `broker` runs against a real
+// Kafka broker, started by the global setup for the run (or the one named by KAFKA_BROKERS), on the engine
+// KAFKA_CLIENT names (kafkajs when unset); `broker:platformatic` runs the same real-broker tests of the producer,
+// consumer, processor and programs again on @platformatic/kafka, after the others, on a broker of its own. The
+// contract suite names its engine per file, and the broker script's own tests have no engine: they run once.
+// `npm test` runs all three.
 // The `source` condition resolves `kafka-effect/…` imports (the examples import the package as users do) to src/.
 export default defineConfig({
   resolve: { conditions: ["source"] },
@@ -24,6 +28,19 @@ export default defineConfig({
           globalSetup: ["test/support/brokerSetup.ts"],
           testTimeout: 120_000,
           hookTimeout: 120_000
+        }
+      },
+      {
+        extends: true,
+        test: {
+          name: "broker:platformatic",
+          include: ["test/**/*.broker.test.ts"],
+          exclude: ["test/contract/**", "test/scripts/**"],
+          env: { KAFKA_CLIENT: "platformatic" },
+          globalSetup: ["test/support/brokerSetup.ts"],
+          testTimeout: 120_000,
+          hookTimeout: 120_000,
+          sequence: { groupOrder: 1 }
         }
       }
     ]

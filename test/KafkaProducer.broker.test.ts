@@ -69,6 +69,42 @@ describe("Producer against a real broker", () => {
     )
   )
 
+  it.live(
+    "1,000 keys land where Java's producer puts them: the same partition for each key, on 6 partitions",
+    () =>
+      Effect.gen(function* () {
+        const java = uniqueName("keys-java")
+        const ours = uniqueName("keys-ours")
+        yield* createTopic(brokers, java, 6)
+        yield* createTopic(brokers, ours, 6)
+        const keys = Array.from({ length: 1_000 }, (_, i) => `customer-${i}-${(i * 7919) % 1000}`)
+        yield* Broker.tool(
+          "org.apache.kafka.tools.ConsoleProducer",
+          [
+            "--bootstrap-server",
+            brokers,
+            "--topic",
+            java,
+            "--property",
+            "parse.key=true",
+            "--property",
+            "key.separator=|"
+          ],
+          { stdin: `${keys.map((key) => `${key}|v`).join("\n")}\n` }
+        )
+        yield* KafkaProducer.sendAll(keys.map((key) => ({ topic: ours, key, value: "v" })))
+        const partitionOf = (records: ReadonlyArray<{ readonly key: string | null; readonly partition: number }>) =>
+          new Map(records.map((record) => [record.key, record.partition]))
+        const javas = partitionOf(yield* readTopic(brokers, java))
+        const oursByKey = partitionOf(yield* readTopic(brokers, ours))
+        assert.strictEqual(javas.size, 1_000)
+        const differ = keys.filter((key) => javas.get(key) !== oursByKey.get(key))
+        assert.deepStrictEqual(differ, [], "keys on another partition than Java's")
+        assert.strictEqual(new Set(javas.values()).size, 6, "the keys spread over every partition")
+      }).pipe(Effect.provide(producerLayer(brokers, { KAFKA_PRODUCER_LINGER_MS: "0" }))),
+    60_000
+  )
+
   it.live("a send to a topic that does not exist fails with UnknownTopic, not a retry storm", () =>
     Effect.gen(function* () {
       const topic = uniqueName("missing")

@@ -97,7 +97,23 @@ const assignmentWhere = (
 
 const partitionsOf = (assignment: KafkaClient.Assignment) => assignment.partitions.map((tp) => tp.partition).sort()
 
-export const contractSuite = (name: string, layer: () => Layer.Layer<KafkaClient.KafkaClient, unknown>) =>
+/** What an implementation does that the port leaves to it, and the tests state by name. */
+export interface Behaviour {
+  /**
+   * `background`: the member heartbeats whatever its batch handlers do (the in-memory broker has no sessions at
+   * all); `betweenBatches`: only between batch calls, so a handler that runs longer than the session timeout must
+   * call `session.heartbeat` (kafkajs).
+   */
+  readonly heartbeats: "background" | "betweenBatches"
+  /** a real broker's session is measured in seconds; the in-memory broker's test need not wait */
+  readonly realBroker: boolean
+}
+
+export const contractSuite = (
+  name: string,
+  layer: () => Layer.Layer<KafkaClient.KafkaClient, unknown>,
+  behaviour: Behaviour = { heartbeats: "background", realBroker: true }
+) =>
   describe(`KafkaClient contract: ${name}`, () => {
     const test = (title: string, body: Effect.Effect<void, unknown, KafkaClient.KafkaClient | Scope.Scope>) =>
       it.live(title, () => body.pipe(Effect.scoped, Effect.provide(layer())), 120_000)
@@ -425,4 +441,60 @@ export const contractSuite = (name: string, layer: () => Layer.Layer<KafkaClient
         )
       })
     )
+    // The broker's lowest allowed session timeout (group.min.session.timeout.ms), and a handler half as long again.
+    const session = Duration.seconds(6)
+    const stall = behaviour.realBroker ? Duration.seconds(9) : Duration.millis(50)
+    /** A member of the shortest session on a topic of one partition holding one record. */
+    const slowMember = Effect.gen(function* () {
+      const topic = yield* createTopic(1)
+      yield* send([{ topic, key: null, value: "slow" }])
+      const client = yield* KafkaClient.KafkaClient
+      const consumer = yield* client.consumer({
+        ...consumerOptions(uniqueName("slow"), [topic]),
+        sessionTimeout: session,
+        heartbeatInterval: Duration.seconds(1)
+      })
+      return { topic, consumer }
+    })
+    if (behaviour.heartbeats === "background") {
+      test(
+        "a batch call longer than the session timeout, with no heartbeat from it, keeps the member its partitions",
+        Effect.gen(function* () {
+          const { topic, consumer } = yield* slowMember
+          const handled = yield* Deferred.make<bigint>()
+          yield* consumer.run((batch) =>
+            Effect.sleep(stall).pipe(
+              Effect.andThen(Deferred.succeed(handled, (batch.records.at(-1)?.offset ?? -1n) + 1n)),
+              Effect.asVoid
+            )
+          )
+          const joined = yield* assignmentWhere(consumer, "the partition", (a) => a.partitions.length === 1)
+          const next = yield* withinGroupTimeout("the slow batch", Deferred.await(handled))
+          // Still the same generation: its commit is accepted, and no rebalance happened.
+          yield* consumer.commit([{ topic, partition: 0, offset: next }])
+          assert.strictEqual((yield* consumer.assignment).generation, joined.generation)
+        })
+      )
+    } else {
+      test(
+        "heartbeats only between batches: a batch call longer than the session timeout, with no heartbeat from it, costs the member its generation (handlers call session.heartbeat)",
+        Effect.gen(function* () {
+          const { topic, consumer } = yield* slowMember
+          const committed = yield* Deferred.make<Exit.Exit<void, KafkaClient.KafkaError>>()
+          yield* consumer.run((batch) =>
+            Effect.sleep(stall).pipe(
+              Effect.andThen(
+                Effect.exit(
+                  consumer.commit([{ topic, partition: 0, offset: (batch.records.at(-1)?.offset ?? -1n) + 1n }])
+                )
+              ),
+              Effect.flatMap((exit) => Deferred.succeed(committed, exit)),
+              Effect.asVoid
+            )
+          )
+          const exit = yield* withinGroupTimeout("the slow batch", Deferred.await(committed))
+          assert.isTrue(Exit.isFailure(exit), "the group had moved on: the commit is refused")
+        })
+      )
+    }
   })
