@@ -652,6 +652,43 @@ interface Partition {
   readonly partition: number
 }
 
+interface Queued {
+  readonly batch: KafkaClient.ConsumerBatch
+  /** the lane's epoch when it was fetched: a restart since makes it stale */
+  readonly epoch: number
+  readonly generation: number
+}
+
+/**
+ * A partition's fetching and handling. `position` is the next offset to hand to the handler, `fetchAt` the next to
+ * fetch: one batch is fetched ahead while the previous is handled. A restart (pause, a handler that stopped early or
+ * failed) drops what was fetched ahead, and fetching resumes from `position`; answers to fetches made before it
+ * are recognised by `epoch` and ignored.
+ */
+interface Lane {
+  position: bigint
+  fetchAt: bigint
+  epoch: number
+  queue: Array<Queued>
+  running: boolean
+  inFetch: boolean
+}
+
+const newLane = (position: bigint): Lane => ({
+  position,
+  fetchAt: position,
+  epoch: 0,
+  queue: [],
+  running: false,
+  inFetch: false
+})
+
+const restart = (lane: Lane) => {
+  lane.epoch++
+  lane.queue = []
+  lane.fetchAt = lane.position
+}
+
 const makeConsumer = (
   brokers: string,
   base: Record<string, unknown>,
@@ -676,10 +713,9 @@ const makeConsumer = (
     let generation = 0
     let owned = new Map<string, Partition>()
     let positionsGeneration = -1
-    const positions = new Map<string, bigint>()
+    // one lane per owned partition of the current generation (see Lane)
+    let lanes = new Map<string, Lane>()
     const paused = new Set<string>()
-    // partitions with a batch call queued or running: not fetched until it returns
-    const busy = new Set<string>()
     let running = 0
     // consecutive failed batch calls per partition
     const handlerFailures = new Map<string, number>()
@@ -760,7 +796,7 @@ const makeConsumer = (
         list.map((partition) => ({ topic, partition }))
       )
       owned = new Map(partitions.map((tp) => [key(tp.topic, tp.partition), tp]))
-      positions.clear()
+      lanes = new Map()
       touch()
       runLog(SubscriptionRef.set(assignment, { generation, partitions }))
       changed.notify()
@@ -815,7 +851,7 @@ const makeConsumer = (
       const missing = new Map<string, Array<number>>()
       for (const { topic, partition } of partitions) {
         const offset = committed.get(topic)?.[partition]
-        if (offset !== undefined && offset >= 0n) positions.set(key(topic, partition), offset)
+        if (offset !== undefined && offset >= 0n) lanes.set(key(topic, partition), newLane(offset))
         else missing.set(topic, [...(missing.get(topic) ?? []), partition])
       }
       if (missing.size > 0) {
@@ -828,7 +864,9 @@ const makeConsumer = (
           })
         )
         for (const [topic, list] of missing) {
-          for (const partition of list) positions.set(key(topic, partition), listed.get(topic)?.[partition] ?? 0n)
+          for (const partition of list) {
+            lanes.set(key(topic, partition), newLane(listed.get(topic)?.[partition] ?? 0n))
+          }
         }
       }
       if (generation === forGeneration) positionsGeneration = forGeneration
@@ -848,7 +886,11 @@ const makeConsumer = (
         )
         for (const { topic, partition } of lost) {
           const offset = listed.get(topic)?.[partition]
-          if (offset !== undefined) positions.set(key(topic, partition), offset)
+          const lane = lanes.get(key(topic, partition))
+          if (offset !== undefined && lane !== undefined && lane.queue.length === 0 && !lane.running) {
+            lane.position = offset
+            restart(lane)
+          }
         }
       })
 
@@ -919,12 +961,15 @@ const makeConsumer = (
           Effect.retry({ schedule, while: (error) => error.retriable })
         )
 
-        const callHandler = (batch: KafkaClient.ConsumerBatch, fetchedIn: number) =>
+        /** Handles one batch; true when the lane may go on to its next queued batch. */
+        const callHandler = (lane: Lane, batch: KafkaClient.ConsumerBatch, fetchedIn: number) =>
           Effect.gen(function* () {
             const k = key(batch.topic, batch.partition)
             // Fetched before a rejoin, paused since, or a rebalance pending: not handled; fetched again later (or
             // by the partition's new owner) from the same position.
-            if (fetchedIn !== generation || !owned.has(k) || paused.has(k) || rebalancePending || stopping) return
+            if (fetchedIn !== generation || lanes.get(k) !== lane || paused.has(k) || rebalancePending || stopping) {
+              return false
+            }
             running++
             const exit = yield* handle(batch, {
               heartbeat,
@@ -951,18 +996,33 @@ const makeConsumer = (
               } else {
                 yield* Effect.sleep(Duration.millis(Math.min(2_000, 100 * 2 ** (failed - 1))))
               }
-              return
+              return false
             }
             handlerFailures.delete(k)
-            if (generation === fetchedIn) {
-              const last = batch.records[batch.records.length - 1]?.offset ?? -1n
-              positions.set(k, exit.value === undefined ? last + 1n : exit.value.resumeAt)
+            if (generation !== fetchedIn) return false
+            const next = (batch.records[batch.records.length - 1]?.offset ?? -1n) + 1n
+            lane.position = exit.value === undefined ? next : exit.value.resumeAt
+            // Stopped early: what was fetched after this batch is dropped, and fetched again from `resumeAt`.
+            return lane.position === next
+          }).pipe(permits.withPermits(1))
+
+        /** Runs a lane's queued batches one after the other, in offset order: one such fiber per lane at a time. */
+        const drain = (lane: Lane): Effect.Effect<void> =>
+          Effect.gen(function* () {
+            while (lane.queue.length > 0) {
+              const item = lane.queue.shift() as Queued
+              const goOn = item.epoch === lane.epoch && (yield* callHandler(lane, item.batch, item.generation))
+              if (!goOn) {
+                restart(lane)
+                break
+              }
             }
           }).pipe(
-            permits.withPermits(1),
             Effect.ensuring(
               Effect.sync(() => {
-                busy.delete(key(batch.topic, batch.partition))
+                lane.running = false
+                // After a restart while a batch ran, fetching resumes from where that batch left the lane.
+                if (lane.queue.length === 0 && !lane.inFetch) lane.fetchAt = lane.position
                 changed.notify()
               })
             )
@@ -970,22 +1030,25 @@ const makeConsumer = (
 
         const fetchFrom = (
           node: number,
-          wanted: ReadonlyArray<Partition>,
+          wanted: ReadonlyArray<readonly [Partition, Lane]>,
           topicIds: ReadonlyMap<string, string>,
           fetchedIn: number
         ) =>
           Effect.gen(function* () {
             const byTopic = new Map<string, FetchRequestTopic>()
             const asked = new Map<string, bigint>()
-            for (const { topic, partition } of wanted) {
+            const askedLanes = new Map<string, { readonly lane: Lane; readonly epoch: number }>()
+            for (const [{ topic, partition }, lane] of wanted) {
               const topicId = topicIds.get(topic)
-              const at = positions.get(key(topic, partition))
-              if (topicId === undefined || at === undefined) continue
-              asked.set(key(topic, partition), at)
+              if (topicId === undefined) continue
+              const k = key(topic, partition)
+              asked.set(k, lane.fetchAt)
+              askedLanes.set(k, { lane, epoch: lane.epoch })
+              lane.inFetch = true
               const entry = byTopic.get(topicId) ?? { topicId, partitions: [] }
               entry.partitions.push({
                 partition,
-                fetchOffset: at,
+                fetchOffset: lane.fetchAt,
                 partitionMaxBytes,
                 currentLeaderEpoch: -1,
                 lastFetchedEpoch: -1
@@ -1013,7 +1076,12 @@ const makeConsumer = (
                 return Effect.fail(
                   new KafkaClient.KafkaError({ operation: "fetch", ...located(reasonOf(cause, brokers), asked) })
                 )
-              })
+              }),
+              Effect.ensuring(
+                Effect.sync(() => {
+                  for (const { lane } of askedLanes.values()) lane.inFetch = false
+                })
+              )
             )
             touch()
             if (fetchedIn !== generation) return
@@ -1023,26 +1091,38 @@ const makeConsumer = (
               for (const p of topicResponse.partitions) {
                 const k = key(topic, p.partitionIndex)
                 const from = asked.get(k)
-                if (from === undefined || !owned.has(k)) continue
+                const at = askedLanes.get(k)
+                // Restarted since it was asked for (paused, stopped early, a failed call): its answer is stale.
+                if (from === undefined || at === undefined || at.epoch !== at.lane.epoch || lanes.get(k) !== at.lane) {
+                  continue
+                }
+                const lane = at.lane
                 if (p.errorCode === 1) {
                   outOfRange.push({ topic, partition: p.partitionIndex })
                   continue
                 }
-                if (p.errorCode !== 0 || paused.has(k) || positions.get(k) !== from) continue
+                if (p.errorCode !== 0 || paused.has(k)) continue
                 const batches = p.records ?? []
                 const records = toRecords(topic, p.partitionIndex, batches, from)
                 if (records.length === 0) {
+                  // Control or compacted-away records only: step over them.
                   const end = endOf(batches)
-                  if (end !== undefined && end > from) positions.set(k, end)
+                  if (end !== undefined && end > from) {
+                    lane.fetchAt = end
+                    if (lane.queue.length === 0 && !lane.running) lane.position = end
+                  }
                   continue
                 }
-                busy.add(k)
-                yield* Effect.forkDetach(
-                  callHandler(
-                    { topic, partition: p.partitionIndex, records, highWatermark: p.highWatermark },
-                    fetchedIn
-                  )
-                )
+                lane.fetchAt = (records[records.length - 1]?.offset ?? from) + 1n
+                lane.queue.push({
+                  batch: { topic, partition: p.partitionIndex, records, highWatermark: p.highWatermark },
+                  epoch: lane.epoch,
+                  generation: fetchedIn
+                })
+                if (!lane.running) {
+                  lane.running = true
+                  yield* Effect.forkDetach(drain(lane))
+                }
               }
             }
             if (outOfRange.length > 0) yield* resetPositions(outOfRange)
@@ -1059,18 +1139,26 @@ const makeConsumer = (
             yield* loadPositions
             return
           }
-          const wanted = [...owned.entries()].filter(([k]) => !paused.has(k) && !busy.has(k)).map(([, tp]) => tp)
+          // A lane is fetched for while its batch runs (one batch ahead), not while one waits or a fetch is out.
+          const wanted: Array<readonly [Partition, Lane]> = []
+          for (const [k, tp] of owned) {
+            const lane = lanes.get(k)
+            if (lane === undefined || paused.has(k) || lane.inFetch || lane.queue.length > 0) continue
+            if (lane.running && lane.fetchAt <= lane.position) continue
+            wanted.push([tp, lane])
+          }
           if (wanted.length === 0) return yield* ticket
           const metadata = yield* attempt(brokers, "fetch", () => client.metadata({ topics: [...options.topics] }))
           const topicIds = new Map<string, string>()
-          const byLeader = new Map<number, Array<Partition>>()
-          for (const tp of wanted) {
+          const byLeader = new Map<number, Array<readonly [Partition, Lane]>>()
+          for (const entry of wanted) {
+            const [tp] = entry
             const topicMetadata = metadata.topics.get(tp.topic)
             if (topicMetadata === undefined) continue
             topicIds.set(tp.topic, topicMetadata.id)
             const leader = topicMetadata.partitions[tp.partition]?.leader ?? -1
             if (leader < 0) continue
-            byLeader.set(leader, [...(byLeader.get(leader) ?? []), tp])
+            byLeader.set(leader, [...(byLeader.get(leader) ?? []), entry])
           }
           if (byLeader.size === 0) return yield* Effect.sleep("200 millis")
           yield* Effect.forEach([...byLeader], ([node, list]) => fetchFrom(node, list, topicIds, generation), {
@@ -1111,7 +1199,12 @@ const makeConsumer = (
       commit,
       pause: (partitions) =>
         Effect.sync(() => {
-          for (const k of byKeys(partitions)) paused.add(k)
+          for (const k of byKeys(partitions)) {
+            paused.add(k)
+            // What was fetched ahead is dropped; a running batch finishes.
+            const lane = lanes.get(k)
+            if (lane !== undefined) restart(lane)
+          }
         }),
       resume: (partitions) =>
         Effect.sync(() => {
