@@ -703,7 +703,10 @@ const makeConsumer = (
     const maxWaitTime = options.fetchMaxWait ? Duration.toMillis(options.fetchMaxWait) : 5_000
     const minBytes = options.fetchMinBytes ?? 1
     const maxBytes = options.fetchMaxBytes ?? 10_485_760
-    const partitionMaxBytes = Math.min(maxBytes, 524_288)
+    // Per partition and fetch: with one batch fetched ahead, a member holds up to two of these per partition.
+    // Measured draining 1,000,000 events with the consumer program: 512 KiB 232 MB peak in 59 s, 640 KiB 237 MB in
+    // 49 s, 768 KiB 247 MB in 43 s, 1 MiB 264 MB in 43 s.
+    const partitionMaxBytes = Math.min(maxBytes, 655_360)
     const assignment = yield* SubscriptionRef.make<KafkaClient.Assignment>({ generation: 0, partitions: [] })
     const crashed = yield* Deferred.make<never, KafkaClient.KafkaError>()
     const changed = ChangeSignal.make()
