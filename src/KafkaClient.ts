@@ -317,6 +317,11 @@ export interface ConsumerOptions {
   readonly heartbeatInterval?: Duration.Duration | undefined
   /** how many partitions' batches may be handled at the same time. Default 1 */
   readonly partitionsConsumedConcurrently?: number | undefined
+  /**
+   * `classic` (the default) or KIP-848's `consumer`: the broker assigns partitions incrementally, and a member
+   * gives up only the partitions that move (no stop-the-world rebalance). An engine without it fails `consumer`.
+   */
+  readonly groupProtocol?: KafkaConfig.GroupProtocol | undefined
 }
 
 /**

@@ -131,7 +131,12 @@ export interface ConsumerConfig {
   readonly fromBeginning: boolean
   readonly sessionTimeout: Duration.Duration
   readonly heartbeatInterval: Duration.Duration
+  /** the consumer group protocol: classic, or KIP-848's `consumer` (the platformatic engine only) */
+  readonly groupProtocol: GroupProtocol
 }
+
+/** The consumer group protocol (`KAFKA_CONSUMER_GROUP_PROTOCOL`). */
+export type GroupProtocol = "classic" | "consumer"
 
 // ---------------------------------------------------------------------------------------------------------------
 // Reading and validating
@@ -305,6 +310,7 @@ export const variables = [
   "KAFKA_CONSUMER_SHUTDOWN_TIMEOUT_MS",
   "KAFKA_CONSUMER_FROM_BEGINNING",
   "KAFKA_CONSUMER_SESSION_TIMEOUT_MS",
+  "KAFKA_CONSUMER_GROUP_PROTOCOL",
   "KAFKA_CONSUMER_HEARTBEAT_INTERVAL_MS",
   "LOG_LEVEL",
   "LOG_FORMAT",
@@ -569,6 +575,19 @@ const readConsumer = (r: Reader): ConsumerConfig => {
     millis(10, 3_600_000),
     ms(10, 3_600_000)
   )
+  const groupProtocol = r.field(
+    "KAFKA_CONSUMER_GROUP_PROTOCOL",
+    "classic",
+    oneOf<GroupProtocol>({ classic: "classic", consumer: "consumer" }),
+    "classic or consumer (KIP-848; with KAFKA_CLIENT=platformatic)"
+  )
+  if (groupProtocol === "consumer" && r.raw("KAFKA_CLIENT") !== "platformatic") {
+    r.conflict(
+      "KAFKA_CONSUMER_GROUP_PROTOCOL",
+      "consumer",
+      "classic unless KAFKA_CLIENT=platformatic (kafkajs has only the classic protocol)"
+    )
+  }
   if (Duration.isGreaterThanOrEqualTo(heartbeatInterval, sessionTimeout)) {
     r.conflict(
       "KAFKA_CONSUMER_HEARTBEAT_INTERVAL_MS",
@@ -594,7 +613,8 @@ const readConsumer = (r: Reader): ConsumerConfig => {
     shutdownTimeout,
     fromBeginning,
     sessionTimeout,
-    heartbeatInterval
+    heartbeatInterval,
+    groupProtocol
   }
 }
 

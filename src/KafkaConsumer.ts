@@ -67,6 +67,11 @@ export interface ConsumerOptions {
   readonly shutdownTimeout: Duration.Duration
   readonly sessionTimeout?: Duration.Duration | undefined
   readonly heartbeatInterval?: Duration.Duration | undefined
+  /**
+   * the group protocol: `classic` (the default) or KIP-848's `consumer`, where the engine has it (platformatic);
+   * with `consumer` the session timeout and heartbeat interval are the broker's (group.consumer.*)
+   */
+  readonly groupProtocol?: KafkaConfig.GroupProtocol | undefined
   /** how many partitions' batches are fed to the pool at once. Default 64 */
   readonly partitionsConsumedConcurrently?: number | undefined
   /** how a failing record is tried again. Default: exponential from 100 ms, jittered, capped at 30 s */
@@ -719,6 +724,7 @@ const member = <E, R>(s: Run<E, R>) =>
       fetchMaxWait: s.options.fetchMaxWait ?? Duration.millis(500),
       sessionTimeout: s.options.sessionTimeout,
       heartbeatInterval: s.options.heartbeatInterval,
+      groupProtocol: s.options.groupProtocol,
       partitionsConsumedConcurrently: s.options.partitionsConsumedConcurrently ?? 64
     })
     // Released before the connection (finalizers run in reverse): shutdown starts, the batch calls finish
@@ -852,7 +858,8 @@ export const optionsFrom = (config: KafkaConfig.ConsumerConfig): ConsumerOptions
   commitInterval: config.commitInterval,
   shutdownTimeout: config.shutdownTimeout,
   sessionTimeout: config.sessionTimeout,
-  heartbeatInterval: config.heartbeatInterval
+  heartbeatInterval: config.heartbeatInterval,
+  groupProtocol: config.groupProtocol
 })
 
 /**

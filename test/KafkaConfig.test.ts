@@ -88,12 +88,15 @@ describe("KafkaConfig", () => {
         KAFKA_CONSUMER_FROM_BEGINNING: "false",
         KAFKA_CONSUMER_SESSION_TIMEOUT_MS: "20000",
         KAFKA_CONSUMER_HEARTBEAT_INTERVAL_MS: "2000",
+        KAFKA_CLIENT: "platformatic",
+        KAFKA_CONSUMER_GROUP_PROTOCOL: "consumer",
         LOG_LEVEL: "debug",
         LOG_FORMAT: "json"
       })
       const { connection, producer, consumer } = config
       assert.deepStrictEqual(connection.brokers, ["kafka-1:9092", "kafka-2:9093", "10.0.0.7:9094"])
       assert.strictEqual(connection.clientId, "billing")
+      assert.strictEqual(connection.engine, "platformatic")
       const sasl = Option.getOrThrow(connection.sasl)
       assert.strictEqual(sasl.mechanism, "scram-sha-512")
       assert.strictEqual(sasl.username, "alice")
@@ -149,7 +152,8 @@ describe("KafkaConfig", () => {
           shutdownTimeout: 10000,
           fromBeginning: false,
           sessionTimeout: 20000,
-          heartbeatInterval: 2000
+          heartbeatInterval: 2000,
+          groupProtocol: "consumer"
         }
       )
       assert.strictEqual(config.logging.level, "Debug")
@@ -159,6 +163,8 @@ describe("KafkaConfig", () => {
 
   const bad: ReadonlyArray<readonly [string, string, string]> = [
     ["KAFKA_BROKERS", "localhost", "host:port"],
+    ["KAFKA_CLIENT", "librdkafka", "kafkajs or platformatic"],
+    ["KAFKA_CONSUMER_GROUP_PROTOCOL", "cooperative", "classic or consumer"],
     ["KAFKA_BROKERS", "localhost:99999", "ports 1-65535"],
     ["KAFKA_SASL_MECHANISM", "gssapi", "plain, scram-sha-256, scram-sha-512"],
     ["KAFKA_TLS", "maybe", "true or false"],
@@ -286,6 +292,14 @@ describe("KafkaConfig", () => {
           maxOnly[0]?.toString(),
           "KAFKA_CONSUMER_FETCH_MIN_BYTES is not set, so 1024 (its default); expected at most KAFKA_CONSUMER_FETCH_MAX_BYTES (512)"
         )
+      })
+    )
+
+    it.effect("KIP-848's group protocol on an engine without it", () =>
+      Effect.gen(function* () {
+        const problems = yield* problemsOf({ KAFKA_CONSUMER_GROUP_PROTOCOL: "consumer" })
+        assert.strictEqual(problems[0]?.variable, "KAFKA_CONSUMER_GROUP_PROTOCOL")
+        assert.include(problems[0]?.toString() ?? "", "KAFKA_CLIENT=platformatic")
       })
     )
 

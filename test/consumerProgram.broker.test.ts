@@ -14,12 +14,18 @@ import { awaitCommittedToEnd, consumerProgramEnv, uniqueName } from "./support/k
 const brokers = inject("kafkaBrokers")
 
 /** Starts the programs at once, waits until each consumes, produces 1,000 events to each topic, and stops them. */
-const startTogether = (members: ReadonlyArray<{ readonly topic: string; readonly groupId: string }>) =>
+const startTogether = (
+  members: ReadonlyArray<{
+    readonly topic: string
+    readonly groupId: string
+    readonly env?: Record<string, string> | undefined
+  }>
+) =>
   Effect.gen(function* () {
     const programs = members.map((member) => ({
       ...member,
       program: Program.start(Program.consumerProgram, {
-        env: consumerProgramEnv(brokers, member.topic, { KAFKA_CONSUMER_GROUP_ID: member.groupId })
+        env: consumerProgramEnv(brokers, member.topic, { KAFKA_CONSUMER_GROUP_ID: member.groupId, ...member.env })
       })
     }))
     return yield* Effect.gen(function* () {
@@ -87,6 +93,23 @@ describe("consumer programs started together", () => {
         })
         const done = yield* startTogether(members)
         assert.deepStrictEqual(done, [1000, 1000, 1000, 1000])
+      }),
+    240_000
+  )
+
+  it.live(
+    "two replicas with KIP-848's group protocol (platformatic) come up together and handle every event once",
+    () =>
+      Effect.gen(function* () {
+        const topic = uniqueName("kip848")
+        const groupId = `${topic}-group`
+        const env = { KAFKA_CLIENT: "platformatic", KAFKA_CONSUMER_GROUP_PROTOCOL: "consumer" }
+        const done = yield* startTogether(Array.from({ length: 2 }, () => ({ topic, groupId, env })))
+        assert.strictEqual(
+          done.reduce((a, b) => a + b, 0),
+          1000,
+          `every event handled once: ${done}`
+        )
       }),
     240_000
   )

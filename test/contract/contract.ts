@@ -107,6 +107,8 @@ export interface Behaviour {
   readonly heartbeats: "background" | "betweenBatches"
   /** a real broker's session is measured in seconds; the in-memory broker's test need not wait */
   readonly realBroker: boolean
+  /** the group protocol the members use (classic when absent) */
+  readonly groupProtocol?: "classic" | "consumer" | undefined
 }
 
 export const contractSuite = (
@@ -115,6 +117,12 @@ export const contractSuite = (
   behaviour: Behaviour = { heartbeats: "background", realBroker: true }
 ) =>
   describe(`KafkaClient contract: ${name}`, () => {
+    /** The suite's member settings, in the group protocol under test. */
+    const memberOptions = (groupId: string, topics: ReadonlyArray<string>, fromBeginning = true) => ({
+      ...consumerOptions(groupId, topics, fromBeginning),
+      ...(behaviour.groupProtocol !== undefined && { groupProtocol: behaviour.groupProtocol })
+    })
+
     const test = (title: string, body: Effect.Effect<void, unknown, KafkaClient.KafkaClient | Scope.Scope>) =>
       it.live(title, () => body.pipe(Effect.scoped, Effect.provide(layer())), 120_000)
 
@@ -123,7 +131,7 @@ export const contractSuite = (
       Effect.gen(function* () {
         const topic = yield* createTopic(1)
         yield* send(Array.from({ length: 100 }, (_, i) => ({ topic, key: null, value: `v${i}` })))
-        const { received } = yield* collector(consumerOptions(uniqueName("order"), [topic]))
+        const { received } = yield* collector(memberOptions(uniqueName("order"), [topic]))
         const records = yield* received(100)
         assert.deepStrictEqual(
           records.map((r) => r.offset),
@@ -142,7 +150,7 @@ export const contractSuite = (
         const topic = yield* createTopic(1)
         yield* send(Array.from({ length: 10 }, (_, i) => ({ topic, key: null, value: `v${i}` })))
         const client = yield* KafkaClient.KafkaClient
-        const consumer = yield* client.consumer(consumerOptions(uniqueName("resume-at"), [topic]))
+        const consumer = yield* client.consumer(memberOptions(uniqueName("resume-at"), [topic]))
         const seen: Array<bigint> = []
         const done = yield* Deferred.make<void>()
         let stopped = false
@@ -176,7 +184,7 @@ export const contractSuite = (
         metadata.forEach((m, i) => {
           assert.strictEqual(m.partition, partitionForKey(`key-${i % 37}`, 6), `record ${i}`)
         })
-        const { received } = yield* collector(consumerOptions(uniqueName("keys"), [topic]))
+        const { received } = yield* collector(memberOptions(uniqueName("keys"), [topic]))
         const consumed = yield* received(200)
         for (const record of consumed) {
           const index = Number(text(record.value)?.slice(1))
@@ -202,7 +210,7 @@ export const contractSuite = (
           { topic, key: null, value: "null key" },
           { topic, key: "tombstone", value: null }
         ])
-        const { received } = yield* collector(consumerOptions(uniqueName("headers"), [topic]))
+        const { received } = yield* collector(memberOptions(uniqueName("headers"), [topic]))
         const [first, second, third] = yield* received(3)
         assert.strictEqual(text(first?.headers["x-text"] ?? null), "é ✓")
         assert.deepStrictEqual([...(first?.headers["x-binary"] ?? [])], [...binary])
@@ -234,7 +242,7 @@ export const contractSuite = (
         yield* send(Array.from({ length: 10 }, (_, i) => ({ topic, key: null, value: `v${i}` })))
         yield* Effect.scoped(
           Effect.gen(function* () {
-            const { consumer, received } = yield* collector(consumerOptions(groupId, [topic]))
+            const { consumer, received } = yield* collector(memberOptions(groupId, [topic]))
             yield* received(10)
             yield* consumer.commit([{ topic, partition: 0, offset: 6n }])
           })
@@ -242,7 +250,7 @@ export const contractSuite = (
         const client = yield* KafkaClient.KafkaClient
         const committed = yield* client.admin.fetchCommittedOffsets(groupId, topic)
         assert.deepStrictEqual(committed, [{ partition: 0, offset: 6n }])
-        const { received } = yield* collector(consumerOptions(groupId, [topic]))
+        const { received } = yield* collector(memberOptions(groupId, [topic]))
         const records = yield* received(4)
         assert.deepStrictEqual(
           records.map((r) => r.offset),
@@ -256,11 +264,11 @@ export const contractSuite = (
       Effect.gen(function* () {
         const topic = yield* createTopic(4)
         const groupId = uniqueName("split")
-        const a = yield* collector(consumerOptions(groupId, [topic]))
+        const a = yield* collector(memberOptions(groupId, [topic]))
         yield* assignmentWhere(a.consumer, "a to own all 4 partitions", (x) => x.partitions.length === 4)
         yield* Effect.scoped(
           Effect.gen(function* () {
-            const b = yield* collector(consumerOptions(groupId, [topic]))
+            const b = yield* collector(memberOptions(groupId, [topic]))
             // Weaker than Kafka's timing, which both meet: eventually the two assignments split the partitions.
             const ofB = yield* assignmentWhere(b.consumer, "b to get partitions", (x) => x.partitions.length > 0)
             const ofA = yield* assignmentWhere(
@@ -269,14 +277,19 @@ export const contractSuite = (
               (x) => x.generation >= ofB.generation && x.partitions.length === 4 - ofB.partitions.length
             )
             assert.deepStrictEqual([...partitionsOf(ofA), ...partitionsOf(ofB)].sort(), [0, 1, 2, 3])
-            // Round-robin, kafkajs' default: dealt one each, so each member has every other partition.
-            assert.sameDeepMembers(
-              [partitionsOf(ofA), partitionsOf(ofB)],
-              [
-                [0, 2],
-                [1, 3]
-              ]
-            )
+            if (behaviour.groupProtocol === "consumer") {
+              // KIP-848: the broker's uniform assignor balances the members.
+              assert.deepStrictEqual([ofA.partitions.length, ofB.partitions.length], [2, 2])
+            } else {
+              // Round-robin, kafkajs' default: dealt one each, so each member has every other partition.
+              assert.sameDeepMembers(
+                [partitionsOf(ofA), partitionsOf(ofB)],
+                [
+                  [0, 2],
+                  [1, 3]
+                ]
+              )
+            }
           })
         )
         yield* assignmentWhere(a.consumer, "a to take all 4 back", (x) => x.partitions.length === 4)
@@ -289,44 +302,92 @@ export const contractSuite = (
       })
     )
 
-    test(
-      "a running batch call learns of a rebalance from a refused heartbeat, and is stale from then on",
-      Effect.gen(function* () {
-        const topic = yield* createTopic(2)
-        const groupId = uniqueName("stale")
-        yield* send([{ topic, key: null, value: "x", partition: 0 }])
-        const client = yield* KafkaClient.KafkaClient
-        const a = yield* client.consumer(consumerOptions(groupId, [topic]))
-        const inCall = yield* Deferred.make<boolean>()
-        const refusal = yield* Deferred.make<{ readonly reason: string; readonly stale: boolean }>()
-        let calls = 0
-        yield* a.run((_batch, session) =>
-          Effect.gen(function* () {
-            // Only the first call waits for the rebalance; after it the batch may come back to this member.
-            if (++calls > 1) return
-            yield* Deferred.succeed(inCall, yield* session.isStale)
-            // Heartbeat as a long batch call must, until the group refuses one.
-            while (true) {
-              const exit = yield* Effect.exit(session.heartbeat)
-              if (Exit.isFailure(exit)) {
-                const reason = Option.match(Exit.findErrorOption(exit), {
-                  onNone: () => "none",
-                  onSome: (error) => (error.reason._tag === "BrokerError" ? error.reason.type : error.reason._tag)
-                })
-                yield* Deferred.succeed(refusal, { reason, stale: yield* session.isStale })
-                return
+    if (behaviour.groupProtocol !== "consumer") {
+      test(
+        "a running batch call learns of a rebalance from a refused heartbeat, and is stale from then on",
+        Effect.gen(function* () {
+          const topic = yield* createTopic(2)
+          const groupId = uniqueName("stale")
+          yield* send([{ topic, key: null, value: "x", partition: 0 }])
+          const client = yield* KafkaClient.KafkaClient
+          const a = yield* client.consumer(memberOptions(groupId, [topic]))
+          const inCall = yield* Deferred.make<boolean>()
+          const refusal = yield* Deferred.make<{ readonly reason: string; readonly stale: boolean }>()
+          let calls = 0
+          yield* a.run((_batch, session) =>
+            Effect.gen(function* () {
+              // Only the first call waits for the rebalance; after it the batch may come back to this member.
+              if (++calls > 1) return
+              yield* Deferred.succeed(inCall, yield* session.isStale)
+              // Heartbeat as a long batch call must, until the group refuses one.
+              while (true) {
+                const exit = yield* Effect.exit(session.heartbeat)
+                if (Exit.isFailure(exit)) {
+                  const reason = Option.match(Exit.findErrorOption(exit), {
+                    onNone: () => "none",
+                    onSome: (error) => (error.reason._tag === "BrokerError" ? error.reason.type : error.reason._tag)
+                  })
+                  yield* Deferred.succeed(refusal, { reason, stale: yield* session.isStale })
+                  return
+                }
+                yield* Effect.sleep("100 millis")
               }
-              yield* Effect.sleep("100 millis")
-            }
-          })
-        )
-        assert.isFalse(yield* withinGroupTimeout("the batch call", Deferred.await(inCall)), "not stale at first")
-        // A second member joins: the group rebalances, and waits for a's call.
-        yield* collector(consumerOptions(groupId, [topic]))
-        const refused = yield* withinGroupTimeout("a refused heartbeat", Deferred.await(refusal))
-        assert.deepStrictEqual(refused, { reason: "REBALANCE_IN_PROGRESS", stale: true })
-      })
-    )
+            })
+          )
+          assert.isFalse(yield* withinGroupTimeout("the batch call", Deferred.await(inCall)), "not stale at first")
+          // A second member joins: the group rebalances, and waits for a's call.
+          yield* collector(memberOptions(groupId, [topic]))
+          const refused = yield* withinGroupTimeout("a refused heartbeat", Deferred.await(refusal))
+          assert.deepStrictEqual(refused, { reason: "REBALANCE_IN_PROGRESS", stale: true })
+        })
+      )
+    } else {
+      test(
+        "KIP-848: a running batch call is stale once its partition is revoked, while the member's other partition goes on (no stop-the-world)",
+        Effect.gen(function* () {
+          const topic = yield* createTopic(2)
+          const groupId = uniqueName("incremental")
+          yield* send([0, 1].map((partition) => ({ topic, key: null, value: "x", partition })))
+          const client = yield* KafkaClient.KafkaClient
+          const a = yield* client.consumer(memberOptions(groupId, [topic]))
+          const started = yield* Deferred.make<void>()
+          const staleIn = yield* Deferred.make<number>()
+          const release = yield* Deferred.make<void>()
+          const running = new Set<number>()
+          const first = new Set<number>()
+          yield* a.run((batch, session) =>
+            Effect.gen(function* () {
+              // The first call of each partition stays until it is stale (or released at the end).
+              if (first.has(batch.partition)) return
+              first.add(batch.partition)
+              running.add(batch.partition)
+              if (running.size === 2) yield* Deferred.succeed(started, undefined)
+              while (!(yield* Deferred.isDone(release))) {
+                if (yield* session.isStale) {
+                  running.delete(batch.partition)
+                  yield* Deferred.succeed(staleIn, batch.partition)
+                  return
+                }
+                yield* Effect.sleep("50 millis")
+              }
+              running.delete(batch.partition)
+            })
+          )
+          yield* withinGroupTimeout("both partitions' calls", Deferred.await(started))
+          const b = yield* collector(memberOptions(groupId, [topic]))
+          const revoked = yield* withinGroupTimeout("a revoked call", Deferred.await(staleIn))
+          const ofB = yield* assignmentWhere(
+            b.consumer,
+            "b to get the revoked partition",
+            (x) => x.partitions.length === 1
+          )
+          assert.deepStrictEqual(partitionsOf(ofB), [revoked])
+          // The partition a kept: its call was never stale, and runs still.
+          assert.deepStrictEqual([...running], [1 - revoked])
+          yield* Deferred.succeed(release, undefined)
+        })
+      )
+    }
 
     test(
       "a batch handler that keeps failing is tried a few times, then the consumer crashes",
@@ -334,7 +395,7 @@ export const contractSuite = (
         const topic = yield* createTopic(1)
         yield* send([{ topic, key: null, value: "poison" }])
         const client = yield* KafkaClient.KafkaClient
-        const consumer = yield* client.consumer(consumerOptions(uniqueName("crash"), [topic]))
+        const consumer = yield* client.consumer(memberOptions(uniqueName("crash"), [topic]))
         let calls = 0
         yield* consumer.run(() =>
           Effect.suspend(() => {
@@ -354,7 +415,7 @@ export const contractSuite = (
       Effect.gen(function* () {
         const topic = yield* createTopic(1)
         const client = yield* KafkaClient.KafkaClient
-        const consumer = yield* client.consumer(consumerOptions(uniqueName("early"), [topic]))
+        const consumer = yield* client.consumer(memberOptions(uniqueName("early"), [topic]))
         const error = yield* Effect.flip(consumer.commit([{ topic, partition: 0, offset: 1n }]))
         assert.strictEqual(error.reason._tag, "ClientFailed")
         assert.isFalse(error.retriable)
@@ -365,7 +426,7 @@ export const contractSuite = (
       "a paused partition delivers nothing until it is resumed; the others go on",
       Effect.gen(function* () {
         const topic = yield* createTopic(2)
-        const { consumer, seen, received } = yield* collector(consumerOptions(uniqueName("pause"), [topic]))
+        const { consumer, seen, received } = yield* collector(memberOptions(uniqueName("pause"), [topic]))
         yield* assignmentWhere(consumer, "both partitions", (x) => x.partitions.length === 2)
         yield* consumer.pause([{ topic, partition: 0 }])
         yield* send([
@@ -392,7 +453,7 @@ export const contractSuite = (
       Effect.gen(function* () {
         const topic = yield* createTopic(1)
         yield* send(Array.from({ length: 5 }, (_, i) => ({ topic, key: null, value: `old-${i}` })))
-        const { consumer, seen, received } = yield* collector(consumerOptions(uniqueName("latest"), [topic], false))
+        const { consumer, seen, received } = yield* collector(memberOptions(uniqueName("latest"), [topic], false))
         yield* assignmentWhere(consumer, "the partition", (x) => x.partitions.length === 1)
         // The broker resolves "the end" when the member first fetches; keep producing until a new record arrives.
         yield* withinGroupTimeout(
@@ -450,7 +511,7 @@ export const contractSuite = (
       yield* send([{ topic, key: null, value: "slow" }])
       const client = yield* KafkaClient.KafkaClient
       const consumer = yield* client.consumer({
-        ...consumerOptions(uniqueName("slow"), [topic]),
+        ...memberOptions(uniqueName("slow"), [topic]),
         sessionTimeout: session,
         heartbeatInterval: Duration.seconds(1)
       })

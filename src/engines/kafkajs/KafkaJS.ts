@@ -522,6 +522,16 @@ export const make = (
 
     const consumer = (options: KafkaClient.ConsumerOptions) =>
       Effect.gen(function* () {
+        if (options.groupProtocol === "consumer") {
+          return yield* new KafkaClient.KafkaError({
+            operation: "consume",
+            reason: new KafkaClient.ClientFailed({
+              retriable: false,
+              detail:
+                "kafkajs has only the classic group protocol: set KAFKA_CONSUMER_GROUP_PROTOCOL=classic, or KAFKA_CLIENT=platformatic for KIP-848's"
+            })
+          })
+        }
         const firstTopic = options.topics.length === 1 ? options.topics[0] : undefined
         const assignment = yield* SubscriptionRef.make<KafkaClient.Assignment>({ generation: 0, partitions: [] })
         const crashed = yield* Deferred.make<never, KafkaClient.KafkaError>()

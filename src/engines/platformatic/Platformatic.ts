@@ -13,15 +13,20 @@
  *   commits again under the new generation, which could commit a partition the member lost.
  */
 
+import { randomUUID } from "node:crypto"
 import {
+  type Connection,
   ConnectionPool,
   compressionsAlgorithmsByBitmask,
+  consumerGroupHeartbeatV1,
   FetchIsolationLevels,
+  findCoordinatorV4,
   type GroupAssignment,
   heartbeatV4,
   ListOffsetTimestamps,
   type MessageToProduce,
   offsetCommitV8,
+  offsetCommitV9,
   Admin as PltAdmin,
   Consumer as PltConsumer,
   Producer as PltProducer,
@@ -633,6 +638,12 @@ export const make = (
   })
 
 /** Heartbeat and commit answers that mean "the group is rebalancing, or has moved on without this member". */
+/** Answers that mean the coordinator moved: look it up again. */
+const coordinatorErrors = new Set(["NOT_COORDINATOR", "COORDINATOR_NOT_AVAILABLE", "COORDINATOR_LOAD_IN_PROGRESS"])
+
+/** KIP-848 answers that mean the member must join again from epoch 0, owning nothing. */
+const fencedErrors = new Set(["FENCED_MEMBER_EPOCH", "UNKNOWN_MEMBER_ID"])
+
 /** How many times more a batch whose handler died is tried before the member crashes (kafkajs' retries). */
 const handlerRetries = 5
 
@@ -656,7 +667,6 @@ interface Queued {
   readonly batch: KafkaClient.ConsumerBatch
   /** the lane's epoch when it was fetched: a restart since makes it stale */
   readonly epoch: number
-  readonly generation: number
 }
 
 /**
@@ -711,15 +721,17 @@ const makeConsumer = (
     const crashed = yield* Deferred.make<never, KafkaClient.KafkaError>()
     const changed = ChangeSignal.make()
     const consumerScope = yield* Effect.scope
+    const incremental = options.groupProtocol === "consumer"
 
     // The member's state, changed only on the JavaScript thread (library callbacks and our fibers).
     let generation = 0
     let owned = new Map<string, Partition>()
-    let positionsGeneration = -1
     // one lane per owned partition of the current generation (see Lane)
     let lanes = new Map<string, Lane>()
     const paused = new Set<string>()
     let running = 0
+    // running batch calls per partition, for a revocation to wait for
+    const runningIn = new Map<string, number>()
     // consecutive failed batch calls per partition
     const handlerFailures = new Map<string, number>()
     let rebalancePending = false
@@ -831,8 +843,15 @@ const makeConsumer = (
         Effect.suspend(() => {
           stopping = true
           changed.notify()
+          heartbeatNow.notify()
           return Effect.andThen(
-            close(() => client.close(true), Duration.seconds(3)),
+            incremental
+              ? // KIP-848: a heartbeat with epoch -1 leaves the group; then the library's client closes.
+                Effect.andThen(
+                  close(() => leaveIncremental(), Duration.seconds(3)),
+                  close(() => client.close(true))
+                )
+              : close(() => client.close(true), Duration.seconds(3)),
             close(() => fetchPool.close())
           )
         })
@@ -840,21 +859,19 @@ const makeConsumer = (
 
     /** The next offset of each owned partition: the committed one, else the start or end of the log. */
     const loadPositions = Effect.gen(function* () {
-      const forGeneration = generation
-      const partitions = [...owned.values()]
-      if (partitions.length === 0) {
-        positionsGeneration = forGeneration
-        return
-      }
+      const forLanes = lanes
+      const partitions = [...owned].filter(([k]) => !lanes.has(k)).map(([, tp]) => tp)
+      if (partitions.length === 0) return
       const byTopic = new Map<string, Array<number>>()
       for (const { topic, partition } of partitions) byTopic.set(topic, [...(byTopic.get(topic) ?? []), partition])
       const committed = yield* attempt(brokers, "fetch committed offsets", () =>
         client.listCommittedOffsets({ topics: [...byTopic].map(([topic, list]) => ({ topic, partitions: list })) })
       )
+      const found = new Map<string, bigint>()
       const missing = new Map<string, Array<number>>()
       for (const { topic, partition } of partitions) {
         const offset = committed.get(topic)?.[partition]
-        if (offset !== undefined && offset >= 0n) lanes.set(key(topic, partition), newLane(offset))
+        if (offset !== undefined && offset >= 0n) found.set(key(topic, partition), offset)
         else missing.set(topic, [...(missing.get(topic) ?? []), partition])
       }
       if (missing.size > 0) {
@@ -867,12 +884,13 @@ const makeConsumer = (
           })
         )
         for (const [topic, list] of missing) {
-          for (const partition of list) {
-            lanes.set(key(topic, partition), newLane(listed.get(topic)?.[partition] ?? 0n))
-          }
+          for (const partition of list) found.set(key(topic, partition), listed.get(topic)?.[partition] ?? 0n)
         }
       }
-      if (generation === forGeneration) positionsGeneration = forGeneration
+      // Only into the lanes it was loaded for: a classic join since replaced them, and a revocation since drops
+      // what it revoked.
+      if (lanes !== forLanes) return
+      for (const [k, offset] of found) if (owned.has(k) && !lanes.has(k)) lanes.set(k, newLane(offset))
     })
 
     /** Resets a partition whose position the broker no longer has (deleted by retention) as a fresh one. */
@@ -899,7 +917,14 @@ const makeConsumer = (
 
     const commit = (offsets: ReadonlyArray<KafkaClient.TopicPartitionOffset>) =>
       Effect.suspend(() => {
-        if (stopping || client.memberId === null) {
+        const member = incremental
+          ? memberEpoch > 0
+            ? { memberId: ownMemberId, generationId: memberEpoch }
+            : undefined
+          : client.memberId === null
+            ? undefined
+            : { memberId: client.memberId, generationId: client.generationId }
+        if (stopping || member === undefined) {
           return Effect.fail(
             new KafkaClient.KafkaError({
               operation: "commit",
@@ -919,28 +944,52 @@ const makeConsumer = (
           list.push({ partitionIndex: partition, committedOffset: offset, committedLeaderEpoch: -1 })
           byTopic.set(topic, list)
         }
-        const memberId = client.memberId
-        const generationId = client.generationId
-        return attempt(brokers, "commit", async () => {
-          const connection = await coordinatorConnection()
-          await offsetCommitV8.api.async(
+        const topics = [...byTopic].map(([name, partitions]) => ({ name, partitions }))
+        return onCoordinator("commit", (connection) =>
+          // v9 carries KIP-848's member epoch where v8 carries the classic generation.
+          (incremental ? offsetCommitV9 : offsetCommitV8).api.async(
             connection,
             options.groupId,
-            generationId,
-            memberId,
+            member.generationId,
+            member.memberId,
             null,
-            [...byTopic].map(([name, partitions]) => ({ name, partitions }))
+            topics
           )
-        }).pipe(Effect.tap(() => Effect.sync(touch)))
+        ).pipe(Effect.asVoid)
       })
 
+    // The group coordinator, looked up by us: the library caches its own for good unless its own group calls fail,
+    // and ours (commits, KIP-848 heartbeats) must find a coordinator that moved.
+    let coordinator: { readonly host: string; readonly port: number } | undefined
     const coordinatorConnection = async () => {
-      const coordinator = await client.findGroupCoordinator()
-      const metadata = await client.metadata({ topics: [...options.topics] })
-      const broker = metadata.brokers.get(coordinator)
-      if (broker === undefined) throw new Error(`the group coordinator ${coordinator} is not among the brokers`)
-      return client.connections.get(broker)
+      if (coordinator === undefined) {
+        const metadata = await client.metadata({ topics: [...options.topics] })
+        const any = [...metadata.brokers.values()][Math.floor(Math.random() * metadata.brokers.size)]
+        if (any === undefined) throw new Error("no broker in the cluster's metadata")
+        const response = await findCoordinatorV4.api.async(await client.connections.get(any), 0, [options.groupId])
+        const found = response.coordinators[0]
+        if (found === undefined) throw new Error(`no coordinator for group ${options.groupId}`)
+        coordinator = { host: found.host, port: found.port }
+      }
+      return client.connections.get(coordinator)
     }
+    /** One request to the coordinator; an answer that says it moved (or no answer) makes the next look it up. */
+    const onCoordinator = <A>(operation: string, request: (connection: Connection) => Promise<A>) =>
+      attempt(brokers, operation, async () => request(await coordinatorConnection())).pipe(
+        Effect.tap(() => Effect.sync(touch)),
+        Effect.tapError((error) =>
+          Effect.sync(() => {
+            const reason = error.reason
+            if (
+              reason._tag === "ConnectionFailed" ||
+              reason._tag === "RequestTimedOut" ||
+              (reason._tag === "BrokerError" && coordinatorErrors.has(reason.type))
+            ) {
+              coordinator = undefined
+            }
+          })
+        )
+      )
 
     // While a rejoin waits for batch calls the library does not heartbeat: the calls do, at most once an interval.
     let lastOwnHeartbeat = 0
@@ -950,33 +999,171 @@ const makeConsumer = (
       if (now - lastOwnHeartbeat < heartbeatInterval) return Effect.void
       lastOwnHeartbeat = now
       const memberId = client.memberId
-      return attempt(brokers, "heartbeat", async () => {
-        const connection = await coordinatorConnection()
-        await heartbeatV4.api.async(connection, options.groupId, client.generationId, memberId, null)
-      }).pipe(Effect.tap(() => Effect.sync(touch)))
+      return onCoordinator("heartbeat", (connection) =>
+        heartbeatV4.api.async(connection, options.groupId, client.generationId, memberId, null)
+      ).pipe(Effect.asVoid)
+    })
+
+    // -------------------------------------------------------------------------------------------------------------
+    // KIP-848 (groupProtocol "consumer"): the member heartbeats itself with its owned partitions; the broker answers
+    // with the member epoch and, when it changes, the target assignment. Partitions it takes away are given up once
+    // their batch calls returned (the next heartbeat says so); the others go on untouched: no stop-the-world.
+    // -------------------------------------------------------------------------------------------------------------
+    const ownMemberId = randomUUID()
+    let memberEpoch = 0
+    // revoked partitions whose batch calls have not returned yet: still reported as owned
+    const revoking = new Map<string, Partition>()
+    const heartbeatNow = ChangeSignal.make()
+    let brokerHeartbeatInterval = heartbeatInterval
+
+    const leaveIncremental = async () => {
+      if (memberEpoch <= 0) return
+      const connection = await coordinatorConnection()
+      await consumerGroupHeartbeatV1.api.async(
+        connection,
+        options.groupId,
+        ownMemberId,
+        -1,
+        null,
+        null,
+        rebalanceTimeout,
+        null,
+        null,
+        null,
+        null
+      )
+    }
+
+    const setOwned = (partitions: ReadonlyArray<Partition>) => {
+      const next = new Map(partitions.map((tp) => [key(tp.topic, tp.partition), tp]))
+      for (const k of [...lanes.keys()]) if (!next.has(k)) lanes.delete(k)
+      owned = next
+      generation = memberEpoch
+      runLog(SubscriptionRef.set(assignment, { generation, partitions: [...partitions] }))
+      changed.notify()
+    }
+
+    /** Revoked partitions without a running batch call are given up; the next heartbeat, sent now, says so. */
+    const settleRevocations = () => {
+      let settled = false
+      for (const k of [...revoking.keys()]) {
+        if ((runningIn.get(k) ?? 0) === 0) {
+          revoking.delete(k)
+          settled = true
+        }
+      }
+      if (settled) heartbeatNow.notify()
+    }
+
+    /** One KIP-848 heartbeat, and what its answer changes. */
+    const heartbeatIncremental = Effect.gen(function* () {
+      const metadata = yield* attempt(brokers, "heartbeat", () => client.metadata({ topics: [...options.topics] }))
+      const idOf = new Map<string, string>()
+      const nameOf = new Map<string, string>()
+      for (const [name, topic] of metadata.topics) {
+        idOf.set(name, topic.id)
+        nameOf.set(topic.id, name)
+      }
+      const reported = new Map<string, Array<number>>()
+      for (const { topic, partition } of [...owned.values(), ...revoking.values()]) {
+        const id = idOf.get(topic)
+        if (id !== undefined) reported.set(id, [...(reported.get(id) ?? []), partition])
+      }
+      const sentEpoch = memberEpoch
+      const response = yield* onCoordinator("heartbeat", (connection) =>
+        consumerGroupHeartbeatV1.api.async(
+          connection,
+          options.groupId,
+          ownMemberId,
+          sentEpoch,
+          null,
+          null,
+          rebalanceTimeout,
+          [...options.topics],
+          null,
+          null,
+          [...reported].map(([topicId, partitions]) => ({ topicId, partitions }))
+        )
+      ).pipe(
+        Effect.tapError((error) =>
+          Effect.sync(() => {
+            // Fenced (its session expired, or the group moved on): it owns nothing and joins again from epoch 0.
+            if (error.reason._tag === "BrokerError" && fencedErrors.has(error.reason.type)) {
+              memberEpoch = 0
+              revoking.clear()
+              setOwned([])
+            }
+          })
+        )
+      )
+      memberEpoch = response.memberEpoch
+      if (response.heartbeatIntervalMs > 0) brokerHeartbeatInterval = response.heartbeatIntervalMs
+      const target = response.assignment?.topicPartitions
+      if (target === undefined || target === null) return
+      const partitions = target.flatMap(({ topicId, partitions: list }) => {
+        const topic = nameOf.get(topicId)
+        return topic === undefined ? [] : list.map((partition) => ({ topic, partition }))
+      })
+      const targetKeys = new Set(partitions.map((tp) => key(tp.topic, tp.partition)))
+      for (const [k, tp] of owned) {
+        // Revoked: its lane goes (queued batches are dropped, a running one is stale); given up once it returns.
+        if (!targetKeys.has(k)) revoking.set(k, tp)
+      }
+      setOwned(partitions)
+      settleRevocations()
+    })
+
+    /** The KIP-848 member: heartbeats at the broker's interval, at once when a revocation settled. */
+    const membership = Effect.gen(function* () {
+      let failures = 0
+      while (!stopping) {
+        const ticket = heartbeatNow.ticket()
+        const beat = yield* Effect.exit(heartbeatIncremental)
+        if (Exit.isSuccess(beat)) {
+          failures = 0
+        } else {
+          const error = Cause.squash(beat.cause) as KafkaClient.KafkaError
+          failures++
+          const fenced = error.reason?._tag === "BrokerError" && fencedErrors.has(error.reason.type)
+          if (!fenced && (error.retriable !== true || failures > 30)) {
+            yield* Deferred.fail(crashed, new KafkaClient.KafkaError({ operation: "consume", reason: error.reason }))
+            return
+          }
+          if (fenced) continue
+        }
+        yield* Effect.raceFirst(Effect.sleep(Duration.millis(brokerHeartbeatInterval)), ticket)
+      }
     })
 
     const run = <R>(handle: KafkaClient.BatchHandler<R>) =>
       Effect.gen(function* () {
         const callerContext = yield* Effect.context<R>()
         const permits = yield* Semaphore.make(options.partitionsConsumedConcurrently ?? 1)
-        yield* attempt(brokers, "join group", () => client.joinGroup({})).pipe(
-          Effect.retry({ schedule, while: (error) => error.retriable })
-        )
+        if (incremental) {
+          // Joins with epoch 0; the partitions come in this or later heartbeats' answers.
+          yield* heartbeatIncremental.pipe(Effect.retry({ schedule, while: (error) => error.retriable }))
+          yield* Effect.forkIn(membership, consumerScope)
+        } else {
+          yield* attempt(brokers, "join group", () => client.joinGroup({})).pipe(
+            Effect.retry({ schedule, while: (error) => error.retriable })
+          )
+        }
 
         /** Handles one batch; true when the lane may go on to its next queued batch. */
-        const callHandler = (lane: Lane, batch: KafkaClient.ConsumerBatch, fetchedIn: number) =>
+        const callHandler = (lane: Lane, batch: KafkaClient.ConsumerBatch) =>
           Effect.gen(function* () {
             const k = key(batch.topic, batch.partition)
             // Fetched before a rejoin, paused since, or a rebalance pending: not handled; fetched again later (or
             // by the partition's new owner) from the same position.
-            if (fetchedIn !== generation || lanes.get(k) !== lane || paused.has(k) || rebalancePending || stopping) {
+            // (A lane is replaced at every classic join, and dropped when its partition is revoked.)
+            if (lanes.get(k) !== lane || paused.has(k) || rebalancePending || stopping) {
               return false
             }
             running++
+            runningIn.set(k, (runningIn.get(k) ?? 0) + 1)
             const exit = yield* handle(batch, {
               heartbeat,
-              isStale: Effect.sync(() => rebalancePending || generation !== fetchedIn),
+              isStale: Effect.sync(() => rebalancePending || lanes.get(k) !== lane),
               isRunning: Effect.sync(() => !stopping)
             }).pipe(
               Effect.provideContext(callerContext),
@@ -984,7 +1171,9 @@ const makeConsumer = (
               Effect.ensuring(
                 Effect.sync(() => {
                   running--
+                  runningIn.set(k, (runningIn.get(k) ?? 1) - 1)
                   notifyIdle()
+                  if (revoking.size > 0) settleRevocations()
                 })
               )
             )
@@ -1002,7 +1191,7 @@ const makeConsumer = (
               return false
             }
             handlerFailures.delete(k)
-            if (generation !== fetchedIn) return false
+            if (lanes.get(k) !== lane) return false
             const next = (batch.records[batch.records.length - 1]?.offset ?? -1n) + 1n
             lane.position = exit.value === undefined ? next : exit.value.resumeAt
             // Stopped early: what was fetched after this batch is dropped, and fetched again from `resumeAt`.
@@ -1014,7 +1203,7 @@ const makeConsumer = (
           Effect.gen(function* () {
             while (lane.queue.length > 0) {
               const item = lane.queue.shift() as Queued
-              const goOn = item.epoch === lane.epoch && (yield* callHandler(lane, item.batch, item.generation))
+              const goOn = item.epoch === lane.epoch && (yield* callHandler(lane, item.batch))
               if (!goOn) {
                 restart(lane)
                 break
@@ -1034,8 +1223,7 @@ const makeConsumer = (
         const fetchFrom = (
           node: number,
           wanted: ReadonlyArray<readonly [Partition, Lane]>,
-          topicIds: ReadonlyMap<string, string>,
-          fetchedIn: number
+          topicIds: ReadonlyMap<string, string>
         ) =>
           Effect.gen(function* () {
             const byTopic = new Map<string, FetchRequestTopic>()
@@ -1087,7 +1275,6 @@ const makeConsumer = (
               )
             )
             touch()
-            if (fetchedIn !== generation) return
             const outOfRange: Array<Partition> = []
             for (const topicResponse of response.responses) {
               const topic = namesById.get(topicResponse.topicId) ?? topicResponse.topicId
@@ -1119,8 +1306,7 @@ const makeConsumer = (
                 lane.fetchAt = (records[records.length - 1]?.offset ?? from) + 1n
                 lane.queue.push({
                   batch: { topic, partition: p.partitionIndex, records, highWatermark: p.highWatermark },
-                  epoch: lane.epoch,
-                  generation: fetchedIn
+                  epoch: lane.epoch
                 })
                 if (!lane.running) {
                   lane.running = true
@@ -1138,7 +1324,7 @@ const makeConsumer = (
           const ticket = changed.ticket()
           if (stopping) return
           if (rebalancePending) return yield* ticket
-          if (positionsGeneration !== generation) {
+          if ([...owned.keys()].some((k) => !lanes.has(k))) {
             yield* loadPositions
             return
           }
@@ -1164,7 +1350,7 @@ const makeConsumer = (
             byLeader.set(leader, [...(byLeader.get(leader) ?? []), entry])
           }
           if (byLeader.size === 0) return yield* Effect.sleep("200 millis")
-          yield* Effect.forEach([...byLeader], ([node, list]) => fetchFrom(node, list, topicIds, generation), {
+          yield* Effect.forEach([...byLeader], ([node, list]) => fetchFrom(node, list, topicIds), {
             concurrency: "unbounded",
             discard: true
           })
