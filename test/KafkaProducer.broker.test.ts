@@ -282,6 +282,9 @@ describe("Producer against a real broker", () => {
         // An acked record must be in the topic, at the offset its ack gave. (The loss this guards against: after a
         // failed send kafkajs reused sequence numbers the broker had already stored, so the broker took a later,
         // different batch for a duplicate and acked it with the stored batch's offsets.)
+        // At-least-once: a send retried after the kill may have been stored twice. Counted and reported, not failed.
+        const duplicated = stored.length - storedValues.size
+        console.log(`broker killed mid-stream: ${ok} of ${total} acked, 0 lost allowed, ${duplicated} stored twice`)
         assert.deepStrictEqual(lost, [], "every acked record is in the topic")
         assert.deepStrictEqual(misplaced, [], "every acked record is at the offset its ack gave")
         assert.strictEqual(exits.length, total, "every send completed")
