@@ -3,7 +3,7 @@ import { defineConfig } from "vitest/config"
 // Three projects: `unit` needs nothing but Node (the examples' tests are unit tests too); `broker` runs against a real
 // Kafka broker, started by the global setup for the run (or the one named by KAFKA_BROKERS), on the engine
 // KAFKA_CLIENT names (kafkajs when unset); `broker:platformatic` runs the same real-broker tests of the producer,
-// consumer, processor and programs again on @platformatic/kafka, after the others, on a broker of its own. The
+// consumer, processor and programs again on @platformatic/kafka, on a broker of its own. The
 // contract suite names its engine per file, and the broker script's own tests have no engine: they run once.
 // `npm test` runs all three.
 // The `source` condition resolves `kafka-effect/…` imports (the examples import the package as users do) to src/.
@@ -11,13 +11,16 @@ export default defineConfig({
   resolve: { conditions: ["source"] },
   ssr: { resolve: { conditions: ["source"] } },
   test: {
+    // Two test files at a time even on two cores (vitest's default is one fewer than the cores): the real-broker
+    // tests mostly wait on brokers, timers and child processes, and they synchronise on events, not on time.
+    maxWorkers: 2,
     projects: [
       {
         extends: true,
         test: {
           name: "unit",
           include: ["test/**/*.test.ts", "examples/**/*.test.ts"],
-          exclude: ["test/**/*.broker.test.ts"]
+          exclude: ["test/**/*.broker.test.ts", "test/**/*.cluster.test.ts"]
         }
       },
       {
@@ -39,8 +42,17 @@ export default defineConfig({
           env: { KAFKA_CLIENT: "platformatic" },
           globalSetup: ["test/support/brokerSetup.ts"],
           testTimeout: 120_000,
-          hookTimeout: 120_000,
-          sequence: { groupOrder: 1 }
+          hookTimeout: 120_000
+        }
+      },
+      {
+        extends: true,
+        test: {
+          // A three-node cluster of its own per test (`npm run test:cluster`): leader failover and the like.
+          name: "cluster",
+          include: ["test/**/*.cluster.test.ts"],
+          testTimeout: 300_000,
+          hookTimeout: 300_000
         }
       }
     ]

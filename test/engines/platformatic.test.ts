@@ -173,6 +173,50 @@ describe("fetched batches → records", () => {
   )
 })
 
+describe("READ_COMMITTED: aborted transactions left out, as the Java client leaves them out", () => {
+  const marker = (type: 0 | 1) => {
+    const key = Buffer.alloc(4)
+    key.writeInt16BE(type, 2)
+    return { ...record(0, ""), key, value: null }
+  }
+  const txn = (firstOffset: bigint, producerId: bigint, values: Array<string>) =>
+    batch({ firstOffset, producerId, attributes: 0x10, records: values.map((v, i) => record(i, v)) })
+  const control = (firstOffset: bigint, producerId: bigint, type: 0 | 1) =>
+    batch({ firstOffset, producerId, attributes: 0x30, records: [marker(type)] })
+  const values = (records: ReadonlyArray<{ readonly value: Uint8Array | null }>) =>
+    records.map((r) => Buffer.from(r.value ?? []).toString())
+
+  it.effect("a producer's aborted, committed and aborted again transactions: only the committed one is read", () =>
+    Effect.sync(() => {
+      const batches = [
+        txn(0n, 7n, ["a1", "a2"]),
+        control(2n, 7n, 0),
+        txn(3n, 7n, ["c1"]),
+        control(4n, 7n, 1),
+        txn(5n, 7n, ["a3"]),
+        control(6n, 7n, 0)
+      ]
+      const aborted = [
+        { producerId: 7n, firstOffset: 0n },
+        { producerId: 7n, firstOffset: 5n }
+      ]
+      assert.deepStrictEqual(values(toRecords("t", 0, batches, 0n, aborted)), ["c1"])
+    })
+  )
+
+  it.effect("an aborted transaction whose marker is in a later fetch is left out all the same", () =>
+    Effect.sync(() => {
+      const batches = [txn(10n, 8n, ["x1", "x2"]), batch({ firstOffset: 12n, records: [record(0, "plain")] })]
+      assert.deepStrictEqual(values(toRecords("t", 0, batches, 10n, [{ producerId: 8n, firstOffset: 10n }])), ["plain"])
+      // Another producer's transactional records are not touched.
+      assert.deepStrictEqual(
+        values(toRecords("t", 0, [txn(10n, 9n, ["y"])], 10n, [{ producerId: 8n, firstOffset: 10n }])),
+        ["y"]
+      )
+    })
+  )
+})
+
 describe("a corrupt batch", () => {
   it.effect("its offsets are read from the header in front of its compressed records", () =>
     Effect.sync(() => {

@@ -30,6 +30,7 @@ import {
   Admin as PltAdmin,
   Consumer as PltConsumer,
   Producer as PltProducer,
+  ProtocolError,
   type RecordsBatch
 } from "@platformatic/kafka"
 import {
@@ -277,6 +278,18 @@ const noHeaders: Readonly<Record<string, Uint8Array>> = Object.freeze({})
 const empty = new Uint8Array(0)
 
 const CONTROL_BATCH = 0x20
+const TRANSACTIONAL_BATCH = 0x10
+
+interface AbortedTransaction {
+  readonly producerId: bigint
+  readonly firstOffset: bigint
+}
+
+/** A control batch's record key is a version (int16) and a type (int16): 0 ABORT, 1 COMMIT. */
+const isAbortMarker = (batch: RecordsBatch) => {
+  const key = batch.records[0]?.key
+  return key !== null && key !== undefined && key.length >= 4 && key.readInt16BE(2) === 0
+}
 const LOG_APPEND_TIME = 0x08
 
 /** The records of one partition's fetched batches from `from` on, control batches left out. */
@@ -284,11 +297,24 @@ export const toRecords = (
   topic: string,
   partition: number,
   batches: ReadonlyArray<RecordsBatch>,
-  from: bigint
+  from: bigint,
+  abortedTransactions: ReadonlyArray<AbortedTransaction> | null = null
 ): Array<KafkaClient.ConsumedRecord> => {
   const records: Array<KafkaClient.ConsumedRecord> = []
+  // READ_COMMITTED as the Java client reads it: the transactions the broker says were aborted, by the offset they
+  // began at; a producer's transactional batches are left out from there until its ABORT marker.
+  const pending = [...(abortedTransactions ?? [])].sort((a, b) => (a.firstOffset < b.firstOffset ? -1 : 1))
+  const abortedProducers = new Set<bigint>()
   for (const batch of batches) {
-    if ((batch.attributes & CONTROL_BATCH) !== 0) continue
+    const lastOffset = batch.firstOffset + BigInt(batch.lastOffsetDelta)
+    while (pending.length > 0 && (pending[0] as AbortedTransaction).firstOffset <= lastOffset) {
+      abortedProducers.add((pending.shift() as AbortedTransaction).producerId)
+    }
+    if ((batch.attributes & CONTROL_BATCH) !== 0) {
+      if (isAbortMarker(batch)) abortedProducers.delete(batch.producerId)
+      continue
+    }
+    if ((batch.attributes & TRANSACTIONAL_BATCH) !== 0 && abortedProducers.has(batch.producerId)) continue
     const logAppendTime = (batch.attributes & LOG_APPEND_TIME) !== 0
     for (const record of batch.records) {
       const offset = batch.firstOffset + BigInt(record.offsetDelta)
@@ -647,13 +673,6 @@ const fencedErrors = new Set(["FENCED_MEMBER_EPOCH", "UNKNOWN_MEMBER_ID"])
 /** How many times more a batch whose handler died is tried before the member crashes (kafkajs' retries). */
 const handlerRetries = 5
 
-const rebalancingErrors = new Set([
-  "REBALANCE_IN_PROGRESS",
-  "ILLEGAL_GENERATION",
-  "UNKNOWN_MEMBER_ID",
-  "NOT_COORDINATOR"
-])
-
 // ---------------------------------------------------------------------------------------------------------------
 // The consumer
 // ---------------------------------------------------------------------------------------------------------------
@@ -821,13 +840,8 @@ const makeConsumer = (
       changed.notify()
     })
     client.on("consumer:heartbeat:end", touch)
-    client.on("consumer:heartbeat:error", (payload: { error?: unknown }) => {
-      const reason = reasonOf(payload.error, brokers)
-      if (reason._tag === "BrokerError" && rebalancingErrors.has(reason.type)) {
-        rebalancePending = true
-        changed.notify()
-      }
-    })
+    // A heartbeat error that needs a rejoin makes the library rejoin, through the hook above, which marks the
+    // rebalance; others (a coordinator that moves) it retries without rejoining: nothing is pending then.
 
     yield* Effect.acquireRelease(
       Effect.interruptible(
@@ -852,7 +866,11 @@ const makeConsumer = (
                   close(() => client.close(true))
                 )
               : close(() => client.close(true), Duration.seconds(3)),
-            close(() => fetchPool.close())
+            // The library leaves its connections open when leaving the group failed; closed here either way.
+            Effect.andThen(
+              close(() => client.connections.close()),
+              close(() => fetchPool.close())
+            )
           )
         })
     )
@@ -860,7 +878,8 @@ const makeConsumer = (
     /** The next offset of each owned partition: the committed one, else the start or end of the log. */
     const loadPositions = Effect.gen(function* () {
       const forLanes = lanes
-      const partitions = [...owned].filter(([k]) => !lanes.has(k)).map(([, tp]) => tp)
+      // Not for a partition whose batch call from before a rejoin still runs: two calls at once for one partition.
+      const partitions = [...owned].filter(([k]) => !lanes.has(k) && (runningIn.get(k) ?? 0) === 0).map(([, tp]) => tp)
       if (partitions.length === 0) return
       const byTopic = new Map<string, Array<number>>()
       for (const { topic, partition } of partitions) byTopic.set(topic, [...(byTopic.get(topic) ?? []), partition])
@@ -939,12 +958,15 @@ const makeConsumer = (
           string,
           Array<{ partitionIndex: number; committedOffset: bigint; committedLeaderEpoch: number }>
         >()
-        for (const { topic, partition, offset } of offsets) {
+        // Only partitions this member owns now: a batch call that outlived a rejoin (the rebalance wait gave up on
+        // it, or the member was fenced) must not move the offset of a partition another member has.
+        for (const { topic, partition, offset } of offsets.filter((o) => owned.has(key(o.topic, o.partition)))) {
           const list = byTopic.get(topic) ?? []
           list.push({ partitionIndex: partition, committedOffset: offset, committedLeaderEpoch: -1 })
           byTopic.set(topic, list)
         }
         const topics = [...byTopic].map(([name, partitions]) => ({ name, partitions }))
+        if (topics.length === 0) return Effect.void
         return onCoordinator("commit", (connection) =>
           // v9 carries KIP-848's member epoch where v8 carries the classic generation.
           (incremental ? offsetCommitV9 : offsetCommitV8).api.async(
@@ -1105,6 +1127,8 @@ const makeConsumer = (
         return topic === undefined ? [] : list.map((partition) => ({ topic, partition }))
       })
       const targetKeys = new Set(partitions.map((tp) => key(tp.topic, tp.partition)))
+      // Assigned back before its revocation settled: it is this member's again (a new lane waits for the old call).
+      for (const k of targetKeys) revoking.delete(k)
       for (const [k, tp] of owned) {
         // Revoked: its lane goes (queued batches are dropped, a running one is stale); given up once it returns.
         if (!targetKeys.has(k)) revoking.set(k, tp)
@@ -1149,6 +1173,17 @@ const makeConsumer = (
           )
         }
 
+        /**
+         * A lane is fetched for while its batch runs (one batch ahead), not while one waits, a fetch is out, it is
+         * paused or no longer this member's, nor from an offset its running batch covers.
+         */
+        const fetchable = (k: string, lane: Lane) =>
+          lanes.get(k) === lane &&
+          !paused.has(k) &&
+          !lane.inFetch &&
+          lane.queue.length === 0 &&
+          !(lane.running && lane.fetchAt <= lane.position)
+
         /** Handles one batch; true when the lane may go on to its next queued batch. */
         const callHandler = (lane: Lane, batch: KafkaClient.ConsumerBatch) =>
           Effect.gen(function* () {
@@ -1173,6 +1208,8 @@ const makeConsumer = (
                   running--
                   runningIn.set(k, (runningIn.get(k) ?? 1) - 1)
                   notifyIdle()
+                  // The last call from before a rejoin returned: its partition's new lane may be made now.
+                  if ((runningIn.get(k) ?? 0) === 0 && owned.has(k) && !lanes.has(k)) changed.notify()
                   if (revoking.size > 0) settleRevocations()
                 })
               )
@@ -1199,26 +1236,36 @@ const makeConsumer = (
           }).pipe(permits.withPermits(1))
 
         /** Runs a lane's queued batches one after the other, in offset order: one such fiber per lane at a time. */
+        /** Ends the lane's drain: one synchronous step, so no batch can be queued between the check and the end. */
+        const finish = (lane: Lane) => {
+          lane.running = false
+          // After a restart while a batch ran, fetching resumes from where that batch left the lane.
+          if (lane.queue.length === 0 && !lane.inFetch) lane.fetchAt = lane.position
+          changed.notify()
+        }
+        /** The lane's next batch, or its end (no batch waits): decided and done in one synchronous step. */
+        const takeOrFinish = (lane: Lane) =>
+          Effect.sync(() => {
+            const item = lane.queue.shift()
+            if (item === undefined) finish(lane)
+            return item
+          })
         const drain = (lane: Lane): Effect.Effect<void> =>
           Effect.gen(function* () {
-            while (lane.queue.length > 0) {
-              const item = lane.queue.shift() as Queued
-              const goOn = item.epoch === lane.epoch && (yield* callHandler(lane, item.batch))
-              if (!goOn) {
-                restart(lane)
-                break
-              }
+            while (true) {
+              const item = yield* takeOrFinish(lane)
+              if (item === undefined) return
+              // A batch that starts before the lane's position (fetched again after a restart while it ran) is
+              // trimmed to what was not handled yet.
+              const batch =
+                item.batch.records[0] !== undefined && item.batch.records[0].offset < lane.position
+                  ? { ...item.batch, records: item.batch.records.filter((r) => r.offset >= lane.position) }
+                  : item.batch
+              const goOn =
+                item.epoch === lane.epoch && (batch.records.length === 0 || (yield* callHandler(lane, batch)))
+              if (!goOn) restart(lane)
             }
-          }).pipe(
-            Effect.ensuring(
-              Effect.sync(() => {
-                lane.running = false
-                // After a restart while a batch ran, fetching resumes from where that batch left the lane.
-                if (lane.queue.length === 0 && !lane.inFetch) lane.fetchAt = lane.position
-                changed.notify()
-              })
-            )
-          )
+          }).pipe(Effect.onInterrupt(() => Effect.sync(() => finish(lane))))
 
         const fetchFrom = (
           node: number,
@@ -1231,7 +1278,9 @@ const makeConsumer = (
             const askedLanes = new Map<string, { readonly lane: Lane; readonly epoch: number }>()
             for (const [{ topic, partition }, lane] of wanted) {
               const topicId = topicIds.get(topic)
-              if (topicId === undefined) continue
+              // Checked again now: a pause, resume or restart since the round chose it may have moved `fetchAt` back
+              // under a running batch.
+              if (topicId === undefined || !fetchable(key(topic, partition), lane)) continue
               const k = key(topic, partition)
               asked.set(k, lane.fetchAt)
               askedLanes.set(k, { lane, epoch: lane.epoch })
@@ -1275,6 +1324,7 @@ const makeConsumer = (
               )
             )
             touch()
+            let retriablePartitionErrors = 0
             const outOfRange: Array<Partition> = []
             for (const topicResponse of response.responses) {
               const topic = namesById.get(topicResponse.topicId) ?? topicResponse.topicId
@@ -1291,9 +1341,29 @@ const makeConsumer = (
                   outOfRange.push({ topic, partition: p.partitionIndex })
                   continue
                 }
-                if (p.errorCode !== 0 || paused.has(k)) continue
+                if (p.errorCode !== 0) {
+                  const error = new ProtocolError(p.errorCode)
+                  if (error.canRetry === false) {
+                    // Refused for good (authorization, say): the member stops, saying so, rather than ask again.
+                    return yield* new KafkaClient.KafkaError({
+                      operation: "fetch",
+                      topic,
+                      partition: p.partitionIndex,
+                      reason: new KafkaClient.BrokerError({
+                        type: String(error.apiId),
+                        retriable: false,
+                        detail: error.message
+                      })
+                    })
+                  }
+                  // A leader that moved, a partition not there yet: fresh metadata, and the next round asks again.
+                  client.clearMetadata()
+                  retriablePartitionErrors++
+                  continue
+                }
+                if (paused.has(k)) continue
                 const batches = p.records ?? []
-                const records = toRecords(topic, p.partitionIndex, batches, from)
+                const records = toRecords(topic, p.partitionIndex, batches, from, p.abortedTransactions)
                 if (records.length === 0) {
                   // Control or compacted-away records only: step over them.
                   const end = endOf(batches)
@@ -1315,6 +1385,10 @@ const makeConsumer = (
               }
             }
             if (outOfRange.length > 0) yield* resetPositions(outOfRange)
+            // Answers that are all retriable refusals: a pause before asking again, not a busy loop.
+            if (retriablePartitionErrors > 0 && retriablePartitionErrors === askedLanes.size) {
+              yield* Effect.sleep("200 millis")
+            }
           })
 
         // The fetch loop: each round asks every leader, in parallel, for the partitions that are neither paused
@@ -1324,17 +1398,14 @@ const makeConsumer = (
           const ticket = changed.ticket()
           if (stopping) return
           if (rebalancePending) return yield* ticket
-          if ([...owned.keys()].some((k) => !lanes.has(k))) {
+          if ([...owned.keys()].some((k) => !lanes.has(k) && (runningIn.get(k) ?? 0) === 0)) {
             yield* loadPositions
             return
           }
-          // A lane is fetched for while its batch runs (one batch ahead), not while one waits or a fetch is out.
           const wanted: Array<readonly [Partition, Lane]> = []
           for (const [k, tp] of owned) {
             const lane = lanes.get(k)
-            if (lane === undefined || paused.has(k) || lane.inFetch || lane.queue.length > 0) continue
-            if (lane.running && lane.fetchAt <= lane.position) continue
-            wanted.push([tp, lane])
+            if (lane !== undefined && fetchable(k, lane)) wanted.push([tp, lane])
           }
           if (wanted.length === 0) return yield* ticket
           const metadata = yield* attempt(brokers, "fetch", () => client.metadata({ topics: [...options.topics] }))
