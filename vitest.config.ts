@@ -1,11 +1,12 @@
 import { defineConfig } from "vitest/config"
 
-// Three projects: `unit` needs nothing but Node (the examples' tests are unit tests too); `broker` runs against a real
+// Four projects: `unit` needs nothing but Node (the examples' tests are unit tests too); `broker` runs against a real
 // Kafka broker, started by the global setup for the run (or the one named by KAFKA_BROKERS), on the engine
 // KAFKA_CLIENT names (kafkajs when unset); `broker:platformatic` runs the same real-broker tests of the producer,
 // consumer, processor and programs again on @platformatic/kafka, on a broker of its own. The
 // contract suite names its engine per file, and the broker script's own tests have no engine: they run once.
-// `npm test` runs all three.
+// `cluster` (`npm run test:cluster`) starts a three-node cluster of its own per test, after the others. `npm test`
+// runs all four.
 // The `source` condition resolves `kafka-effect/…` imports (the examples import the package as users do) to src/.
 export default defineConfig({
   resolve: { conditions: ["source"] },
@@ -19,6 +20,7 @@ export default defineConfig({
         extends: true,
         test: {
           name: "unit",
+          sequence: { groupOrder: 0 },
           include: ["test/**/*.test.ts", "examples/**/*.test.ts"],
           exclude: ["test/**/*.broker.test.ts", "test/**/*.cluster.test.ts"]
         }
@@ -27,6 +29,7 @@ export default defineConfig({
         extends: true,
         test: {
           name: "broker",
+          sequence: { groupOrder: 0 },
           include: ["test/**/*.broker.test.ts"],
           globalSetup: ["test/support/brokerSetup.ts"],
           testTimeout: 120_000,
@@ -37,6 +40,7 @@ export default defineConfig({
         extends: true,
         test: {
           name: "broker:platformatic",
+          sequence: { groupOrder: 0 },
           include: ["test/**/*.broker.test.ts"],
           exclude: ["test/contract/**", "test/scripts/**"],
           env: { KAFKA_CLIENT: "platformatic" },
@@ -52,7 +56,9 @@ export default defineConfig({
           name: "cluster",
           include: ["test/**/*.cluster.test.ts"],
           testTimeout: 300_000,
-          hookTimeout: 300_000
+          hookTimeout: 300_000,
+          // After the other projects: three JVMs and the tests' processes take both cores.
+          sequence: { groupOrder: 1 }
         }
       }
     ]

@@ -86,7 +86,7 @@ export interface Broker {
 
 const cacheRoot = () => Path.join(process.env.XDG_CACHE_HOME ?? Path.join(Os.homedir(), ".cache"), "kafka-effect")
 
-const run = (
+export const run = (
   file: string,
   args: ReadonlyArray<string>,
   options: { readonly cwd?: string; readonly stdin?: string | Buffer | undefined } = {}
@@ -136,7 +136,7 @@ export const resolveJars: Effect.Effect<string, BrokerError> = Effect.gen(functi
   return jarsDir
 })
 
-const freePort = Effect.callback<number, BrokerError>((resume) => {
+export const freePort = Effect.callback<number, BrokerError>((resume) => {
   const server = Net.createServer()
   server.once("error", (error) => resume(Effect.fail(new BrokerError({ message: `no free port: ${error.message}` }))))
   server.listen(0, "127.0.0.1", () => {
@@ -170,13 +170,16 @@ export const tool = (mainClass: string, args: ReadonlyArray<string>, options: { 
   )
 
 /** A Kafka cluster id: 16 random bytes, URL-safe base64 without padding (Kafka's `Uuid.toString`). */
-const clusterId = () => randomBytes(16).toString("base64url")
+export const clusterId = () => randomBytes(16).toString("base64url")
 
-const javaBin = () => (process.env.JAVA_HOME ? Path.join(process.env.JAVA_HOME, "bin", "java") : "java")
+export const javaBin = () => (process.env.JAVA_HOME ? Path.join(process.env.JAVA_HOME, "bin", "java") : "java")
 
-const jvmOptions = (jarsDir: string) => [
-  "-Xms512m",
-  "-Xmx1g",
+export const jvmOptions = (
+  jarsDir: string,
+  heap: { readonly min: string; readonly max: string } = { min: "512m", max: "1g" }
+) => [
+  `-Xms${heap.min}`,
+  `-Xmx${heap.max}`,
   "-XX:+UseG1GC",
   "-XX:MaxGCPauseMillis=20",
   "-Djava.awt.headless=true",
@@ -394,7 +397,7 @@ const generateCertificates = (tlsDir: string) =>
     )
   )
 
-const isAlive = (pid: number) => {
+export const isAlive = (pid: number) => {
   try {
     process.kill(pid, 0)
     return true
@@ -404,7 +407,7 @@ const isAlive = (pid: number) => {
 }
 
 /** True when `pid` is a live broker started from `dir`: a recycled PID never matches. */
-const isBrokerOf = (pid: number, dir: string) => {
+export const isBrokerOf = (pid: number, dir: string) => {
   if (!isAlive(pid)) return false
   try {
     return Fs.readFileSync(`/proc/${pid}/cmdline`, "utf8").includes(dir)
@@ -413,7 +416,7 @@ const isBrokerOf = (pid: number, dir: string) => {
   }
 }
 
-const logTail = (logFile: string, lines = 40) => {
+export const logTail = (logFile: string, lines = 40) => {
   try {
     return Fs.readFileSync(logFile, "utf8").trimEnd().split("\n").slice(-lines).join("\n")
   } catch {

@@ -1,0 +1,218 @@
+/**
+ * A real three-node KRaft cluster (`scripts/kafka/cluster.ts`): the script itself, and faults that only a cluster
+ * has, each with the producer and the consumer as separate OS processes and the counts checked record by record.
+ * Every fault test runs on both engines.
+ */
+import * as Fs from "node:fs"
+import * as Path from "node:path"
+import { assert, describe, it } from "@effect/vitest"
+import { type Duration, Effect, Schedule } from "effect"
+import { Kafka, logLevel } from "kafkajs"
+import * as Broker from "../../scripts/kafka/broker.ts"
+import * as Cluster from "../../scripts/kafka/cluster.ts"
+import * as Program from "../../scripts/program.ts"
+import { awaitCommittedToEnd, readTopic, uniqueName } from "../support/kafka.ts"
+
+const producerProcess = Path.join(Program.root, "test", "support", "producerProcess.ts")
+
+const admin = async <A>(brokers: string, use: (admin: ReturnType<Kafka["admin"]>) => Promise<A>) => {
+  const kafka = new Kafka({
+    clientId: "kafka-effect-cluster-test",
+    brokers: brokers.split(","),
+    logLevel: logLevel.NOTHING,
+    retry: { retries: 8, initialRetryTime: 200, maxRetryTime: 2_000 }
+  })
+  const client = kafka.admin()
+  await client.connect()
+  try {
+    return await use(client)
+  } finally {
+    await client.disconnect()
+  }
+}
+
+/** Polls `check` every 200 ms until it holds, failing after `timeout`. */
+const eventually = <E, R>(check: Effect.Effect<boolean, E, R>, what: string, timeout: Duration.Input = "90 seconds") =>
+  check.pipe(
+    Effect.repeat({ schedule: Schedule.spaced("200 millis"), until: (done) => done }),
+    Effect.timeoutOrElse({ duration: timeout, orElse: () => Effect.die(new Error(`timed out waiting for ${what}`)) })
+  )
+
+describe("a three-node cluster", () => {
+  it.live(
+    "the script: three nodes, replication factor 3 and min.insync.replicas=2 by default; a node killed, paused and restarted on its own data; stop ends every PID",
+    () =>
+      Effect.gen(function* () {
+        const pids: Array<number> = []
+        yield* Effect.scoped(
+          Effect.gen(function* () {
+            const cluster = yield* Cluster.acquire({ nodes: 3 })
+            pids.push(...cluster.nodes.map((node) => node.pid))
+            assert.strictEqual(cluster.nodes.length, 3)
+            assert.strictEqual(new Set(cluster.nodes.map((node) => node.port)).size, 3, "a port each")
+            assert.strictEqual(new Set(cluster.nodes.map((node) => node.dir)).size, 3, "a directory each")
+            for (const node of cluster.nodes) assert.isTrue(Broker.isAlive(node.pid), `node ${node.id} runs`)
+
+            const topic = uniqueName("replicated")
+            const described = yield* Effect.promise(() =>
+              admin(cluster.brokers, async (client) => {
+                await client.createTopics({ topics: [{ topic, numPartitions: 3 }], waitForLeaders: true })
+                const metadata = await client.fetchTopicMetadata({ topics: [topic] })
+                const configs = await client.describeConfigs({
+                  resources: [{ type: 2, name: topic, configNames: ["min.insync.replicas"] }],
+                  includeSynonyms: false
+                })
+                return {
+                  replicas: metadata.topics[0]?.partitions.map((p) => p.replicas.length),
+                  minIsr: configs.resources[0]?.configEntries[0]?.configValue
+                }
+              })
+            )
+            assert.deepStrictEqual(described, { replicas: [3, 3, 3], minIsr: "2" })
+
+            yield* Cluster.kill(cluster, 2)
+            assert.isFalse(Broker.isAlive(cluster.nodes[1]?.pid ?? 0), "node 2 is gone")
+            // The controller moves the dead node's leaderships once it misses its session (9 s): waited for.
+            const survivors = cluster.brokers
+              .split(",")
+              .filter((_, i) => i !== 1)
+              .join(",")
+            yield* eventually(
+              Effect.promise(() =>
+                admin(survivors, async (client) => {
+                  const metadata = await client.fetchTopicMetadata({ topics: [topic] })
+                  return (metadata.topics[0]?.partitions ?? []).every((p) => p.leader !== 2 && p.leader >= 0)
+                }).catch(() => false)
+              ),
+              "node 2's partitions to have other leaders"
+            )
+            // Two of three in sync: acks=all writes still succeed (once the dead one left the ISR).
+            yield* Effect.promise(async () => {
+              // Retrying for up to about 30 s: the dead node leads some partitions until the controller notices
+              // (broker.session.timeout.ms, 9 s) and elects another.
+              const producer = new Kafka({
+                brokers: cluster.brokers.split(",").filter((_, i) => i !== 1),
+                logLevel: logLevel.NOTHING,
+                retry: { retries: 15, initialRetryTime: 300, maxRetryTime: 3_000 }
+              }).producer({ idempotent: true })
+              await producer.connect()
+              try {
+                await producer.send({ topic, acks: -1, messages: [{ value: "with two of three" }] })
+              } finally {
+                await producer.disconnect()
+              }
+            })
+            const restarted = yield* Cluster.restart(cluster, 2)
+            pids.push(restarted.nodes[1]?.pid ?? 0)
+            assert.isTrue(Broker.isAlive(restarted.nodes[1]?.pid ?? 0), "node 2 runs again")
+            const state = (pid: number) => /State:\s+(\S)/.exec(Fs.readFileSync(`/proc/${pid}/status`, "utf8"))?.[1]
+            const third = restarted.nodes[2]?.pid ?? 0
+            yield* Cluster.pause(restarted, 3)
+            assert.strictEqual(state(third), "T", "node 3 stopped (SIGSTOP), not dead")
+            yield* Cluster.resume(restarted, 3)
+            assert.notStrictEqual(state(third), "T", "node 3 runs again")
+            const stored = yield* readTopic(restarted.brokers, topic)
+            assert.deepStrictEqual(
+              stored.map((r) => r.value),
+              ["with two of three"]
+            )
+          })
+        )
+        for (const pid of pids) assert.isFalse(Broker.isAlive(pid), `pid ${pid} stopped with the scope`)
+      }),
+    300_000
+  )
+
+  for (const engine of ["kafkajs", "platformatic"] as const) {
+    it.live(
+      `${engine}: the leader of a busy partition killed -9 while 20,000 events are sent (acks=all, idempotent): 0 acked lost, duplicates counted, every stored event handled`,
+      () =>
+        Effect.scoped(
+          Effect.gen(function* () {
+            const cluster = yield* Cluster.acquire({ nodes: 3 })
+            const topic = uniqueName(`failover-${engine}`)
+            yield* Effect.promise(() =>
+              admin(cluster.brokers, (client) =>
+                client.createTopics({ topics: [{ topic, numPartitions: 6 }], waitForLeaders: true })
+              )
+            )
+            const total = 20_000
+            const env = {
+              KAFKA_CLIENT: engine,
+              KAFKA_BROKERS: cluster.brokers,
+              KAFKA_PRODUCER_TOPIC: topic,
+              KAFKA_PRODUCER_RETRIES: "50",
+              KAFKA_RECONNECT_BACKOFF_MAX_MS: "1000",
+              LOG_LEVEL: "warn",
+              LOG_FORMAT: "json"
+            }
+            const groupId = `${topic}-group`
+            const consumer = Program.start(Program.consumerProgram, {
+              env: {
+                ...env,
+                KAFKA_CONSUMER_TOPIC: topic,
+                KAFKA_CONSUMER_GROUP_ID: groupId,
+                KAFKA_RETRY_TOPIC_PREFIX: `${topic}-retry`,
+                KAFKA_DLQ_TOPIC: `${topic}-dlq`,
+                KAFKA_CREATE_TOPICS: "true",
+                KAFKA_CONSUMER_COMMIT_INTERVAL_MS: "200",
+                LOG_LEVEL: "debug"
+              }
+            })
+            yield* Effect.addFinalizer(() => Effect.sync(() => consumer.child.kill("SIGKILL")))
+            const producer = Program.start(producerProcess, { env: { ...env, COUNT: String(total) } })
+            yield* Effect.addFinalizer(() => Effect.sync(() => producer.child.kill("SIGKILL")))
+            const acked = () =>
+              producer
+                .output()
+                .stdout.split("\n")
+                .filter((line) => line.startsWith("acked "))
+            yield* eventually(
+              Effect.sync(() => acked().length >= total / 4),
+              "a quarter of the events acked"
+            )
+            const leader = yield* Effect.promise(() =>
+              admin(cluster.brokers, async (client) => {
+                const metadata = await client.fetchTopicMetadata({ topics: [topic] })
+                return metadata.topics[0]?.partitions.find((p) => p.partitionId === 0)?.leader ?? -1
+              })
+            )
+            yield* Cluster.kill(cluster, leader)
+            const producerExit = yield* producer.exited
+            assert.strictEqual(producerExit, 0, producer.output().stderr.slice(-2000))
+            const lines = producer.output().stdout.split("\n")
+            assert.include(lines, "done")
+            const ackedIds = new Set(acked().map((line) => line.split(" ")[1]))
+            const failed = lines.filter((line) => line.startsWith("failed "))
+            assert.strictEqual(ackedIds.size + failed.length, total, "every send has an outcome")
+            // Two of three nodes are left: the topic and the group go on without the dead leader.
+            const survivor = cluster.nodes.filter((node) => node.id !== leader).map((n) => `127.0.0.1:${n.port}`)
+            const stored = yield* readTopic(survivor.join(","), topic)
+            const storedIds = stored.map((record) => (JSON.parse(record.value ?? "{}") as { id: string }).id)
+            const unique = new Set(storedIds)
+            const lost = [...ackedIds].filter((id) => !unique.has(id as string))
+            assert.deepStrictEqual(lost, [], "every acked event is stored")
+            const duplicated = storedIds.length - unique.size
+            console.log(
+              `${engine}: leader ${leader} killed; ${ackedIds.size} acked, ${failed.length} failed, ${lost.length} lost, ${duplicated} stored twice`
+            )
+            yield* awaitCommittedToEnd(survivor.join(","), groupId, topic, "120 seconds")
+            consumer.child.kill("SIGTERM")
+            const consumerExit = yield* consumer.exited
+            assert.strictEqual(consumerExit, 0, consumer.output().stderr.slice(-2000))
+            const processed = new Set<string>()
+            for (const line of consumer.output().stderr.split("\n")) {
+              if (!line.startsWith("{")) continue
+              const log = JSON.parse(line) as { message?: unknown; annotations?: Record<string, unknown> }
+              if (String(log.message).startsWith("processed ") && typeof log.annotations?.id === "string") {
+                processed.add(log.annotations.id)
+              }
+            }
+            const unhandled = [...unique].filter((id) => !processed.has(id))
+            assert.deepStrictEqual(unhandled.slice(0, 10), [], `every stored event handled (${unhandled.length} not)`)
+          })
+        ),
+      300_000
+    )
+  }
+})
