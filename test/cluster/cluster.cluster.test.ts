@@ -215,4 +215,75 @@ describe("a three-node cluster", () => {
       300_000
     )
   }
+
+  for (const engine of ["kafkajs", "platformatic"] as const) {
+    it.live(
+      `${engine}: two of three nodes down: acks=all sends wait or fail with a typed error, none acked; one node back, they go through`,
+      () =>
+        Effect.scoped(
+          Effect.gen(function* () {
+            const cluster = yield* Cluster.acquire({ nodes: 3 })
+            const topic = uniqueName(`quorum-${engine}`)
+            yield* Effect.promise(() =>
+              admin(cluster.brokers, (client) =>
+                client.createTopics({ topics: [{ topic, numPartitions: 3 }], waitForLeaders: true })
+              )
+            )
+            yield* Cluster.kill(cluster, 2)
+            yield* Cluster.kill(cluster, 3)
+            const total = 100
+            const producer = Program.start(producerProcess, {
+              env: {
+                KAFKA_CLIENT: engine,
+                KAFKA_BROKERS: cluster.brokers,
+                KAFKA_PRODUCER_TOPIC: topic,
+                KAFKA_PRODUCER_RETRIES: "60",
+                KAFKA_REQUEST_TIMEOUT_MS: "5000",
+                KAFKA_RECONNECT_BACKOFF_MAX_MS: "1000",
+                LOG_LEVEL: "warn",
+                LOG_FORMAT: "json",
+                COUNT: String(total)
+              }
+            })
+            yield* Effect.addFinalizer(() => Effect.sync(() => producer.child.kill("SIGKILL")))
+            const lines = () => producer.output().stdout.split("\n")
+            // The outage seen: the producer retrying (a send refused or timed out, or no broker to connect to).
+            yield* eventually(
+              Effect.sync(() => /will retry|not reachable/.test(producer.output().stderr)),
+              "the producer to meet the outage"
+            )
+            assert.deepStrictEqual(
+              lines().filter((line) => line.startsWith("acked ")),
+              [],
+              "nothing acked with one node of three: no silent success"
+            )
+            const failedDuring = lines().filter((line) => line.startsWith("failed "))
+            for (const line of failedDuring) assert.match(line, /KafkaError|ProducerClosed/, `a typed error: ${line}`)
+            const back = yield* Cluster.restart(cluster, 2)
+            const exit = yield* producer.exited
+            assert.strictEqual(exit, 0, producer.output().stderr.slice(-2000))
+            assert.include(lines(), "done", "the producer ran to its end: no crash")
+            const acked = lines().filter((line) => line.startsWith("acked "))
+            const failed = lines().filter((line) => line.startsWith("failed "))
+            assert.strictEqual(acked.length + failed.length, total, "every send has an outcome")
+            for (const line of failed) assert.match(line, /KafkaError|ProducerClosed/, `a typed error: ${line}`)
+            assert.isAbove(acked.length, 0, "sends go through once a node is back")
+            console.log(
+              `${engine}, two of three down: ${failedDuring.length} failed during the outage, then ${acked.length} acked and ${failed.length} failed in all`
+            )
+            const stored = yield* readTopic(
+              back.nodes
+                .filter((node) => node.id !== 3)
+                .map((node) => `127.0.0.1:${node.port}`)
+                .join(","),
+              topic
+            )
+            const storedIds = new Set(stored.map((record) => (JSON.parse(record.value ?? "{}") as { id: string }).id))
+            const missing = acked.map((line) => line.split(" ")[1]).filter((id) => !storedIds.has(id as string))
+            assert.deepStrictEqual(missing, [], "every acked send is stored")
+          })
+        ),
+      300_000
+    )
+  }
 })
