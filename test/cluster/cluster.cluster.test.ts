@@ -31,6 +31,42 @@ const admin = async <A>(brokers: string, use: (admin: ReturnType<Kafka["admin"]>
   }
 }
 
+/**
+ * Creates a topic and waits until every node can answer for each partition: a node that has not caught up with the
+ * controller's metadata yet answers "does not host this topic-partition" for a moment.
+ */
+const createReplicated = (brokers: string, topic: string, partitions: number) =>
+  Effect.promise(() =>
+    admin(brokers, (client) => client.createTopics({ topics: [{ topic, numPartitions: partitions }] }))
+  ).pipe(
+    Effect.andThen(
+      eventually(
+        Effect.promise(() =>
+          admin(brokers, async (client) => {
+            const metadata = await client.fetchTopicMetadata({ topics: [topic] })
+            const found = metadata.topics[0]?.partitions ?? []
+            return (
+              found.length === partitions && found.every((p) => p.leader >= 0 && p.isr.length === p.replicas.length)
+            )
+          }).catch(() => false)
+        ),
+        `${topic}'s partitions to have leaders and full in-sync replicas`
+      )
+    )
+  )
+
+/** The leader of a partition, asked until a node answers. */
+const leaderOf = (brokers: string, topic: string, partition: number) =>
+  Effect.promise(() =>
+    admin(brokers, async (client) => {
+      const metadata = await client.fetchTopicMetadata({ topics: [topic] })
+      return metadata.topics[0]?.partitions.find((p) => p.partitionId === partition)?.leader ?? -1
+    }).catch(() => -1)
+  ).pipe(
+    Effect.repeat({ schedule: Schedule.spaced("200 millis"), until: (leader) => leader >= 0 }),
+    Effect.timeoutOrElse({ duration: "60 seconds", orElse: () => Effect.die(new Error(`no leader for ${topic}`)) })
+  )
+
 /** Polls `check` every 200 ms until it holds, failing after `timeout`. */
 const eventually = <E, R>(check: Effect.Effect<boolean, E, R>, what: string, timeout: Duration.Input = "90 seconds") =>
   check.pipe(
@@ -54,9 +90,9 @@ describe("a three-node cluster", () => {
             for (const node of cluster.nodes) assert.isTrue(Broker.isAlive(node.pid), `node ${node.id} runs`)
 
             const topic = uniqueName("replicated")
+            yield* createReplicated(cluster.brokers, topic, 3)
             const described = yield* Effect.promise(() =>
               admin(cluster.brokers, async (client) => {
-                await client.createTopics({ topics: [{ topic, numPartitions: 3 }], waitForLeaders: true })
                 const metadata = await client.fetchTopicMetadata({ topics: [topic] })
                 const configs = await client.describeConfigs({
                   resources: [{ type: 2, name: topic, configNames: ["min.insync.replicas"] }],
@@ -131,11 +167,7 @@ describe("a three-node cluster", () => {
           Effect.gen(function* () {
             const cluster = yield* Cluster.acquire({ nodes: 3 })
             const topic = uniqueName(`failover-${engine}`)
-            yield* Effect.promise(() =>
-              admin(cluster.brokers, (client) =>
-                client.createTopics({ topics: [{ topic, numPartitions: 6 }], waitForLeaders: true })
-              )
-            )
+            yield* createReplicated(cluster.brokers, topic, 6)
             const total = 20_000
             const env = {
               KAFKA_CLIENT: engine,
@@ -171,12 +203,7 @@ describe("a three-node cluster", () => {
               Effect.sync(() => acked().length >= total / 4),
               "a quarter of the events acked"
             )
-            const leader = yield* Effect.promise(() =>
-              admin(cluster.brokers, async (client) => {
-                const metadata = await client.fetchTopicMetadata({ topics: [topic] })
-                return metadata.topics[0]?.partitions.find((p) => p.partitionId === 0)?.leader ?? -1
-              })
-            )
+            const leader = yield* leaderOf(cluster.brokers, topic, 0)
             yield* Cluster.kill(cluster, leader)
             const producerExit = yield* producer.exited
             assert.strictEqual(producerExit, 0, producer.output().stderr.slice(-2000))
@@ -224,11 +251,7 @@ describe("a three-node cluster", () => {
           Effect.gen(function* () {
             const cluster = yield* Cluster.acquire({ nodes: 3 })
             const topic = uniqueName(`quorum-${engine}`)
-            yield* Effect.promise(() =>
-              admin(cluster.brokers, (client) =>
-                client.createTopics({ topics: [{ topic, numPartitions: 3 }], waitForLeaders: true })
-              )
-            )
+            yield* createReplicated(cluster.brokers, topic, 3)
             yield* Cluster.kill(cluster, 2)
             yield* Cluster.kill(cluster, 3)
             const total = 100
