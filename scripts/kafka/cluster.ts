@@ -145,22 +145,23 @@ const currentPid = (nodeDir: string): number | undefined => {
 const writeState = (cluster: Cluster) =>
   Fs.writeFileSync(stateFile(cluster.dir), `${JSON.stringify(cluster, null, 2)}\n`)
 
+/** Waits (within `bound`) until `pid` is gone; succeeds with whether it is. */
+const awaitGone = (pid: number, bound: Duration.Input) =>
+  Effect.sync(() => !isAlive(pid)).pipe(
+    Effect.repeat({ schedule: Schedule.spaced("50 millis"), until: (gone) => gone }),
+    Effect.timeoutOrElse({ duration: bound, orElse: () => Effect.succeed(false) })
+  )
+
 /** Stops one node by its own PID: SIGCONT (a paused node cannot stop), SIGTERM, up to 30 s, then SIGKILL. */
 const stopNode = (node: ClusterNode) =>
   Effect.gen(function* () {
     if (!isBrokerOf(node.pid, node.dir)) return
     process.kill(node.pid, "SIGCONT")
     process.kill(node.pid, "SIGTERM")
-    const exited = yield* Effect.sync(() => !isAlive(node.pid)).pipe(
-      Effect.repeat({ schedule: Schedule.spaced("100 millis"), until: (gone) => gone }),
-      Effect.timeoutOrElse({ duration: "30 seconds", orElse: () => Effect.succeed(false) })
-    )
+    const exited = yield* awaitGone(node.pid, "30 seconds")
     if (!exited && isBrokerOf(node.pid, node.dir)) {
       process.kill(node.pid, "SIGKILL")
-      yield* Effect.sync(() => !isAlive(node.pid)).pipe(
-        Effect.repeat({ schedule: Schedule.spaced("50 millis"), until: (gone) => gone }),
-        Effect.timeoutOrElse({ duration: "10 seconds", orElse: () => Effect.void })
-      )
+      yield* awaitGone(node.pid, "10 seconds")
     }
   })
 
@@ -346,13 +347,9 @@ export const kill = (cluster: Cluster, id: number): Effect.Effect<void, BrokerEr
     Effect.gen(function* () {
       if (!isBrokerOf(node.pid, node.dir)) return
       process.kill(node.pid, "SIGKILL")
-      yield* Effect.sync(() => !isAlive(node.pid)).pipe(
-        Effect.repeat({ schedule: Schedule.spaced("50 millis"), until: (gone) => gone }),
-        Effect.timeoutOrElse({
-          duration: "10 seconds",
-          orElse: () => Effect.fail(new BrokerError({ message: `node ${id} (pid ${node.pid}) survived SIGKILL` }))
-        })
-      )
+      if (!(yield* awaitGone(node.pid, "10 seconds"))) {
+        return yield* new BrokerError({ message: `node ${id} (pid ${node.pid}) survived SIGKILL` })
+      }
     })
   )
 

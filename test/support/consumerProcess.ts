@@ -7,35 +7,17 @@
  * With PROGRESS_EVERY=n it prints only `count <total>` every n records: a line per record would hold the handlers up
  * whenever the reader is slower, which is not what a memory benchmark should measure.
  */
-import * as Fs from "node:fs"
 import { Duration, Effect, Layer } from "effect"
 import * as KafkaClient from "../../src/KafkaClient.ts"
 import * as KafkaConsumer from "../../src/KafkaConsumer.ts"
 import * as Observability from "../../src/Observability.ts"
 import { run } from "../../src/programs/main.ts"
+import { writeLine } from "./writeLine.ts"
 
 const delay = Duration.millis(Number(process.env.HANDLER_DELAY_MS ?? "0"))
 const progressEvery = Number(process.env.PROGRESS_EVERY ?? "0")
 const text = (bytes: Uint8Array | null) => (bytes === null ? "" : new TextDecoder().decode(bytes))
 let handled = 0
-
-/**
- * Writes a line to stdout before returning. process.stdout on a pipe is asynchronous on POSIX: lines it still
- * buffered when the process is SIGKILLed would be lost although their records were handled, and maybe committed,
- * which a test would count as records lost. fd 1 is left blocking (process.stdout is never opened); EAGAIN, should
- * it be non-blocking after all, is waited out.
- */
-const writeLine = (line: string) => {
-  const bytes = Buffer.from(`${line}\n`)
-  let written = 0
-  while (written < bytes.length) {
-    try {
-      written += Fs.writeSync(1, bytes, written)
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== "EAGAIN") throw error
-    }
-  }
-}
 
 const report = (record: {
   readonly partition: number

@@ -5,12 +5,12 @@
  * `acked <id> <partition> <offset>` or `failed <id> <reason>`; then `done`. Lines are written synchronously, so a
  * line printed is an outcome reported, even if the process is killed right after.
  */
-import * as Fs from "node:fs"
 import { Effect, Layer } from "effect"
 import * as KafkaClient from "../../src/KafkaClient.ts"
 import * as KafkaProducer from "../../src/KafkaProducer.ts"
 import * as Observability from "../../src/Observability.ts"
 import { run } from "../../src/programs/main.ts"
+import { writeLine } from "./writeLine.ts"
 
 const count = Number(process.env.COUNT ?? "1000")
 const concurrency = Number(process.env.CONCURRENCY ?? "64")
@@ -26,18 +26,6 @@ const event = (i: number) =>
     subject: `k-${i % 100}`,
     payload: { n: i }
   })
-
-const writeLine = (line: string) => {
-  const bytes = Buffer.from(`${line}\n`)
-  let written = 0
-  while (written < bytes.length) {
-    try {
-      written += Fs.writeSync(1, bytes, written)
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== "EAGAIN") throw error
-    }
-  }
-}
 
 const program = Effect.forEach(
   Array.from({ length: count }, (_, i) => i),
