@@ -2,132 +2,22 @@
  * The Consumer against a real broker, with each group member a separate OS process (test/support/consumerProcess.ts)
  * that prints every record it handles and logs its assignments and commits. The test reads those outputs.
  */
-import { type ChildProcess, spawn } from "node:child_process"
-import * as Path from "node:path"
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Layer, Schedule } from "effect"
 import { inject } from "vitest"
 import * as KafkaClient from "../src/KafkaClient.ts"
 import * as KafkaProducer from "../src/KafkaProducer.ts"
-import { clientLayer, createTopic, testEngine, uniqueName } from "./support/kafka.ts"
+import { clientLayer, createTopic, uniqueName } from "./support/kafka.ts"
+import {
+  commitsToLostPartitions,
+  handledTwice,
+  type Member,
+  member,
+  orderViolations,
+  until
+} from "./support/members.ts"
 
 const brokers = inject("kafkaBrokers")
-const memberProgram = Path.join(import.meta.dirname, "support", "consumerProcess.ts")
-
-interface Processed {
-  readonly partition: number
-  readonly offset: bigint
-  readonly key: string
-}
-
-/** What a member process did, read from its outputs as they come. */
-class Member {
-  readonly name: string
-  readonly child: ChildProcess
-  readonly processed: Array<Processed> = []
-  /** stdout and stderr lines, in the order the process wrote each stream */
-  readonly events: Array<
-    | { readonly kind: "processed"; readonly record: Processed }
-    | { readonly kind: "assigned"; readonly partitions: ReadonlyArray<number> }
-    | { readonly kind: "committed"; readonly partitions: ReadonlyArray<number> }
-  > = []
-  exitCode: number | null | undefined = undefined
-  stderr = ""
-
-  constructor(name: string, env: Record<string, string>) {
-    this.name = name
-    this.child = spawn(process.execPath, ["--experimental-strip-types", "--no-warnings", memberProgram], {
-      env: { PATH: process.env.PATH ?? "", LOG_FORMAT: "json", LOG_LEVEL: "debug", ...testEngine, ...env },
-      stdio: ["ignore", "pipe", "pipe"]
-    })
-    let out = ""
-    this.child.stdout?.on("data", (chunk) => {
-      out += chunk
-      const lines = out.split("\n")
-      out = lines.pop() ?? ""
-      for (const line of lines) {
-        const [, partition, offset, key] = line.split(" ")
-        const record = { partition: Number(partition), offset: BigInt(offset ?? "0"), key: key ?? "" }
-        this.processed.push(record)
-        this.events.push({ kind: "processed", record })
-      }
-    })
-    let err = ""
-    this.child.stderr?.on("data", (chunk) => {
-      this.stderr += chunk
-      err += chunk
-      const lines = err.split("\n")
-      err = lines.pop() ?? ""
-      for (const line of lines) {
-        if (!line.startsWith("{")) continue
-        const entry = JSON.parse(line) as { message: unknown; annotations: Record<string, string> }
-        const message = Array.isArray(entry.message) ? entry.message.join(" ") : String(entry.message)
-        const partitionsOf = (text: string) => [...text.matchAll(/\[(\d+)\]/g)].map((m) => Number(m[1]))
-        if (message === "assigned") {
-          this.events.push({ kind: "assigned", partitions: partitionsOf(entry.annotations.partitions ?? "") })
-        } else if (message === "committed") {
-          this.events.push({ kind: "committed", partitions: partitionsOf(entry.annotations.commits ?? "") })
-        }
-      }
-    })
-    this.child.on("exit", (code) => {
-      this.exitCode = code
-    })
-  }
-
-  signal(signal: NodeJS.Signals) {
-    this.child.kill(signal)
-  }
-
-  /** Waits (polling its outputs, which arrive on their own) until the process exited. */
-  get exited() {
-    return Effect.sync(() => this.exitCode !== undefined).pipe(
-      Effect.repeat({ until: (done) => done, schedule: Schedule.spaced("50 millis") }),
-      Effect.timeoutOrElse({
-        duration: "60 seconds",
-        orElse: () => Effect.die(new Error(`${this.name} did not exit; stderr:\n${this.stderr.slice(-2000)}`))
-      })
-    )
-  }
-}
-
-/** Starts a member; it is killed when the scope closes, if still running. */
-const member = (name: string, env: Record<string, string>) =>
-  Effect.acquireRelease(
-    Effect.sync(() => new Member(name, env)),
-    (m) => Effect.sync(() => m.exitCode === undefined && m.signal("SIGKILL"))
-  )
-
-/**
- * Polls until `condition` holds, failing with `what` after `timeout`, or at once if one of `running` exited (with
- * the end of its stderr: a member that stopped will not make the condition come true).
- */
-const until = (
-  what: string,
-  condition: () => boolean,
-  running: ReadonlyArray<Member>,
-  timeout: Duration = "120 seconds"
-) =>
-  Effect.sync(() => {
-    const exited = running.find((m) => m.exitCode !== undefined)
-    if (exited !== undefined && !condition()) {
-      throw new Error(`${exited.name} exited with ${exited.exitCode} before ${what}:\n${exited.stderr.slice(-3000)}`)
-    }
-    return condition()
-  }).pipe(
-    Effect.orDie,
-    Effect.repeat({ until: (done) => done, schedule: Schedule.spaced("100 millis") }),
-    Effect.timeoutOrElse({
-      duration: timeout,
-      orElse: () =>
-        Effect.die(
-          new Error(
-            `timed out waiting for ${what}; ${running.map((m) => `${m.name} stderr ends:\n${m.stderr.slice(-2000)}`).join("\n")}`
-          )
-        )
-    })
-  )
-type Duration = `${number} seconds`
 
 /** Produces `count` records with `keys` distinct keys, values are the record's index. */
 const produce = (topic: string, count: number, keys: number) =>
@@ -158,43 +48,6 @@ const awaitCommittedEverything = (groupId: string, topic: string) =>
       orElse: () => Effect.die(new Error(`group ${groupId} did not commit all of ${topic}`))
     })
   )
-
-/** Within each stretch between assignments, every key's offsets are increasing. */
-const orderViolations = (m: Member) => {
-  let violations = 0
-  let last = new Map<string, bigint>()
-  for (const event of m.events) {
-    if (event.kind === "assigned") last = new Map()
-    if (event.kind !== "processed") continue
-    const previous = last.get(event.record.key)
-    if (previous !== undefined && event.record.offset <= previous) violations++
-    last.set(event.record.key, event.record.offset)
-  }
-  return violations
-}
-
-/** Records (partition and offset) this member handled more than once. */
-const handledTwice = (m: Member) => {
-  const seen = new Set<string>()
-  let twice = 0
-  for (const record of m.processed) {
-    const id = `${record.partition}/${record.offset}`
-    if (seen.has(id)) twice++
-    seen.add(id)
-  }
-  return twice
-}
-
-/** Commits for partitions not in the member's assignment at the time. */
-const commitsToLostPartitions = (m: Member) => {
-  let owned = new Set<number>()
-  let bad = 0
-  for (const event of m.events) {
-    if (event.kind === "assigned") owned = new Set(event.partitions)
-    if (event.kind === "committed") bad += event.partitions.filter((p) => !owned.has(p)).length
-  }
-  return bad
-}
 
 const memberEnv = (topic: string, groupId: string, extra: Record<string, string> = {}) => ({
   KAFKA_BROKERS: brokers,

@@ -4,75 +4,22 @@
  * Every fault test runs on both engines.
  */
 import * as Fs from "node:fs"
-import * as Path from "node:path"
 import { assert, describe, it } from "@effect/vitest"
-import { type Duration, Effect, Schedule } from "effect"
+import { Effect } from "effect"
 import { Kafka, logLevel } from "kafkajs"
 import * as Broker from "../../scripts/kafka/broker.ts"
 import * as Cluster from "../../scripts/kafka/cluster.ts"
 import * as Program from "../../scripts/program.ts"
 import { awaitCommittedToEnd, readTopic, uniqueName } from "../support/kafka.ts"
-
-const producerProcess = Path.join(Program.root, "test", "support", "producerProcess.ts")
-
-const admin = async <A>(brokers: string, use: (admin: ReturnType<Kafka["admin"]>) => Promise<A>) => {
-  const kafka = new Kafka({
-    clientId: "kafka-effect-cluster-test",
-    brokers: brokers.split(","),
-    logLevel: logLevel.NOTHING,
-    retry: { retries: 8, initialRetryTime: 200, maxRetryTime: 2_000 }
-  })
-  const client = kafka.admin()
-  await client.connect()
-  try {
-    return await use(client)
-  } finally {
-    await client.disconnect()
-  }
-}
-
-/**
- * Creates a topic and waits until every node can answer for each partition: a node that has not caught up with the
- * controller's metadata yet answers "does not host this topic-partition" for a moment.
- */
-const createReplicated = (brokers: string, topic: string, partitions: number) =>
-  Effect.promise(() =>
-    admin(brokers, (client) => client.createTopics({ topics: [{ topic, numPartitions: partitions }] }))
-  ).pipe(
-    Effect.andThen(
-      eventually(
-        Effect.promise(() =>
-          admin(brokers, async (client) => {
-            const metadata = await client.fetchTopicMetadata({ topics: [topic] })
-            const found = metadata.topics[0]?.partitions ?? []
-            return (
-              found.length === partitions && found.every((p) => p.leader >= 0 && p.isr.length === p.replicas.length)
-            )
-          }).catch(() => false)
-        ),
-        `${topic}'s partitions to have leaders and full in-sync replicas`
-      )
-    )
-  )
-
-/** The leader of a partition, asked until a node answers. */
-const leaderOf = (brokers: string, topic: string, partition: number) =>
-  Effect.promise(() =>
-    admin(brokers, async (client) => {
-      const metadata = await client.fetchTopicMetadata({ topics: [topic] })
-      return metadata.topics[0]?.partitions.find((p) => p.partitionId === partition)?.leader ?? -1
-    }).catch(() => -1)
-  ).pipe(
-    Effect.repeat({ schedule: Schedule.spaced("200 millis"), until: (leader) => leader >= 0 }),
-    Effect.timeoutOrElse({ duration: "60 seconds", orElse: () => Effect.die(new Error(`no leader for ${topic}`)) })
-  )
-
-/** Polls `check` every 200 ms until it holds, failing after `timeout`. */
-const eventually = <E, R>(check: Effect.Effect<boolean, E, R>, what: string, timeout: Duration.Input = "90 seconds") =>
-  check.pipe(
-    Effect.repeat({ schedule: Schedule.spaced("200 millis"), until: (done) => done }),
-    Effect.timeoutOrElse({ duration: timeout, orElse: () => Effect.die(new Error(`timed out waiting for ${what}`)) })
-  )
+import {
+  admin,
+  createReplicated,
+  eventually,
+  keepLogOnFailure,
+  leaderOf,
+  processedIds,
+  producerProcess
+} from "./support.ts"
 
 describe("a three-node cluster", () => {
   it.live(
@@ -192,6 +139,7 @@ describe("a three-node cluster", () => {
               }
             })
             yield* Effect.addFinalizer(() => Effect.sync(() => consumer.child.kill("SIGKILL")))
+            yield* keepLogOnFailure(`${topic}-consumer`, () => consumer.output().stderr)
             const producer = Program.start(producerProcess, { env: { ...env, COUNT: String(total) } })
             yield* Effect.addFinalizer(() => Effect.sync(() => producer.child.kill("SIGKILL")))
             const acked = () =>
@@ -208,7 +156,7 @@ describe("a three-node cluster", () => {
             const producerExit = yield* producer.exited
             assert.strictEqual(producerExit, 0, producer.output().stderr.slice(-2000))
             const lines = producer.output().stdout.split("\n")
-            assert.include(lines, "done")
+            assert.isTrue(lines.includes(`done ${total}`), "the producer ran to its end")
             const ackedIds = new Set(acked().map((line) => line.split(" ")[1]))
             const failed = lines.filter((line) => line.startsWith("failed "))
             assert.strictEqual(ackedIds.size + failed.length, total, "every send has an outcome")
@@ -227,14 +175,7 @@ describe("a three-node cluster", () => {
             consumer.child.kill("SIGTERM")
             const consumerExit = yield* consumer.exited
             assert.strictEqual(consumerExit, 0, consumer.output().stderr.slice(-2000))
-            const processed = new Set<string>()
-            for (const line of consumer.output().stderr.split("\n")) {
-              if (!line.startsWith("{")) continue
-              const log = JSON.parse(line) as { message?: unknown; annotations?: Record<string, unknown> }
-              if (String(log.message).startsWith("processed ") && typeof log.annotations?.id === "string") {
-                processed.add(log.annotations.id)
-              }
-            }
+            const processed = new Set(processedIds(consumer.output().stderr))
             const unhandled = [...unique].filter((id) => !processed.has(id))
             assert.deepStrictEqual(unhandled.slice(0, 10), [], `every stored event handled (${unhandled.length} not)`)
           })
@@ -285,7 +226,7 @@ describe("a three-node cluster", () => {
             const back = yield* Cluster.restart(cluster, 2)
             const exit = yield* producer.exited
             assert.strictEqual(exit, 0, producer.output().stderr.slice(-2000))
-            assert.include(lines(), "done", "the producer ran to its end: no crash")
+            assert.include(lines(), `done ${total}`, "the producer ran to its end: no crash")
             const acked = lines().filter((line) => line.startsWith("acked "))
             const failed = lines().filter((line) => line.startsWith("failed "))
             assert.strictEqual(acked.length + failed.length, total, "every send has an outcome")

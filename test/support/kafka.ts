@@ -102,8 +102,10 @@ export const committedOffsets = (brokers: string, groupId: string, topic: string
   )
 
 /** Waits until `groupId` has committed every partition of `topic` up to its end, polling every 250 ms. */
-export const awaitCommittedToEnd = (brokers: string, groupId: string, topic: string, timeout: Duration.Input) =>
-  Effect.tryPromise({
+export const awaitCommittedToEnd = (brokers: string, groupId: string, topic: string, timeout: Duration.Input) => {
+  // What the last look saw, per partition: said when the wait times out.
+  let lastSeen = "nothing read yet"
+  return Effect.tryPromise({
     try: async () => {
       const admin = plainKafka(brokers).admin()
       await admin.connect()
@@ -111,7 +113,9 @@ export const awaitCommittedToEnd = (brokers: string, groupId: string, topic: str
         const ends = await admin.fetchTopicOffsets(topic)
         const [committed] = await admin.fetchOffsets({ groupId, topics: [topic] })
         const at = new Map((committed?.partitions ?? []).map((p) => [p.partition, p.offset]))
-        return ends.every((end) => at.get(end.partition) === end.high)
+        lastSeen = ends.map((end) => `p${end.partition} ${at.get(end.partition)}/${end.high}`).join(", ")
+        // An empty partition has nothing to commit.
+        return ends.every((end) => end.high === end.low || at.get(end.partition) === end.high)
       } finally {
         await admin.disconnect()
       }
@@ -123,9 +127,15 @@ export const awaitCommittedToEnd = (brokers: string, groupId: string, topic: str
     Effect.repeat({ until: (done) => done, schedule: Schedule.spaced("250 millis") }),
     Effect.timeoutOrElse({
       duration: timeout,
-      orElse: () => Effect.fail(new ReadError({ message: `${groupId} did not commit all of ${topic} in time` }))
+      orElse: () =>
+        Effect.fail(
+          new ReadError({
+            message: `${groupId} did not commit all of ${topic} in time (committed/end: ${lastSeen})`
+          })
+        )
     })
   )
+}
 
 /**
  * Reads every record of `topic` up to its high watermarks with a plain kafkajs consumer in a fresh group,

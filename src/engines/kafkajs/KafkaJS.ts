@@ -557,10 +557,23 @@ export const make = (
         // kafkajs' own isStale() only covers seeks. A heartbeat refused because the group is rebalancing is how a
         // member learns of a rebalance; from then until it rejoins, its batch calls are stale.
         let rebalancing = false
+        // kafkajs finds the group's coordinator only when it joins: one that died or moved stays its target for
+        // heartbeats and commits, which then fail for ever. A batch call that waited for its commit would never
+        // return, and nothing would make kafkajs join again. So a heartbeat or commit that cannot reach the
+        // coordinator makes batch calls stale: they return, kafkajs' own heartbeat fails, and the member rejoins
+        // (or crashes after its retries and is restarted), finding the coordinator anew. An answer clears it.
+        let coordinatorLost = false
+        const noteCoordinator = (error: KafkaClient.KafkaError) =>
+          Effect.sync(() => {
+            const reason = error.reason
+            if (reason._tag === "ConnectionFailed") coordinatorLost = true
+            else if (reason._tag === "BrokerError" && coordinatorErrors.has(reason.type)) coordinatorLost = true
+          })
         // The partitions of the member's current generation, as `topic\u0000partition`.
         let owned = new Set<string>()
         client.on(client.events.GROUP_JOIN, ({ payload }) => {
           rebalancing = false
+          coordinatorLost = false
           joins++
           const partitions = Object.entries(payload.memberAssignment).flatMap(([topic, list]) =>
             list.map((partition) => ({ topic, partition }))
@@ -686,6 +699,7 @@ export const make = (
                         Effect.tap(() =>
                           Effect.sync(() => {
                             rebalancing = false
+                            coordinatorLost = false
                           })
                         ),
                         Effect.tapError((error) =>
@@ -693,10 +707,10 @@ export const make = (
                             if (error.reason._tag === "BrokerError" && rebalancingErrors.has(error.reason.type)) {
                               rebalancing = true
                             }
-                          })
+                          }).pipe(Effect.andThen(noteCoordinator(error)))
                         )
                       ),
-                      isStale: Effect.sync(() => rebalancing || joins !== joinsAtStart || isStale()),
+                      isStale: Effect.sync(() => rebalancing || coordinatorLost || joins !== joinsAtStart || isStale()),
                       isRunning: Effect.sync(isRunning)
                     })
                   )
@@ -724,7 +738,7 @@ export const make = (
                 client.commitOffsets(
                   offsets.map(({ topic, partition, offset }) => ({ topic, partition, offset: offset.toString() }))
                 )
-              )
+              ).pipe(Effect.tapError(noteCoordinator))
         const byTopic = (partitions: ReadonlyArray<KafkaClient.TopicPartition>) => {
           const topics = new Map<string, Array<number>>()
           for (const { topic, partition } of partitions) topics.set(topic, [...(topics.get(topic) ?? []), partition])
@@ -762,6 +776,9 @@ const toKafkaJSHeaders = (headers: KafkaClient.Headers) => {
 export { retriableOnFreshProducer }
 
 /** The errors kafkajs treats as "the group is rebalancing: rejoin". */
+/** Answers that say the member must look for its group's coordinator again (kafkajs' names). */
+const coordinatorErrors = new Set(["NOT_COORDINATOR_FOR_GROUP", "GROUP_COORDINATOR_NOT_AVAILABLE"])
+
 const rebalancingErrors = new Set([
   "REBALANCE_IN_PROGRESS",
   "ILLEGAL_GENERATION",
