@@ -10,14 +10,16 @@ import { Kafka, logLevel } from "kafkajs"
 import * as Broker from "../../scripts/kafka/broker.ts"
 import * as Cluster from "../../scripts/kafka/cluster.ts"
 import * as Program from "../../scripts/program.ts"
-import { awaitCommittedToEnd, readTopic, uniqueName } from "../support/kafka.ts"
+import { awaitCommittedToEnd, consumerProgramEnv, readTopic, uniqueName } from "../support/kafka.ts"
 import {
   admin,
   createReplicated,
+  eventIds,
   eventually,
   keepLogOnFailure,
   leaderOf,
   processedIds,
+  producerLines,
   producerProcess
 } from "./support.ts"
 
@@ -106,101 +108,55 @@ describe("a three-node cluster", () => {
     300_000
   )
 
-  for (const engine of ["kafkajs", "platformatic"] as const) {
-    it.live(
-      `${engine}: the leader of a busy partition killed -9 while 20,000 events are sent (acks=all, idempotent): 0 acked lost, duplicates counted, every stored event handled`,
-      () =>
-        Effect.scoped(
-          Effect.gen(function* () {
-            const cluster = yield* Cluster.acquire({ nodes: 3 })
-            const topic = uniqueName(`failover-${engine}`)
-            yield* createReplicated(cluster.brokers, topic, 6)
-            const total = 20_000
-            const env = {
-              KAFKA_CLIENT: engine,
-              KAFKA_BROKERS: cluster.brokers,
-              KAFKA_PRODUCER_TOPIC: topic,
-              KAFKA_PRODUCER_RETRIES: "50",
-              KAFKA_RECONNECT_BACKOFF_MAX_MS: "1000",
-              LOG_LEVEL: "warn",
-              LOG_FORMAT: "json"
-            }
-            const groupId = `${topic}-group`
-            const consumer = Program.start(Program.consumerProgram, {
-              env: {
-                ...env,
-                KAFKA_CONSUMER_TOPIC: topic,
-                KAFKA_CONSUMER_GROUP_ID: groupId,
-                KAFKA_RETRY_TOPIC_PREFIX: `${topic}-retry`,
-                KAFKA_DLQ_TOPIC: `${topic}-dlq`,
-                KAFKA_CREATE_TOPICS: "true",
-                KAFKA_CONSUMER_COMMIT_INTERVAL_MS: "200",
-                LOG_LEVEL: "debug"
-              }
-            })
-            yield* Effect.addFinalizer(() => Effect.sync(() => consumer.child.kill("SIGKILL")))
-            yield* keepLogOnFailure(`${topic}-consumer`, () => consumer.output().stderr)
-            const producer = Program.start(producerProcess, { env: { ...env, COUNT: String(total) } })
-            yield* Effect.addFinalizer(() => Effect.sync(() => producer.child.kill("SIGKILL")))
-            const acked = () =>
-              producer
-                .output()
-                .stdout.split("\n")
-                .filter((line) => line.startsWith("acked "))
-            yield* eventually(
-              Effect.sync(() => acked().length >= total / 4),
-              "a quarter of the events acked"
-            )
-            const leader = yield* leaderOf(cluster.brokers, topic, 0)
-            yield* Cluster.kill(cluster, leader)
-            const producerExit = yield* producer.exited
-            assert.strictEqual(producerExit, 0, producer.output().stderr.slice(-2000))
-            const lines = producer.output().stdout.split("\n")
-            assert.isTrue(lines.includes(`done ${total}`), "the producer ran to its end")
-            const ackedIds = new Set(acked().map((line) => line.split(" ")[1]))
-            const failed = lines.filter((line) => line.startsWith("failed "))
-            assert.strictEqual(ackedIds.size + failed.length, total, "every send has an outcome")
-            // Two of three nodes are left: the topic and the group go on without the dead leader.
-            const survivor = cluster.nodes.filter((node) => node.id !== leader).map((n) => `127.0.0.1:${n.port}`)
-            const stored = yield* readTopic(survivor.join(","), topic)
-            const storedIds = stored.map((record) => (JSON.parse(record.value ?? "{}") as { id: string }).id)
-            const unique = new Set(storedIds)
-            const lost = [...ackedIds].filter((id) => !unique.has(id as string))
-            assert.deepStrictEqual(lost, [], "every acked event is stored")
-            const duplicated = storedIds.length - unique.size
-            console.log(
-              `${engine}: leader ${leader} killed; ${ackedIds.size} acked, ${failed.length} failed, ${lost.length} lost, ${duplicated} stored twice`
-            )
-            yield* awaitCommittedToEnd(survivor.join(","), groupId, topic, "120 seconds")
-            consumer.child.kill("SIGTERM")
-            const consumerExit = yield* consumer.exited
-            assert.strictEqual(consumerExit, 0, consumer.output().stderr.slice(-2000))
-            const processed = new Set(processedIds(consumer.output().stderr))
-            const unhandled = [...unique].filter((id) => !processed.has(id))
-            assert.deepStrictEqual(unhandled.slice(0, 10), [], `every stored event handled (${unhandled.length} not)`)
+  it.live(
+    "the leader of a busy partition killed -9 while 20,000 events are sent (acks=all, idempotent), on both engines at once: 0 acked lost, duplicates counted, every stored event handled",
+    () =>
+      Effect.scoped(
+        Effect.gen(function* () {
+          const cluster = yield* Cluster.acquire({ nodes: 3 })
+          const total = 20_000
+          const sides = yield* Effect.forEach(engines, (engine) => failoverSide(engine, cluster, total), {
+            concurrency: "unbounded"
           })
-        ),
-      300_000
-    )
-  }
+          yield* Effect.forEach(
+            sides,
+            (side) =>
+              eventually(
+                Effect.sync(() => side.acked().length >= total / 4),
+                "a quarter of the events acked"
+              ),
+            { concurrency: "unbounded", discard: true }
+          )
+          // The leader of kafkajs' partition 0; it leads some of platformatic's partitions too (6 on 3 nodes).
+          const leader = yield* leaderOf(cluster.brokers, sides[0]?.topic ?? "", 0)
+          yield* Cluster.kill(cluster, leader)
+          const survivors = cluster.nodes.filter((node) => node.id !== leader).map((n) => `127.0.0.1:${n.port}`)
+          yield* Effect.forEach(sides, (side) => side.verify(leader, survivors.join(",")), {
+            concurrency: "unbounded",
+            discard: true
+          })
+        })
+      ),
+    300_000
+  )
 
-  for (const engine of ["kafkajs", "platformatic"] as const) {
-    it.live(
-      `${engine}: two of three nodes down: acks=all sends wait or fail with a typed error, none acked; one node back, they go through`,
-      () =>
-        Effect.scoped(
-          Effect.gen(function* () {
-            const cluster = yield* Cluster.acquire({ nodes: 3 })
-            const topic = uniqueName(`quorum-${engine}`)
-            yield* createReplicated(cluster.brokers, topic, 3)
-            yield* Cluster.kill(cluster, 2)
-            yield* Cluster.kill(cluster, 3)
-            const total = 100
-            const producer = Program.start(producerProcess, {
+  it.live(
+    "two of three nodes down, on both engines at once: acks=all sends wait or fail with a typed error, none acked; one node back, they go through",
+    () =>
+      Effect.scoped(
+        Effect.gen(function* () {
+          const cluster = yield* Cluster.acquire({ nodes: 3 })
+          const total = 100
+          const topics = engines.map((engine) => uniqueName(`quorum-${engine}`))
+          yield* Effect.forEach(topics, (topic) => createReplicated(cluster.brokers, topic, 3), { discard: true })
+          yield* Cluster.kill(cluster, 2)
+          yield* Cluster.kill(cluster, 3)
+          const producers = engines.map((engine, i) =>
+            Program.start(producerProcess, {
               env: {
                 KAFKA_CLIENT: engine,
                 KAFKA_BROKERS: cluster.brokers,
-                KAFKA_PRODUCER_TOPIC: topic,
+                KAFKA_PRODUCER_TOPIC: topics[i] ?? "",
                 KAFKA_PRODUCER_RETRIES: "60",
                 KAFKA_REQUEST_TIMEOUT_MS: "5000",
                 KAFKA_RECONNECT_BACKOFF_MAX_MS: "1000",
@@ -209,45 +165,120 @@ describe("a three-node cluster", () => {
                 COUNT: String(total)
               }
             })
+          )
+          for (const producer of producers) {
             yield* Effect.addFinalizer(() => Effect.sync(() => producer.child.kill("SIGKILL")))
-            const lines = () => producer.output().stdout.split("\n")
-            // The outage seen: the producer retrying (a send refused or timed out, or no broker to connect to).
-            yield* eventually(
-              Effect.sync(() => /will retry|not reachable/.test(producer.output().stderr)),
-              "the producer to meet the outage"
-            )
-            assert.deepStrictEqual(
-              lines().filter((line) => line.startsWith("acked ")),
-              [],
-              "nothing acked with one node of three: no silent success"
-            )
-            const failedDuring = lines().filter((line) => line.startsWith("failed "))
-            for (const line of failedDuring) assert.match(line, /KafkaError|ProducerClosed/, `a typed error: ${line}`)
-            const back = yield* Cluster.restart(cluster, 2)
-            const exit = yield* producer.exited
-            assert.strictEqual(exit, 0, producer.output().stderr.slice(-2000))
-            assert.include(lines(), `done ${total}`, "the producer ran to its end: no crash")
-            const acked = lines().filter((line) => line.startsWith("acked "))
-            const failed = lines().filter((line) => line.startsWith("failed "))
-            assert.strictEqual(acked.length + failed.length, total, "every send has an outcome")
-            for (const line of failed) assert.match(line, /KafkaError|ProducerClosed/, `a typed error: ${line}`)
-            assert.isAbove(acked.length, 0, "sends go through once a node is back")
-            console.log(
-              `${engine}, two of three down: ${failedDuring.length} failed during the outage, then ${acked.length} acked and ${failed.length} failed in all`
-            )
-            const stored = yield* readTopic(
-              back.nodes
-                .filter((node) => node.id !== 3)
-                .map((node) => `127.0.0.1:${node.port}`)
-                .join(","),
-              topic
-            )
-            const storedIds = new Set(stored.map((record) => (JSON.parse(record.value ?? "{}") as { id: string }).id))
-            const missing = acked.map((line) => line.split(" ")[1]).filter((id) => !storedIds.has(id as string))
-            assert.deepStrictEqual(missing, [], "every acked send is stored")
-          })
-        ),
-      300_000
-    )
-  }
+          }
+          const lines = (producer: Program.Program) => producer.output().stdout.split("\n")
+          // The outage seen: each producer retrying (a send refused or timed out, or no broker to connect to).
+          const failedDuring = yield* Effect.forEach(
+            producers,
+            (producer, i) =>
+              Effect.gen(function* () {
+                yield* eventually(
+                  Effect.sync(() => /will retry|not reachable/.test(producer.output().stderr)),
+                  `the ${engines[i]} producer to meet the outage`
+                )
+                assert.deepStrictEqual(
+                  lines(producer).filter((line) => line.startsWith("acked ")),
+                  [],
+                  `${engines[i]}: nothing acked with one node of three: no silent success`
+                )
+                const failed = lines(producer).filter((line) => line.startsWith("failed "))
+                for (const line of failed) assert.match(line, /KafkaError|ProducerClosed/, `a typed error: ${line}`)
+                return failed.length
+              }),
+            { concurrency: "unbounded" }
+          )
+          const back = yield* Cluster.restart(cluster, 2)
+          const reachable = back.nodes
+            .filter((node) => node.id !== 3)
+            .map((node) => `127.0.0.1:${node.port}`)
+            .join(",")
+          yield* Effect.forEach(
+            producers,
+            (producer, i) =>
+              Effect.gen(function* () {
+                const engine = engines[i]
+                const exit = yield* producer.exited
+                assert.strictEqual(exit, 0, producer.output().stderr.slice(-2000))
+                assert.include(lines(producer), `done ${total}`, `${engine}: the producer ran to its end: no crash`)
+                const acked = lines(producer).filter((line) => line.startsWith("acked "))
+                const failed = lines(producer).filter((line) => line.startsWith("failed "))
+                assert.strictEqual(acked.length + failed.length, total, `${engine}: every send has an outcome`)
+                for (const line of failed) assert.match(line, /KafkaError|ProducerClosed/, `a typed error: ${line}`)
+                assert.isAbove(acked.length, 0, `${engine}: sends go through once a node is back`)
+                console.log(
+                  `${engine}, two of three down: ${failedDuring[i]} failed during the outage, then ${acked.length} acked and ${failed.length} failed in all`
+                )
+                const storedIds = new Set(eventIds(yield* readTopic(reachable, topics[i] ?? "")))
+                const missing = acked.map((line) => line.split(" ")[1]).filter((id) => !storedIds.has(id as string))
+                assert.deepStrictEqual(missing, [], `${engine}: every acked send is stored`)
+              }),
+            { concurrency: "unbounded", discard: true }
+          )
+        })
+      ),
+    300_000
+  )
 })
+
+const engines = ["kafkajs", "platformatic"] as const
+
+/**
+ * One engine's side of the failover test: a consumer program (LOG_LEVEL=debug: it logs every event processed) and
+ * a producer process sending `total` events, on a topic of its own; `verify` checks them once the leader is dead.
+ */
+const failoverSide = (engine: (typeof engines)[number], cluster: Cluster.Cluster, total: number) =>
+  Effect.gen(function* () {
+    const topic = uniqueName(`failover-${engine}`)
+    yield* createReplicated(cluster.brokers, topic, 6)
+    const env = {
+      KAFKA_CLIENT: engine,
+      KAFKA_BROKERS: cluster.brokers,
+      KAFKA_PRODUCER_TOPIC: topic,
+      KAFKA_PRODUCER_RETRIES: "50",
+      KAFKA_RECONNECT_BACKOFF_MAX_MS: "1000",
+      LOG_LEVEL: "warn",
+      LOG_FORMAT: "json"
+    }
+    const groupId = `${topic}-group`
+    const consumer = Program.start(Program.consumerProgram, {
+      env: { ...consumerProgramEnv(cluster.brokers, topic), ...env, LOG_LEVEL: "debug" }
+    })
+    yield* Effect.addFinalizer(() => Effect.sync(() => consumer.child.kill("SIGKILL")))
+    yield* keepLogOnFailure(`${topic}-consumer`, () => consumer.output().stderr)
+    const producer = Program.start(producerProcess, { env: { ...env, COUNT: String(total) } })
+    yield* Effect.addFinalizer(() => Effect.sync(() => producer.child.kill("SIGKILL")))
+    yield* keepLogOnFailure(`${topic}-producer`, () => producer.output().stderr)
+    const acked = () => producerLines(producer).acked
+    const verify = (leader: number, survivors: string) =>
+      Effect.gen(function* () {
+        const producerExit = yield* producer.exited
+        assert.strictEqual(producerExit, 0, producer.output().stderr.slice(-2000))
+        const lines = producerLines(producer)
+        assert.strictEqual(lines.begun, total, `${engine}: the producer ran to its end`)
+        const ackedIds = new Set(lines.acked)
+        assert.strictEqual(ackedIds.size + lines.failed.length, total, `${engine}: every send has an outcome`)
+        // Two of three nodes are left: the topic and the group go on without the dead leader.
+        const storedIds = eventIds(yield* readTopic(survivors, topic))
+        const unique = new Set(storedIds)
+        const lost = [...ackedIds].filter((id) => !unique.has(id))
+        assert.deepStrictEqual(lost, [], `${engine}: every acked event is stored`)
+        console.log(
+          `${engine}: leader ${leader} killed; ${ackedIds.size} acked, ${lines.failed.length} failed, ${lost.length} lost, ${storedIds.length - unique.size} stored twice`
+        )
+        yield* awaitCommittedToEnd(survivors, groupId, topic, "120 seconds")
+        consumer.child.kill("SIGTERM")
+        const consumerExit = yield* consumer.exited
+        assert.strictEqual(consumerExit, 0, consumer.output().stderr.slice(-2000))
+        const processed = new Set(processedIds(consumer.output().stderr))
+        const unhandled = [...unique].filter((id) => !processed.has(id))
+        assert.deepStrictEqual(
+          unhandled.slice(0, 10),
+          [],
+          `${engine}: every stored event handled (${unhandled.length} not)`
+        )
+      })
+    return { topic, acked, verify }
+  })

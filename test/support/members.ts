@@ -37,6 +37,8 @@ export class Member {
   /** commits that failed and were left for the next one ("commit failed, will try again") */
   commitFailures = 0
   exitCode: number | null | undefined = undefined
+  /** the signal that ended the process, when one did */
+  exitSignal: NodeJS.Signals | null = null
   /** when the process was seen to exit (ms since the epoch) */
   exitedAt: number | undefined = undefined
   stderr = ""
@@ -88,7 +90,8 @@ export class Member {
         }
       }
     })
-    this.child.on("exit", (code) => {
+    this.child.on("exit", (code, signal) => {
+      this.exitSignal = signal
       this.exitedAt = Date.now()
       this.exitCode = code
     })
