@@ -5,8 +5,8 @@ import { defineConfig } from "vitest/config"
 // KAFKA_CLIENT names (kafkajs when unset); `broker:platformatic` runs the same real-broker tests of the producer,
 // consumer, processor and programs again on @platformatic/kafka, on a broker of its own. The
 // contract suite names its engine per file, and the broker script's own tests have no engine: they run once.
-// `cluster` (`npm run test:cluster`) starts a three-node cluster of its own per test, after the others. `npm test`
-// runs all four.
+// `cluster` (`npm run test:cluster`) starts a three-node cluster of its own per test. `npm test` (scripts/test.ts)
+// runs all four, as two vitest runs side by side: the cluster project in one, the others in the other.
 // The `source` condition resolves `kafka-effect/…` imports (the examples import the package as users do) to src/.
 export default defineConfig({
   resolve: { conditions: ["source"] },
@@ -57,7 +57,7 @@ export default defineConfig({
           include: ["test/**/*.cluster.test.ts"],
           testTimeout: 300_000,
           hookTimeout: 300_000,
-          // After the other projects: three JVMs and the tests' processes take both cores.
+          // After the other projects when a single vitest run has them all (`npx vitest run`).
           sequence: { groupOrder: 1 }
         }
       }
