@@ -271,7 +271,13 @@ const partitionCount = (s: State, topic: string) =>
             })
           )
     ),
-    Effect.retry({ schedule: s.retry, times: s.options.retries, while: (error) => error.retriable })
+    // An unknown topic too: a topic created a moment ago may not be in the answering broker's metadata yet. One
+    // that does not exist fails once the retries are spent.
+    Effect.retry({
+      schedule: s.retry,
+      times: s.options.retries,
+      while: (error) => error.retriable || error.reason._tag === "UnknownTopic"
+    })
   )
 
 const routeOf = (s: State, topic: string) =>

@@ -420,34 +420,45 @@ describe("Producer", () => {
     }).pipe(Effect.scoped)
   )
 
-  it.effect("a record for a topic that does not exist fails alone; a partition added later is found", () =>
-    Effect.gen(function* () {
-      let partitions = 2
-      let reads = 0
-      const { scripted, producer } = yield* setup({ linger: Duration.zero }, (topic) => {
-        reads++
-        return topic === "missing" ? 0 : partitions
-      })
-      const unknown = yield* Effect.flip(producer.send({ topic: "missing", value: "lost?" }))
-      assert.strictEqual(unknown._tag === "KafkaError" && unknown.reason._tag, "UnknownTopic")
-      const failed = (topic: string) =>
-        Effect.map(Metric.value(Metric.withAttributes(Metrics.recordsProduceFailed, { topic })), (state) => state.count)
-      assert.strictEqual(yield* failed("missing"), 1, "a send refused before it was queued counts as failed")
-      yield* producer.send({ value: "a" })
-      yield* producer.send({ value: "b", partition: 1 })
-      const readsBefore = reads
-      yield* producer.send({ value: "c" })
-      assert.strictEqual(reads, readsBefore, "a known topic's count is not read again for each record")
-      partitions = 4
-      const added = yield* producer.send({ value: "d", partition: 3 })
-      assert.strictEqual(added.partition, 3, "the count is read again for a partition beyond it")
-      const { requests } = yield* scripted.recorded
-      assert.deepStrictEqual(
-        requests.flatMap((request) => request.map((record) => record.value)),
-        ["a", "b", "c", "d"]
-      )
-      assert.strictEqual(yield* failed("events"), 0, "the topic's failed counter exists from its first send")
-    }).pipe(Effect.provideService(Metric.MetricRegistry, new Map()))
+  it.effect(
+    "a record for a topic that does not exist fails alone, once its retries are spent; a partition added later is found",
+    () =>
+      Effect.gen(function* () {
+        let partitions = 2
+        let reads = 0
+        let missingReads = 0
+        const { scripted, producer } = yield* setup({ linger: Duration.zero, retries: 3 }, (topic) => {
+          reads++
+          if (topic === "missing") missingReads++
+          return topic === "missing" ? 0 : partitions
+        })
+        // Asked again within the retries: a topic created a moment ago may not be in the broker's metadata yet.
+        const missing = yield* Effect.forkChild(Effect.flip(producer.send({ topic: "missing", value: "lost?" })))
+        yield* TestClock.adjust("1 minute")
+        const unknown = yield* Fiber.join(missing)
+        assert.strictEqual(unknown._tag === "KafkaError" && unknown.reason._tag, "UnknownTopic")
+        assert.strictEqual(missingReads, 4, "the first read and 3 retries")
+        const failed = (topic: string) =>
+          Effect.map(
+            Metric.value(Metric.withAttributes(Metrics.recordsProduceFailed, { topic })),
+            (state) => state.count
+          )
+        assert.strictEqual(yield* failed("missing"), 1, "a send refused before it was queued counts as failed")
+        yield* producer.send({ value: "a" })
+        yield* producer.send({ value: "b", partition: 1 })
+        const readsBefore = reads
+        yield* producer.send({ value: "c" })
+        assert.strictEqual(reads, readsBefore, "a known topic's count is not read again for each record")
+        partitions = 4
+        const added = yield* producer.send({ value: "d", partition: 3 })
+        assert.strictEqual(added.partition, 3, "the count is read again for a partition beyond it")
+        const { requests } = yield* scripted.recorded
+        assert.deepStrictEqual(
+          requests.flatMap((request) => request.map((record) => record.value)),
+          ["a", "b", "c", "d"]
+        )
+        assert.strictEqual(yield* failed("events"), 0, "the topic's failed counter exists from its first send")
+      }).pipe(Effect.provideService(Metric.MetricRegistry, new Map()))
   )
 
   it.effect("a request that fails for good is sent again record by record: each caller gets its own outcome", () =>

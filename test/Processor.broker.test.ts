@@ -173,7 +173,9 @@ describe("Processor on a real broker", () => {
             "every record in the retry topic"
           )
           first.child.kill("SIGKILL")
-          assert.strictEqual(processed.size, 0, "nothing was due yet")
+          // Each record is due 3 s after it reached the retry topic: on a busy machine the first ones may be due
+          // (and handled) before the last one is there. What matters is that some were still waiting.
+          assert.isBelow(processed.size, ids.length, "records were still waiting in the retry topic when it died")
           const second = startConsumer(env, processed, ["--transient-failures", "1"])
           yield* eventually(
             Effect.sync(() => processed.size === ids.length),

@@ -63,24 +63,28 @@ const plainKafka = (brokers: string) =>
     retry: { retries: 3, initialRetryTime: 200, maxRetryTime: 2_000 }
   })
 
-/** Creates a topic with plain kafkajs admin (independent of our admin). */
+/**
+ * Creates a topic with plain kafkajs admin (independent of our admin), and waits until the broker answers for every
+ * partition: a broker that has just started takes about 2 s to host its first new topic, answering "This server
+ * does not host this topic-partition" meanwhile (kafkajs' own wait for leaders fails on that).
+ */
 export const createTopic = (brokers: string, topic: string, partitions: number) =>
   Effect.tryPromise({
     try: async () => {
       const admin = plainKafka(brokers).admin()
       await admin.connect()
       try {
-        await admin.createTopics({ topics: [{ topic, numPartitions: partitions }], waitForLeaders: true })
+        // Creating again is harmless: it exists or it does not.
+        await admin.createTopics({ topics: [{ topic, numPartitions: partitions }], waitForLeaders: false })
+        const metadata = await admin.fetchTopicMetadata({ topics: [topic] })
+        const found = metadata.topics[0]?.partitions ?? []
+        if (found.length !== partitions || found.some((p) => p.leader < 0)) throw new Error("not every partition led")
       } finally {
         await admin.disconnect()
       }
     },
     catch: (cause) => new ReadError({ message: `create topic ${topic} on ${brokers}: ${String(cause)}` })
-  }).pipe(
-    // A broker that has just started may not host the new topic's partition yet when kafkajs waits for leaders
-    // ("This server does not host this topic-partition"); creating again is harmless (it exists or it does not).
-    Effect.retry({ schedule: Schedule.spaced("500 millis"), times: 10 })
-  )
+  }).pipe(Effect.retry({ schedule: Schedule.spaced("250 millis"), times: 120 }))
 
 /** What `groupId` has committed on each partition of `topic` (-1 for none), read with plain kafkajs admin. */
 export const committedOffsets = (brokers: string, groupId: string, topic: string) =>
