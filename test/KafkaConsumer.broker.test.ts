@@ -38,7 +38,14 @@ const committedEverything = (groupId: string, topic: string) =>
     const high = yield* client.admin.fetchTopicOffsets(topic)
     const committed = yield* client.admin.fetchCommittedOffsets(groupId, topic)
     return high.every((p) => committed.find((c) => c.partition === p.partition)?.offset === p.high)
-  }).pipe(Effect.provide(clientLayer(brokers)))
+  }).pipe(
+    // A coordinator loading or a leader moving answers with a retriable error for a moment: not yet, not never.
+    Effect.catchIf(
+      (error) => error.retriable,
+      () => Effect.succeed(false)
+    ),
+    Effect.provide(clientLayer(brokers))
+  )
 
 const awaitCommittedEverything = (groupId: string, topic: string) =>
   committedEverything(groupId, topic).pipe(
