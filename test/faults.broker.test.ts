@@ -254,7 +254,10 @@ describe("faults of a broker of its own", () => {
           yield* eventually(
             Effect.sync(() => b?.output().stderr ?? ""),
             (out) => out.includes(`"consuming ${topic} as `),
-            "the second member"
+            "the second member",
+            // Its start-up, then a join that waits for the first member to rejoin (within the session timeout,
+            // 30 s): on a machine whose cores are both busy, more than a minute.
+            "180 seconds"
           )
           outputs.push((yield* produce).stderr)
           yield* awaitCommittedToEnd(broker.brokers, groupId, topic, "90 seconds")

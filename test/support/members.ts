@@ -121,8 +121,9 @@ export const member = (name: string, env: Record<string, string>) =>
   )
 
 /**
- * Polls until `condition` holds, failing with `what` after `timeout`, or at once if one of `running` exited (with
- * the end of its stderr: a member that stopped will not make the condition come true).
+ * Polls until `condition` holds, failing with `what` once the members in `running` have shown no activity (a record
+ * handled, an assignment, a commit) for `timeout` — a busy machine makes them slow, not stuck — or at once if one of
+ * `running` exited (with the end of its stderr: a member that stopped will not make the condition come true).
  */
 export const until = (
   what: string,
@@ -130,25 +131,34 @@ export const until = (
   running: ReadonlyArray<Member>,
   timeout: Duration = "120 seconds"
 ) =>
-  Effect.sync(() => {
-    const exited = running.find((m) => m.exitCode !== undefined)
-    if (exited !== undefined && !condition()) {
-      throw new Error(`${exited.name} exited with ${exited.exitCode} before ${what}:\n${exited.stderr.slice(-3000)}`)
-    }
-    return condition()
-  }).pipe(
-    Effect.orDie,
-    Effect.repeat({ until: (done) => done, schedule: Schedule.spaced("100 millis") }),
-    Effect.timeoutOrElse({
-      duration: timeout,
-      orElse: () =>
-        Effect.die(
+  Effect.gen(function* () {
+    const quietFor = Number.parseFloat(timeout) * 1000
+    const activity = () => running.reduce((n, m) => n + m.events.length, 0)
+    let seen = activity()
+    let activeAt = Date.now()
+    while (true) {
+      const exited = running.find((m) => m.exitCode !== undefined)
+      const done = condition()
+      if (done) return
+      if (exited !== undefined) {
+        return yield* Effect.die(
+          new Error(`${exited.name} exited with ${exited.exitCode} before ${what}:\n${exited.stderr.slice(-3000)}`)
+        )
+      }
+      const now = activity()
+      if (now > seen) {
+        seen = now
+        activeAt = Date.now()
+      } else if (Date.now() - activeAt > quietFor) {
+        return yield* Effect.die(
           new Error(
-            `timed out waiting for ${what}; ${running.map((m) => `${m.name} stderr ends:\n${m.stderr.slice(-2000)}`).join("\n")}`
+            `timed out waiting for ${what} (no activity for ${timeout}); ${running.map((m) => `${m.name} stderr ends:\n${m.stderr.slice(-2000)}`).join("\n")}`
           )
         )
-    })
-  )
+      }
+      yield* Effect.sleep("100 millis")
+    }
+  })
 export type Duration = `${number} seconds`
 
 /** Within each stretch between assignments, every key's offsets are increasing. */
