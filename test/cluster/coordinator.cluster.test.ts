@@ -18,7 +18,15 @@ import {
   orderViolations,
   until
 } from "../support/members.ts"
-import { coordinatorOf, createReplicated, eventIds, keepLogOnFailure, pacedProducer, producerLines } from "./support.ts"
+import {
+  coordinatorOf,
+  createReplicated,
+  eventIds,
+  keepLogOnFailure,
+  memberEnv,
+  pacedProducer,
+  producerLines
+} from "./support.ts"
 
 const engines = ["kafkajs", "platformatic"] as const
 
@@ -33,18 +41,7 @@ const coordinatorSide = (engine: (typeof engines)[number], brokers: string, grou
   Effect.gen(function* () {
     const topic = uniqueName(`coordinator-${engine}`)
     yield* createReplicated(brokers, topic, 6)
-    const env = {
-      KAFKA_CLIENT: engine,
-      KAFKA_BROKERS: brokers,
-      KAFKA_RECONNECT_BACKOFF_MAX_MS: "1000",
-      KAFKA_CONSUMER_TOPIC: topic,
-      KAFKA_CONSUMER_GROUP_ID: groupId,
-      KAFKA_CONSUMER_WORKERS: "8",
-      KAFKA_CONSUMER_SESSION_TIMEOUT_MS: "10000",
-      KAFKA_CONSUMER_HEARTBEAT_INTERVAL_MS: "500",
-      KAFKA_CONSUMER_COMMIT_INTERVAL_MS: "200",
-      HANDLER_DELAY_MS: "1"
-    }
+    const env = memberEnv(engine, brokers, topic, groupId, { commitMs: 200, handlerMs: 1 })
     const members = [
       yield* member(`${engine}-a`, env),
       yield* member(`${engine}-b`, env),

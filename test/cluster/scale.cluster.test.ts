@@ -9,7 +9,7 @@ import * as Cluster from "../../scripts/kafka/cluster.ts"
 import { awaitCommittedToEnd, readTopic, uniqueName } from "../support/kafka.ts"
 import { commitsToLostPartitions, type Member, member, orderViolations, until } from "../support/members.ts"
 import { random } from "../support/random.ts"
-import { createReplicated, eventIds, keepLogOnFailure, pacedProducer, producerLines } from "./support.ts"
+import { createReplicated, eventIds, keepLogOnFailure, memberEnv, pacedProducer, producerLines } from "./support.ts"
 
 const partitions = 24
 const maxMembers = 6
@@ -61,18 +61,7 @@ const scenario = (engine: "kafkajs" | "platformatic", brokers: string, seed: num
     const topic = uniqueName(`scale-${engine}`)
     yield* createReplicated(brokers, topic, partitions)
     const groupId = `${topic}-group`
-    const env = {
-      KAFKA_CLIENT: engine,
-      KAFKA_BROKERS: brokers,
-      KAFKA_RECONNECT_BACKOFF_MAX_MS: "1000",
-      KAFKA_CONSUMER_TOPIC: topic,
-      KAFKA_CONSUMER_GROUP_ID: groupId,
-      KAFKA_CONSUMER_WORKERS: "8",
-      KAFKA_CONSUMER_SESSION_TIMEOUT_MS: "10000",
-      KAFKA_CONSUMER_HEARTBEAT_INTERVAL_MS: "500",
-      KAFKA_CONSUMER_COMMIT_INTERVAL_MS: "500",
-      HANDLER_DELAY_MS: "2"
-    }
+    const env = memberEnv(engine, brokers, topic, groupId, { commitMs: 500, handlerMs: 2 })
     const producer = yield* pacedProducer(engine, brokers, topic, 150)
 
     const all: Array<Member> = []

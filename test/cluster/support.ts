@@ -192,3 +192,27 @@ export const pacedProducer = (engine: string, brokers: string, topic: string, ra
     yield* keepLogOnFailure(`${topic}-producer`, () => producer.output().stderr)
     return { ...producer, stop: () => producer.child.stdin?.end() }
   })
+
+/**
+ * The environment of a consumer-group member process (test/support/members.ts) on the cluster: `engine`, `topic`
+ * and `groupId`, 8 workers, a 10 s session with 500 ms heartbeats, commits every `commitMs`, a handler that waits
+ * `handlerMs` a record.
+ */
+export const memberEnv = (
+  engine: string,
+  brokers: string,
+  topic: string,
+  groupId: string,
+  { commitMs, handlerMs }: { readonly commitMs: number; readonly handlerMs: number }
+) => ({
+  KAFKA_CLIENT: engine,
+  KAFKA_BROKERS: brokers,
+  KAFKA_RECONNECT_BACKOFF_MAX_MS: "1000",
+  KAFKA_CONSUMER_TOPIC: topic,
+  KAFKA_CONSUMER_GROUP_ID: groupId,
+  KAFKA_CONSUMER_WORKERS: "8",
+  KAFKA_CONSUMER_SESSION_TIMEOUT_MS: "10000",
+  KAFKA_CONSUMER_HEARTBEAT_INTERVAL_MS: "500",
+  KAFKA_CONSUMER_COMMIT_INTERVAL_MS: String(commitMs),
+  HANDLER_DELAY_MS: String(handlerMs)
+})
