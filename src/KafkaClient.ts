@@ -231,7 +231,11 @@ export interface ProducerConnection {
   /**
    * Sends the records in one request and succeeds with each record's metadata, in the order given. Records of
    * one partition are written in the order given. On failure, none, some or all of the records may have been
-   * written (at-least-once): an idempotent producer makes a retry of the same connection safe per partition.
+   * written (at-least-once). One send at a time: the next send waits for this one's outcome. An idempotent
+   * producer makes a retry safe per partition; the same records sent again at once (the very same array, or the
+   * same record objects in the same order) may be dropped by the broker as copies of what it stored, where the
+   * engine can keep the producer id and sequence numbers across the retry (kafkajs; @platformatic/kafka takes a
+   * fresh id after a failed send, so a copy may be stored twice).
    */
   readonly send: (records: ReadonlyArray<ProducerRecord>) => Effect.Effect<ReadonlyArray<RecordMetadata>, KafkaError>
 }

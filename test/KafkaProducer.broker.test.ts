@@ -2,11 +2,11 @@ import * as Fs from "node:fs"
 import * as Os from "node:os"
 import * as Path from "node:path"
 import { assert, describe, it } from "@effect/vitest"
-import { Deferred, Duration, Effect, Exit, Fiber, Layer, Ref, Schedule } from "effect"
+import { Deferred, Duration, Effect, Exit, Fiber, Layer, Logger, Ref, Schedule } from "effect"
 import { inject } from "vitest"
 import * as Broker from "../scripts/kafka/broker.ts"
 import * as KafkaProducer from "../src/KafkaProducer.ts"
-import { clientLayer, configFor, createTopic, readTopic, uniqueName } from "./support/kafka.ts"
+import { clientLayer, configFor, createTopic, readTopic, testEngine, uniqueName } from "./support/kafka.ts"
 import { kafkajsPartitionFor } from "./support/partitioner.ts"
 
 const brokers = inject("kafkaBrokers")
@@ -51,6 +51,15 @@ const tenThousandSends = Effect.gen(function* () {
     assert.strictEqual(acked?.offset, record.offset, "send reported the offset it landed at")
   }
 })
+
+/** Every log line written inside, as text, for the test to wait on. */
+const capturedLogs = () => {
+  const lines: Array<string> = []
+  const logger = Logger.make(({ message }) => {
+    lines.push(Array.isArray(message) ? message.join(" ") : String(message))
+  })
+  return { lines, layer: Logger.layer([logger]) }
+}
 
 describe("Producer against a real broker", () => {
   it.live("10,000 sends with keys and headers: each stored once, on kafkajs' partition for its key, intact", () =>
@@ -218,6 +227,79 @@ describe("Producer against a real broker", () => {
         if (error._tag === "KafkaError") assert.strictEqual(error.reason._tag, "ConnectionFailed", error.message)
       }
     }).pipe(Effect.scoped)
+  )
+
+  it.live(
+    "a broker frozen past the request timeout: every record acked at its stored offset; kafkajs' resend of the same batch is dropped by the broker as a copy",
+    () =>
+      Effect.gen(function* () {
+        const dir = yield* brokerDir
+        const broker = yield* Effect.acquireRelease(Broker.start({ dir }), (broker) =>
+          Effect.sync(() => Broker.isAlive(broker.pid) && process.kill(broker.pid, "SIGCONT")).pipe(
+            Effect.andThen(Broker.stop(broker))
+          )
+        )
+        const topic = uniqueName("frozen")
+        yield* createTopic(broker.brokers, topic, 3)
+        const logs = capturedLogs()
+        const total = 300
+        const exits = yield* Effect.gen(function* () {
+          const producer = yield* KafkaProducer.KafkaProducer
+          yield* producer.send({ topic, key: "warm-up", value: "-1" })
+          // Frozen, the broker's socket still takes the request; it is written once the broker runs again, long
+          // after the client gave up on its answer. The client's retries of it wait in the same socket.
+          process.kill(broker.pid, "SIGSTOP")
+          const sending = yield* Effect.forkChild(
+            Effect.forEach(
+              Array.from({ length: total }, (_, i) => i),
+              (i) => producer.send({ topic, key: `key-${i % 30}`, value: String(i) }).pipe(Effect.exit),
+              { concurrency: total }
+            )
+          )
+          // Thawed once the Producer itself has seen a request time out and is about to send the batch again.
+          yield* Effect.sync(() => logs.lines.some((line) => line.includes("produce failed, will retry"))).pipe(
+            Effect.repeat({ schedule: Schedule.spaced("50 millis"), until: (seen) => seen }),
+            Effect.timeoutOrElse({
+              duration: "60 seconds",
+              orElse: () => Effect.die(new Error(`no produce retry within 60 s: ${logs.lines.join(" | ")}`))
+            })
+          )
+          process.kill(broker.pid, "SIGCONT")
+          return yield* Fiber.join(sending)
+        }).pipe(
+          Effect.provide(
+            producerLayer(broker.brokers, {
+              KAFKA_REQUEST_TIMEOUT_MS: "1000",
+              KAFKA_PRODUCER_RETRIES: "20",
+              KAFKA_PRODUCER_LINGER_MS: "20",
+              KAFKA_PRODUCER_BATCH_SIZE: "1000",
+              KAFKA_RECONNECT_BACKOFF_MAX_MS: "500"
+            })
+          ),
+          Effect.provide(logs.layer),
+          Effect.scoped
+        )
+        const stored = (yield* readTopic(broker.brokers, topic)).filter((record) => record.value !== "-1")
+        const storedAt = new Map(stored.map((r) => [`${r.partition}/${r.offset}`, r.value]))
+        const copies = new Map<string, number>()
+        for (const record of stored) copies.set(record.value ?? "", (copies.get(record.value ?? "") ?? 0) + 1)
+        exits.forEach((exit, i) => {
+          assert.isTrue(Exit.isSuccess(exit), `record ${i} acked: ${String(exit)}`)
+          if (Exit.isSuccess(exit)) {
+            const { partition, offset } = exit.value
+            assert.strictEqual(storedAt.get(`${partition}/${offset}`), String(i), `record ${i} at its acked offset`)
+          }
+        })
+        const twice = stored.length - copies.size
+        console.log(`broker frozen past the request timeout: ${total} acked, ${twice} stored twice`)
+        assert.strictEqual(copies.size, total, "every record stored")
+        // kafkajs sends the same batch again on the same producer id and sequence numbers; @platformatic/kafka takes
+        // a fresh producer id after a failed send, so its copy is stored again (at-least-once).
+        if (testEngine.KAFKA_CLIENT !== "platformatic") {
+          assert.strictEqual(twice, 0, "stored once: the broker dropped the resent batch as a copy")
+        }
+      }).pipe(Effect.scoped),
+    120_000
   )
 
   it.live(

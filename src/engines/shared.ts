@@ -67,12 +67,16 @@ const producerStateErrors = new Set([
   "INVALID_PRODUCER_ID_MAPPING"
 ])
 
+/** A produce error about the producer's id or sequence (`UNKNOWN_PRODUCER_ID`, `OUT_OF_ORDER_SEQUENCE_NUMBER`, …). */
+export const isProducerStateError = (error: KafkaClient.KafkaError): boolean =>
+  error.reason._tag === "BrokerError" && producerStateErrors.has(error.reason.type)
+
 /**
  * A produce error about the producer's id or sequence made retriable: the next try of an idempotent producer goes
  * out on a fresh producer id (both engines see to it), which has neither problem.
  */
 export const retriableOnFreshProducer = (error: KafkaClient.KafkaError): KafkaClient.KafkaError =>
-  error.reason._tag === "BrokerError" && !error.reason.retriable && producerStateErrors.has(error.reason.type)
+  error.reason._tag === "BrokerError" && !error.reason.retriable && isProducerStateError(error)
     ? new KafkaClient.KafkaError({
         operation: error.operation,
         ...(error.topic !== undefined && { topic: error.topic }),

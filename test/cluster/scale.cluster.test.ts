@@ -145,11 +145,16 @@ const scenario = (engine: "kafkajs" | "platformatic", brokers: string, seed: num
         : `${what} ×${t.length}: median ${(t[Math.floor(t.length / 2)] as number) / 1000} s, max ${(t[t.length - 1] as number) / 1000} s`
     }
     const handledTotal = all.reduce((n, m) => n + m.processed.length, 0)
+    const shutdowns = all
+      .filter((m) => !killed.has(m) && m.signalledAt !== undefined && m.exitedAt !== undefined)
+      .map((m) => ((m.exitedAt as number) - (m.signalledAt as number)) / 1000)
+      .sort((x, y) => x - y)
     console.log(
       `${engine}, ${all.length} member processes over ${runFor / 1000} s (${changes.length - 3} changes after the first 3 starts; ` +
         `${killed.size} SIGKILLed, having handled ${[...killed].reduce((n, m) => n + m.processed.length, 0)} records): ${acked.length} acked, ${stored.length} stored, all handled, ${handledTotal - handled.size} handled again; ` +
         `rebalances settled — ${["start", "stop", "kill"].map(describeTimes).join("; ")}; ` +
-        `${settled.filter((c) => c.settledIn === undefined).length} superseded by the next change before settling`
+        `${settled.filter((c) => c.settledIn === undefined).length} superseded by the next change before settling; ` +
+        `SIGTERM to exit ×${shutdowns.length}: median ${shutdowns[Math.floor(shutdowns.length / 2)]} s, max ${shutdowns.at(-1)} s`
     )
     return settled
   })

@@ -9,9 +9,10 @@
  */
 import { Duration, Effect, Layer } from "effect"
 import * as KafkaClient from "../../src/KafkaClient.ts"
+import * as KafkaConfig from "../../src/KafkaConfig.ts"
 import * as KafkaConsumer from "../../src/KafkaConsumer.ts"
 import * as Observability from "../../src/Observability.ts"
-import { run } from "../../src/programs/main.ts"
+import { boundShutdown, run } from "../../src/programs/main.ts"
 import { writeLine } from "./writeLine.ts"
 
 const delay = Duration.millis(Number(process.env.HANDLER_DELAY_MS ?? "0"))
@@ -33,9 +34,13 @@ const report = (record: {
   }
 }
 
-const program = KafkaConsumer.run((record) =>
-  Effect.sleep(delay).pipe(Effect.andThen(Effect.sync(() => report(record))))
-).pipe(
+const program = Effect.gen(function* () {
+  // The consumer program's bound (src/programs/consumer.ts): the shutdown timeout, 5 s for the last commits, 3 s to
+  // leave the group, and a margin. A member stopped during a rebalance waits out the commit and the leave.
+  const config = yield* KafkaConfig.consumer
+  yield* boundShutdown(Duration.sum(config.shutdownTimeout, Duration.seconds(15)))
+  yield* KafkaConsumer.run((record) => Effect.sleep(delay).pipe(Effect.andThen(Effect.sync(() => report(record)))))
+}).pipe(
   Effect.provide(KafkaConsumer.layerConfig.pipe(Layer.provideMerge(KafkaClient.layerConfig))),
   Effect.provide(Observability.layerLoggerConfig)
 )

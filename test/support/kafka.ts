@@ -167,8 +167,10 @@ export const readTopic = (brokers: string, topic: string) =>
       const remaining = new Map(
         offsets.filter((p) => BigInt(p.high) > BigInt(p.low)).map((p) => [p.partition, BigInt(p.high)])
       )
-      const records: Array<ReadRecord> = []
-      if (remaining.size === 0) return records
+      // Keyed by position: kafkajs hands a batch over again after it restarts the reader or rebalances it (the
+      // reader commits nothing), and a record read twice is not a record stored twice.
+      const records = new Map<string, ReadRecord>()
+      if (remaining.size === 0) return []
       const consumer = kafka.consumer({ groupId: uniqueName("reader"), maxBytes: 50 * 1024 * 1024 })
       await consumer.connect()
       await consumer.subscribe({ topics: [topic], fromBeginning: true })
@@ -185,7 +187,7 @@ export const readTopic = (brokers: string, topic: string) =>
               for (const message of batch.messages) {
                 const headers: Record<string, string> = {}
                 for (const [name, value] of Object.entries(message.headers ?? {})) headers[name] = String(value)
-                records.push({
+                records.set(`${batch.partition}:${message.offset}`, {
                   partition: batch.partition,
                   offset: BigInt(message.offset),
                   key: message.key?.toString("utf8") ?? null,
@@ -201,7 +203,7 @@ export const readTopic = (brokers: string, topic: string) =>
           .catch(reject)
       })
       await consumer.disconnect()
-      return records
+      return [...records.values()]
     },
     catch: (cause) => new ReadError({ message: `read back ${topic} from ${brokers}: ${String(cause)}` })
   }).pipe(

@@ -41,6 +41,8 @@ export class Member {
   exitSignal: NodeJS.Signals | null = null
   /** when the process was seen to exit (ms since the epoch) */
   exitedAt: number | undefined = undefined
+  /** when the test last signalled it (ms since the epoch) */
+  signalledAt: number | undefined = undefined
   stderr = ""
 
   constructor(name: string, env: Record<string, string>) {
@@ -98,6 +100,7 @@ export class Member {
   }
 
   signal(signal: NodeJS.Signals) {
+    this.signalledAt = Date.now()
     this.child.kill(signal)
   }
 

@@ -34,6 +34,7 @@ import * as KafkaClient from "../../KafkaClient.ts"
 import * as KafkaConfig from "../../KafkaConfig.ts"
 import {
   asErrorLike as asErrorLikeOf,
+  isProducerStateError,
   isTlsCode,
   leaderless,
   makeAttempt,
@@ -429,16 +430,20 @@ export const make = (
             // The least kafkajs accepts for an idempotent producer; the Producer's Schedule does the rest.
             retry: { retries: 1, initialRetryTime: 100, maxRetryTime: 1_000 }
           })
-        // After ANY failed send, retriable or not, an idempotent kafkajs producer is not reused. When a produce
-        // request fails, kafkajs rolls its sequence numbers back, although the broker may have stored the batch
-        // (the connection dropped before the response; or one partition appended while another failed). Its next
-        // request then reuses those sequence numbers for different records, and where a partition's share has the
-        // same first sequence and count as the stored batch, the broker takes it for a retry of that batch: it
-        // acks it with the stored batch's offsets and drops it (acked records lost). A fresh producer gets a fresh
-        // producer id, whose sequences cannot collide; a retried batch that had in fact been stored is then stored
-        // twice (at-least-once), never lost.
+        // After a failed send an idempotent kafkajs producer is reused only to send the same records again. When a
+        // produce request fails, kafkajs rolls its sequence numbers back, although the broker may have stored the
+        // batch (the request timed out, or the connection dropped, before the answer; or one partition appended
+        // while another failed). The same records sent again go to the same partitions (the same Message objects,
+        // so `stablePartitioner` keeps its choices) with the same sequence numbers, and the broker drops the copy
+        // of a batch it had stored and answers with its offsets: stored once. Other records with those sequence
+        // numbers would be lost instead: where a partition's share had the same first sequence and count as the
+        // stored batch, the broker would take it for a retry of that batch, ack it with the stored batch's offsets
+        // and drop it. So any other send after a failure, and any send after an error about the producer's id or
+        // sequence, goes out on a fresh producer with a fresh id, whose sequences cannot collide; a batch that had
+        // in fact been stored is then stored twice (at-least-once), never lost.
         let client = newClient()
         let tainted = false
+        let failed: Built | undefined
         const connect = (c: ReturnType<typeof newClient>) =>
           retryConnect(
             attempt(brokers, "connect producer", () => c.connect()),
@@ -469,27 +474,35 @@ export const make = (
         })
         const timeout = options.ackTimeout === undefined ? undefined : Duration.toMillis(options.ackTimeout)
         const compression = compressionType[options.compression ?? "none"]
+        const build = (records: ReadonlyArray<KafkaClient.ProducerRecord>): Built => {
+          const byTopic = new Map<string, Array<Message>>()
+          const messages = new Array<Message>(records.length)
+          let lastTopic: string | undefined
+          let lastList: Array<Message> = []
+          for (let index = 0; index < records.length; index++) {
+            const record = records[index] as KafkaClient.ProducerRecord
+            const message: Message = { key: toBuffer(record.key), value: toBuffer(record.value) }
+            if (record.headers !== undefined) message.headers = toKafkaJSHeaders(record.headers)
+            if (record.partition !== undefined) message.partition = record.partition
+            if (record.timestamp !== undefined) message.timestamp = String(record.timestamp)
+            if (record.topic !== lastTopic) {
+              lastTopic = record.topic
+              lastList = byTopic.get(record.topic) ?? []
+              byTopic.set(record.topic, lastList)
+            }
+            lastList.push(message)
+            messages[index] = message
+          }
+          const topicMessages = [...byTopic].map(([topic, messages]) => ({ topic, messages }))
+          return { records, messages, topicMessages, topics: byTopic.size }
+        }
         const send = (records: ReadonlyArray<KafkaClient.ProducerRecord>) =>
           Effect.suspend(() => {
-            const byTopic = new Map<string, Array<Message>>()
-            const messages = new Array<Message>(records.length)
-            let lastTopic: string | undefined
-            let lastList: Array<Message> = []
-            for (let index = 0; index < records.length; index++) {
-              const record = records[index] as KafkaClient.ProducerRecord
-              const message: Message = { key: toBuffer(record.key), value: toBuffer(record.value) }
-              if (record.headers !== undefined) message.headers = toKafkaJSHeaders(record.headers)
-              if (record.partition !== undefined) message.partition = record.partition
-              if (record.timestamp !== undefined) message.timestamp = String(record.timestamp)
-              if (record.topic !== lastTopic) {
-                lastTopic = record.topic
-                lastList = byTopic.get(record.topic) ?? []
-                byTopic.set(record.topic, lastList)
-              }
-              lastList.push(message)
-              messages[index] = message
-            }
-            const topicMessages = [...byTopic].map(([topic, messages]) => ({ topic, messages }))
+            const resend = failed !== undefined && sameRecords(failed.records, records) ? failed : undefined
+            if (failed !== undefined && resend === undefined && options.idempotent) tainted = true
+            failed = undefined
+            const built = resend ?? build(records)
+            const { messages, topicMessages } = built
             const firstTopic = records[0]?.topic
             return Effect.flatMap(healthyClient, (current) =>
               attempt(
@@ -502,19 +515,21 @@ export const make = (
                     compression,
                     ...(timeout !== undefined && { timeout })
                   }),
-                byTopic.size === 1 ? { topic: firstTopic } : undefined
+                built.topics === 1 ? { topic: firstTopic } : undefined
               )
             ).pipe(
               Effect.flatMap((responses) => metadataOf(records, messages, assigned, responses, options.acks)),
-              Effect.tapError(() =>
-                Effect.sync(() => {
-                  if (options.idempotent) tainted = true
-                })
-              ),
               // kafkajs gives these up (not retriable): the broker forgot the producer id (it was idle longer than
               // producer.id.expiration.ms, or its segments were deleted) or its sequence. The next try goes out on a
               // fresh producer, with a fresh id, which cures both.
-              Effect.mapError((error) => (options.idempotent ? retriableOnFreshProducer(error) : error))
+              Effect.mapError((error) => (options.idempotent ? retriableOnFreshProducer(error) : error)),
+              Effect.tapError((error) =>
+                Effect.sync(() => {
+                  if (!options.idempotent) return
+                  if (isProducerStateError(error)) tainted = true
+                  else failed = built
+                })
+              )
             )
           })
         return { send } satisfies KafkaClient.ProducerConnection
@@ -775,10 +790,10 @@ const toKafkaJSHeaders = (headers: KafkaClient.Headers) => {
 
 export { retriableOnFreshProducer }
 
-/** The errors kafkajs treats as "the group is rebalancing: rejoin". */
 /** Answers that say the member must look for its group's coordinator again (kafkajs' names). */
 const coordinatorErrors = new Set(["NOT_COORDINATOR_FOR_GROUP", "GROUP_COORDINATOR_NOT_AVAILABLE"])
 
+/** The errors kafkajs treats as "the group is rebalancing: rejoin". */
 const rebalancingErrors = new Set([
   "REBALANCE_IN_PROGRESS",
   "ILLEGAL_GENERATION",
@@ -827,6 +842,26 @@ const toConsumerBatch = (batch: KafkaJSBatch): KafkaClient.ConsumerBatch => {
     }
   }
   return { topic: batch.topic, partition: batch.partition, highWatermark: BigInt(batch.highWatermark), records }
+}
+
+/** A send's kafkajs messages, kept with its records so that the same records sent again reuse them. */
+interface Built {
+  readonly records: ReadonlyArray<KafkaClient.ProducerRecord>
+  readonly messages: ReadonlyArray<Message>
+  readonly topicMessages: Array<{ readonly topic: string; readonly messages: Array<Message> }>
+  /** how many topics the records are for */
+  readonly topics: number
+}
+
+/** The same records, in the same order (the Producer retries a batch with the very same record objects). */
+export const sameRecords = (
+  a: ReadonlyArray<KafkaClient.ProducerRecord>,
+  b: ReadonlyArray<KafkaClient.ProducerRecord>
+): boolean => {
+  if (a === b) return true
+  if (a.length !== b.length) return false
+  for (let index = 0; index < a.length; index++) if (a[index] !== b[index]) return false
+  return true
 }
 
 /**
