@@ -2,6 +2,7 @@ import { assert, describe, it } from "@effect/vitest"
 import { Effect } from "effect"
 import KafkaJS, {
   KafkaJSConnectionError,
+  KafkaJSGroupCoordinatorNotFound,
   KafkaJSNonRetriableError,
   KafkaJSNumberOfRetriesExceeded,
   KafkaJSProtocolError,
@@ -80,6 +81,21 @@ describe("kafkajs errors → KafkaError reasons", () => {
         reasonOf(new KafkaJSRequestTimeoutError("Request Produce timed out"), "b")._tag,
         "RequestTimedOut"
       )
+    })
+  )
+
+  it.effect("no broker naming the group's coordinator just now is retriable, also wrapped by kafkajs' retrier", () =>
+    Effect.sync(() => {
+      // kafkajs marks it non-retriable; a consumer restarted after it would be reported at ERROR after a broker restart.
+      // Built as kafkajs builds it (its type declaration takes no message).
+      const notFound = Reflect.construct(KafkaJSGroupCoordinatorNotFound, ["Failed to find group coordinator"])
+      assert.isFalse(notFound.retriable, "kafkajs' own flag")
+      const wrapped = Reflect.construct(KafkaJSNonRetriableError, [notFound, { cause: notFound }])
+      for (const error of [notFound, wrapped]) {
+        const reason = reasonOf(error, "b")
+        assert.strictEqual(reason._tag, "ClientFailed")
+        assert.isTrue(reason._tag === "ClientFailed" && reason.retriable, String(reason))
+      }
     })
   )
 

@@ -113,6 +113,10 @@ export const reasonOf = (cause: unknown, brokers: string): KafkaClient.KafkaErro
         : new KafkaClient.ConnectionFailed({ brokers, detail })
     case "KafkaJSTopicMetadataNotLoaded":
       return new KafkaClient.UnknownTopic({ topic: error.topic ?? "" })
+    // kafkajs calls it non-retriable, but it says only that no broker named the group's coordinator just now (the
+    // one asked was restarting, the coordinator still loading): GROUP_COORDINATOR_NOT_AVAILABLE, which it retries.
+    case "KafkaJSGroupCoordinatorNotFound":
+      return new KafkaClient.ClientFailed({ retriable: true, detail })
   }
   if (error.type === "UNKNOWN_TOPIC_OR_PARTITION" && error.topic !== undefined) {
     return new KafkaClient.UnknownTopic({ topic: error.topic })
