@@ -7,7 +7,15 @@ import { createRequire } from "node:module"
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Exit } from "effect"
 import { KafkaJSProtocolError, type Message, Partitioners, type RecordMetadata } from "kafkajs"
-import { metadataOf, stablePartitioner } from "../../src/engines/kafkajs/KafkaJS.ts"
+import {
+  type Built,
+  byPartition,
+  metadataOf,
+  pendingOf,
+  recordAnswers,
+  requestOf,
+  stablePartitioner
+} from "../../src/engines/kafkajs/KafkaJS.ts"
 import type * as KafkaClient from "../../src/KafkaClient.ts"
 
 interface PartitionData {
@@ -120,6 +128,29 @@ const messagesOf = (produced: ReadonlyArray<KafkaClient.ProducerRecord>) =>
     (record): Message => ({ key: typeof record.key === "string" ? record.key : null, value: String(record.value) })
   )
 
+/**
+ * Records a–d for partitions 0–3, partition 1 on broker 2, which answers NOT_LEADER_OR_FOLLOWER: its leader is now
+ * broker 1. On its retry kafkajs asks only the brokers without a response, so broker 1 is not asked again, and the
+ * send resolves without partition 1.
+ */
+const leaderMovesToAnswered = () => {
+  let leaderOfOne = 2
+  const assigned = new WeakMap<Message, number>()
+  const fake = cluster({
+    failWith: NOT_LEADER_OR_FOLLOWER,
+    leaderOf: (p) => (p === 1 ? leaderOfOne : p % 2 === 0 ? 1 : 2),
+    partitioner: stablePartitioner(assigned)(),
+    onFailure: () => {
+      leaderOfOne = 1
+    }
+  })
+  const produced = ["a", "b", "c", "d"].map(
+    (value, index): KafkaClient.ProducerRecord => ({ topic: "t", key: null, value, partition: index })
+  )
+  const messages = produced.map((record, index): Message => ({ value: String(record.value), partition: index }))
+  return { ...fake, assigned, produced, messages }
+}
+
 describe("the producer adapter on kafkajs' produce path", () => {
   it.effect("kafkajs' own partitioner moves null-keyed records on its internal retry, and some are never written", () =>
     Effect.promise(async () => {
@@ -161,22 +192,7 @@ describe("the producer adapter on kafkajs' produce path", () => {
 
   it.effect("a partition whose leader moved to a broker that had answered is not written: a retriable failure", () =>
     Effect.gen(function* () {
-      // Partition 1 is on broker 2, which answers NOT_LEADER_OR_FOLLOWER: its leader is now broker 1. On its retry
-      // kafkajs asks only the brokers without a response, so broker 1 is not asked again, and the send resolves.
-      let leaderOfOne = 2
-      const assigned = new WeakMap<Message, number>()
-      const { send, written } = cluster({
-        failWith: NOT_LEADER_OR_FOLLOWER,
-        leaderOf: (p) => (p === 1 ? leaderOfOne : p % 2 === 0 ? 1 : 2),
-        partitioner: stablePartitioner(assigned)(),
-        onFailure: () => {
-          leaderOfOne = 1
-        }
-      })
-      const produced = ["a", "b", "c", "d"].map(
-        (value, index): KafkaClient.ProducerRecord => ({ topic: "t", key: null, value, partition: index })
-      )
-      const messages = produced.map((record, index): Message => ({ value: String(record.value), partition: index }))
+      const { send, written, assigned, produced, messages } = leaderMovesToAnswered()
       const responses = yield* Effect.promise(() => send({ acks: -1, topicMessages: [{ topic: "t", messages }] }))
       assert.notInclude(written, "b@1", "kafkajs resolved without writing partition 1")
       const exit = yield* Effect.exit(metadataOf(produced, messages, assigned, responses, -1))
@@ -186,6 +202,74 @@ describe("the producer adapter on kafkajs' produce path", () => {
         assert.isTrue(error?._tag === "Fail" && error.error.retriable && error.error.partition === 1, String(error))
       }
     })
+  )
+
+  it.effect(
+    "sent again after that, only the partition not answered goes out: every record written once, all acked",
+    () =>
+      Effect.gen(function* () {
+        const { send, written, assigned, produced, messages } = leaderMovesToAnswered()
+        const built: Built = { records: produced, messages, acked: new Array(produced.length) }
+        const first = requestOf(built, pendingOf(built))
+        assert.deepStrictEqual(first.places, [0, 1, 2, 3])
+        const answers = yield* Effect.promise(() => send({ acks: -1, topicMessages: first.topicMessages }))
+        assert.deepStrictEqual(recordAnswers(built, first.places, assigned, answers, -1), { topic: "t", partition: 1 })
+        assert.deepStrictEqual(
+          built.acked.map((m) => m?.partition),
+          [0, undefined, 2, 3]
+        )
+        const again = byPartition(built, pendingOf(built), assigned)
+        assert.deepStrictEqual(
+          again.map((one) => one.places),
+          [[1]],
+          "only the record of the partition that did not answer"
+        )
+        for (const one of again) {
+          const more = yield* Effect.promise(() => send({ acks: -1, topicMessages: one.topicMessages }))
+          assert.isUndefined(recordAnswers(built, one.places, assigned, more, -1))
+        }
+        assert.deepStrictEqual([...written].sort(), ["a@0", "b@1", "c@2", "d@3"], "each written once")
+        assert.deepStrictEqual(
+          built.acked.map((m) => [m?.partition, m?.offset]),
+          [
+            [0, 100n],
+            [1, 100n],
+            [2, 100n],
+            [3, 100n]
+          ]
+        )
+      })
+  )
+
+  it.effect(
+    "a resend goes a request per partition, in order within each; as one if a record has no partition yet",
+    () =>
+      Effect.sync(() => {
+        const assigned = new WeakMap<Message, number>()
+        const records = ["a", "b", "c", "d", "e"].map(
+          (value, index): KafkaClient.ProducerRecord => ({ topic: index < 4 ? "t" : "u", key: null, value })
+        )
+        const messages = records.map((record): Message => ({ value: String(record.value) }))
+        const built: Built = { records, messages, acked: new Array(records.length) }
+        const places = [0, 1, 2, 3, 4]
+        assert.deepStrictEqual(
+          byPartition(built, places, assigned).map((one) => one.places),
+          [places],
+          "not partitioned yet: one request"
+        )
+        for (const [index, partition] of [0, 1, 0, 1, 0].entries()) assigned.set(messages[index] as Message, partition)
+        const requests = byPartition(built, places, assigned)
+        assert.deepStrictEqual(
+          requests.map((one) => one.places),
+          [[0, 2], [1, 3], [4]]
+        )
+        assert.deepStrictEqual(
+          requests.map((one) =>
+            one.topicMessages.map(({ topic, messages }) => `${topic}:${messages.map((m) => String(m.value)).join("")}`)
+          ),
+          [["t:ac"], ["t:bd"], ["u:e"]]
+        )
+      })
   )
 
   it.effect("metadata: each record's offset is its partition's base offset plus its place in the request", () =>

@@ -7,6 +7,7 @@ import {
   Deferred,
   Duration,
   Effect,
+  Exit,
   Layer,
   Option,
   Redacted,
@@ -479,59 +480,68 @@ export const make = (
         const timeout = options.ackTimeout === undefined ? undefined : Duration.toMillis(options.ackTimeout)
         const compression = compressionType[options.compression ?? "none"]
         const build = (records: ReadonlyArray<KafkaClient.ProducerRecord>): Built => {
-          const byTopic = new Map<string, Array<Message>>()
           const messages = new Array<Message>(records.length)
-          let lastTopic: string | undefined
-          let lastList: Array<Message> = []
           for (let index = 0; index < records.length; index++) {
             const record = records[index] as KafkaClient.ProducerRecord
             const message: Message = { key: toBuffer(record.key), value: toBuffer(record.value) }
             if (record.headers !== undefined) message.headers = toKafkaJSHeaders(record.headers)
             if (record.partition !== undefined) message.partition = record.partition
             if (record.timestamp !== undefined) message.timestamp = String(record.timestamp)
-            if (record.topic !== lastTopic) {
-              lastTopic = record.topic
-              lastList = byTopic.get(record.topic) ?? []
-              byTopic.set(record.topic, lastList)
-            }
-            lastList.push(message)
             messages[index] = message
           }
-          const topicMessages = [...byTopic].map(([topic, messages]) => ({ topic, messages }))
-          return { records, messages, topicMessages, topics: byTopic.size }
+          return { records, messages, acked: new Array(records.length) }
         }
+        // One produce request of the records of `built` at `places`; what answers is recorded in `built.acked`.
+        const request = (current: ReturnType<typeof newClient>, built: Built, { places, topicMessages }: Request) =>
+          attempt(
+            brokers,
+            "produce",
+            () =>
+              current.sendBatch({
+                topicMessages,
+                acks: options.acks,
+                compression,
+                ...(timeout !== undefined && { timeout })
+              }),
+            topicMessages.length === 1 ? { topic: topicMessages[0]?.topic } : undefined
+          ).pipe(
+            Effect.flatMap((responses) => {
+              const unanswered = recordAnswers(built, places, assigned, responses, options.acks)
+              return unanswered === undefined ? Effect.void : Effect.fail(notWritten(unanswered))
+            })
+          )
         const send = (records: ReadonlyArray<KafkaClient.ProducerRecord>) =>
           Effect.suspend(() => {
             const resend = failed !== undefined && sameRecords(failed.records, records) ? failed : undefined
             if (failed !== undefined && resend === undefined && options.idempotent) tainted = true
             failed = undefined
             const built = resend ?? build(records)
-            const { messages, topicMessages } = built
-            const firstTopic = records[0]?.topic
+            // A first try is one request. Sent again, only what has not been acked goes, a request per partition:
+            // kafkajs reports a request that failed on one broker as a failure of all of it, although the other
+            // brokers' shares were written; sent apart, a partition that answers is acked and not sent again.
+            const requests =
+              resend === undefined
+                ? [requestOf(built, Array.from(records.keys()))]
+                : byPartition(built, pendingOf(built), assigned)
             return Effect.flatMap(healthyClient, (current) =>
-              attempt(
-                brokers,
-                "produce",
-                () =>
-                  current.sendBatch({
-                    topicMessages,
-                    acks: options.acks,
-                    compression,
-                    ...(timeout !== undefined && { timeout })
-                  }),
-                built.topics === 1 ? { topic: firstTopic } : undefined
-              )
+              Effect.forEach(requests, (one) => Effect.exit(request(current, built, one)), {
+                concurrency: "unbounded"
+              })
             ).pipe(
-              Effect.flatMap((responses) => metadataOf(records, messages, assigned, responses, options.acks)),
+              Effect.flatMap((exits) => {
+                const failure = exits.find(Exit.isFailure)
+                return failure === undefined
+                  ? Effect.succeed(built.acked as Array<KafkaClient.RecordMetadata>)
+                  : Effect.failCause(failure.cause)
+              }),
               // kafkajs gives these up (not retriable): the broker forgot the producer id (it was idle longer than
               // producer.id.expiration.ms, or its segments were deleted) or its sequence. The next try goes out on a
               // fresh producer, with a fresh id, which cures both.
               Effect.mapError((error) => (options.idempotent ? retriableOnFreshProducer(error) : error)),
               Effect.tapError((error) =>
                 Effect.sync(() => {
-                  if (!options.idempotent) return
-                  if (isProducerStateError(error)) tainted = true
-                  else failed = built
+                  if (options.idempotent && isProducerStateError(error)) tainted = true
+                  failed = built
                 })
               )
             )
@@ -848,13 +858,68 @@ const toConsumerBatch = (batch: KafkaJSBatch): KafkaClient.ConsumerBatch => {
   return { topic: batch.topic, partition: batch.partition, highWatermark: BigInt(batch.highWatermark), records }
 }
 
-/** A send's kafkajs messages, kept with its records so that the same records sent again reuse them. */
-interface Built {
+/**
+ * A send's records, their kafkajs messages and what has been acked of them. Kept after a failure: the same records
+ * sent again reuse the messages (so the same partitions and, for an idempotent producer, the same sequence numbers)
+ * and send only what has not been acked.
+ */
+export interface Built {
   readonly records: ReadonlyArray<KafkaClient.ProducerRecord>
   readonly messages: ReadonlyArray<Message>
+  /** each record's metadata, once its partition's share has been answered */
+  readonly acked: Array<KafkaClient.RecordMetadata | undefined>
+}
+
+/** Records of a `Built` (their places in it) as one kafkajs request: their messages by topic, in order. */
+export interface Request {
+  readonly places: ReadonlyArray<number>
   readonly topicMessages: Array<{ readonly topic: string; readonly messages: Array<Message> }>
-  /** how many topics the records are for */
-  readonly topics: number
+}
+
+/** The places in `built` of the records not acked yet. */
+export const pendingOf = (built: Built): Array<number> => {
+  const places: Array<number> = []
+  for (let index = 0; index < built.records.length; index++) if (built.acked[index] === undefined) places.push(index)
+  return places
+}
+
+/** The records of `built` at `places` as one request. */
+export const requestOf = (built: Built, places: ReadonlyArray<number>): Request => {
+  const byTopic = new Map<string, Array<Message>>()
+  let lastTopic: string | undefined
+  let lastList: Array<Message> = []
+  for (const index of places) {
+    const topic = (built.records[index] as KafkaClient.ProducerRecord).topic
+    if (topic !== lastTopic) {
+      lastTopic = topic
+      lastList = byTopic.get(topic) ?? []
+      byTopic.set(topic, lastList)
+    }
+    lastList.push(built.messages[index] as Message)
+  }
+  return { places, topicMessages: [...byTopic].map(([topic, messages]) => ({ topic, messages })) }
+}
+
+/**
+ * The records of `built` at `places` as one request per partition, in order within each; as one request if one of
+ * them has no partition yet (kafkajs never got as far as choosing it).
+ */
+export const byPartition = (
+  built: Built,
+  places: ReadonlyArray<number>,
+  assigned: WeakMap<Message, number>
+): Array<Request> => {
+  const groups = new Map<string, Array<number>>()
+  for (const index of places) {
+    const message = built.messages[index] as Message
+    const partition = message.partition ?? assigned.get(message)
+    if (partition === undefined) return [requestOf(built, places)]
+    const key = `${partition} ${(built.records[index] as KafkaClient.ProducerRecord).topic}`
+    const group = groups.get(key)
+    if (group === undefined) groups.set(key, [index])
+    else group.push(index)
+  }
+  return [...groups.values()].map((group) => requestOf(built, group))
 }
 
 /** The same records, in the same order (the Producer retries a batch with the very same record objects). */
@@ -886,19 +951,19 @@ export const stablePartitioner = (assigned: WeakMap<Message, number>) => () => {
 }
 
 /**
- * Each record's metadata from kafkajs' answer to one `sendBatch` of `messages` (built from `records`, in the same
- * order): the base offset of its partition's share, plus its place in that share. A partition without a response is
- * a retriable failure of the whole request, not an ack: kafkajs resolves a send whose internal retry skipped a
- * partition (its leader moved to a broker that had already answered, which is not asked again), and that
+ * Records kafkajs' answer to one `sendBatch` of the records of `built` at `places` (in that order) in `built.acked`:
+ * each record's offset is the base offset of its partition's share plus its place in that share. Returns the first
+ * record whose partition has no response, if any. That is not an ack: kafkajs resolves a send whose internal retry
+ * skipped a partition (its leader moved to a broker that had already answered, which is not asked again), and that
  * partition's records were not written. With acks=0 nobody answers: the offsets are -1.
  */
-export const metadataOf = (
-  records: ReadonlyArray<KafkaClient.ProducerRecord>,
-  messages: ReadonlyArray<Message>,
+export const recordAnswers = (
+  built: Built,
+  places: ReadonlyArray<number>,
   assigned: WeakMap<Message, number>,
   responses: ReadonlyArray<KafkaJSRecordMetadata>,
   acks: number
-): Effect.Effect<Array<KafkaClient.RecordMetadata>, KafkaClient.KafkaError> => {
+): KafkaClient.TopicPartition | undefined => {
   const next = new Map<string, Map<number, bigint>>()
   for (const response of responses) {
     let partitions = next.get(response.topicName)
@@ -908,33 +973,50 @@ export const metadataOf = (
     }
     partitions.set(response.partition, BigInt(response.baseOffset ?? "-1"))
   }
-  const metadata = new Array<KafkaClient.RecordMetadata>(records.length)
-  for (let index = 0; index < records.length; index++) {
-    const record = records[index] as KafkaClient.ProducerRecord
-    const message = messages[index] as Message
+  let unanswered: KafkaClient.TopicPartition | undefined
+  for (const index of places) {
+    const record = built.records[index] as KafkaClient.ProducerRecord
+    const message = built.messages[index] as Message
     const partition = message.partition ?? assigned.get(message) ?? -1
     const partitions = next.get(record.topic)
     const offset = partitions?.get(partition)
     if (partitions !== undefined && offset !== undefined && offset >= 0n) {
       partitions.set(partition, offset + 1n)
-      metadata[index] = { topic: record.topic, partition, offset }
+      built.acked[index] = { topic: record.topic, partition, offset }
     } else if (acks === 0) {
-      metadata[index] = { topic: record.topic, partition, offset: -1n }
-    } else {
-      return Effect.fail(
-        new KafkaClient.KafkaError({
-          operation: "produce",
-          topic: record.topic,
-          partition,
-          reason: new KafkaClient.ClientFailed({
-            retriable: true,
-            detail: "no response for this partition: not written (its leader may have moved during the request)"
-          })
-        })
-      )
+      built.acked[index] = { topic: record.topic, partition, offset: -1n }
+    } else if (unanswered === undefined) {
+      unanswered = { topic: record.topic, partition }
     }
   }
-  return Effect.succeed(metadata)
+  return unanswered
+}
+
+/** A partition kafkajs did not answer for: its records were not written (retriable). */
+const notWritten = ({ topic, partition }: KafkaClient.TopicPartition) =>
+  new KafkaClient.KafkaError({
+    operation: "produce",
+    topic,
+    partition,
+    reason: new KafkaClient.ClientFailed({
+      retriable: true,
+      detail: "no response for this partition: not written (its leader may have moved during the request)"
+    })
+  })
+
+/** Each record's metadata from kafkajs' answer to one `sendBatch` of all of `messages` (see `recordAnswers`). */
+export const metadataOf = (
+  records: ReadonlyArray<KafkaClient.ProducerRecord>,
+  messages: ReadonlyArray<Message>,
+  assigned: WeakMap<Message, number>,
+  responses: ReadonlyArray<KafkaJSRecordMetadata>,
+  acks: number
+): Effect.Effect<Array<KafkaClient.RecordMetadata>, KafkaClient.KafkaError> => {
+  const built: Built = { records, messages, acked: new Array(records.length) }
+  const unanswered = recordAnswers(built, Array.from(records.keys()), assigned, responses, acks)
+  return unanswered === undefined
+    ? Effect.succeed(built.acked as Array<KafkaClient.RecordMetadata>)
+    : Effect.fail(notWritten(unanswered))
 }
 
 /**
