@@ -84,3 +84,45 @@ export const retriableOnFreshProducer = (error: KafkaClient.KafkaError): KafkaCl
         reason: new KafkaClient.BrokerError({ type: error.reason.type, retriable: true, detail: error.reason.detail })
       })
     : error
+
+/**
+ * A send's records, the engine's messages for them and what has been acked of them. Kept after a failure: the same
+ * records sent again reuse the messages (so the same partitions and, where the engine keeps its producer id, the
+ * same sequence numbers) and send only what has not been acked.
+ */
+export interface Built<M> {
+  readonly records: ReadonlyArray<KafkaClient.ProducerRecord>
+  readonly messages: ReadonlyArray<M>
+  /** each record's metadata, once its partition's share has been answered */
+  readonly acked: Array<KafkaClient.RecordMetadata | undefined>
+}
+
+/** The same records, in the same order (the Producer retries a batch with the very same record objects). */
+export const sameRecords = (
+  a: ReadonlyArray<KafkaClient.ProducerRecord>,
+  b: ReadonlyArray<KafkaClient.ProducerRecord>
+): boolean => {
+  if (a === b) return true
+  if (a.length !== b.length) return false
+  for (let index = 0; index < a.length; index++) if (a[index] !== b[index]) return false
+  return true
+}
+
+/** The places in `built` of the records not acked yet. */
+export const pendingOf = (built: Built<unknown>): Array<number> => {
+  const places: Array<number> = []
+  for (let index = 0; index < built.records.length; index++) if (built.acked[index] === undefined) places.push(index)
+  return places
+}
+
+/** A partition the client did not answer for: its records were not written (retriable). */
+export const notWritten = ({ topic, partition }: KafkaClient.TopicPartition) =>
+  new KafkaClient.KafkaError({
+    operation: "produce",
+    topic,
+    partition,
+    reason: new KafkaClient.ClientFailed({
+      retriable: true,
+      detail: "no response for this partition: not written (its leader may have moved during the request)"
+    })
+  })

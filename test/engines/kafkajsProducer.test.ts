@@ -11,11 +11,11 @@ import {
   type Built,
   byPartition,
   metadataOf,
-  pendingOf,
   recordAnswers,
   requestOf,
   stablePartitioner
 } from "../../src/engines/kafkajs/KafkaJS.ts"
+import { pendingOf } from "../../src/engines/shared.ts"
 import type * as KafkaClient from "../../src/KafkaClient.ts"
 
 interface PartitionData {

@@ -39,8 +39,12 @@ import {
   isTlsCode,
   leaderless,
   makeAttempt,
+  notWritten,
+  pendingOf,
   readPem,
-  retriableOnFreshProducer
+  retriableOnFreshProducer,
+  type Built as SharedBuilt,
+  sameRecords
 } from "../shared.ts"
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -858,29 +862,13 @@ const toConsumerBatch = (batch: KafkaJSBatch): KafkaClient.ConsumerBatch => {
   return { topic: batch.topic, partition: batch.partition, highWatermark: BigInt(batch.highWatermark), records }
 }
 
-/**
- * A send's records, their kafkajs messages and what has been acked of them. Kept after a failure: the same records
- * sent again reuse the messages (so the same partitions and, for an idempotent producer, the same sequence numbers)
- * and send only what has not been acked.
- */
-export interface Built {
-  readonly records: ReadonlyArray<KafkaClient.ProducerRecord>
-  readonly messages: ReadonlyArray<Message>
-  /** each record's metadata, once its partition's share has been answered */
-  readonly acked: Array<KafkaClient.RecordMetadata | undefined>
-}
+/** A send's records, their kafkajs messages and what has been acked of them (see `Shared.Built`). */
+export type Built = SharedBuilt<Message>
 
 /** Records of a `Built` (their places in it) as one kafkajs request: their messages by topic, in order. */
 export interface Request {
   readonly places: ReadonlyArray<number>
   readonly topicMessages: Array<{ readonly topic: string; readonly messages: Array<Message> }>
-}
-
-/** The places in `built` of the records not acked yet. */
-export const pendingOf = (built: Built): Array<number> => {
-  const places: Array<number> = []
-  for (let index = 0; index < built.records.length; index++) if (built.acked[index] === undefined) places.push(index)
-  return places
 }
 
 /** The records of `built` at `places` as one request. */
@@ -920,17 +908,6 @@ export const byPartition = (
     else group.push(index)
   }
   return [...groups.values()].map((group) => requestOf(built, group))
-}
-
-/** The same records, in the same order (the Producer retries a batch with the very same record objects). */
-export const sameRecords = (
-  a: ReadonlyArray<KafkaClient.ProducerRecord>,
-  b: ReadonlyArray<KafkaClient.ProducerRecord>
-): boolean => {
-  if (a === b) return true
-  if (a.length !== b.length) return false
-  for (let index = 0; index < a.length; index++) if (a[index] !== b[index]) return false
-  return true
 }
 
 /**
@@ -991,18 +968,6 @@ export const recordAnswers = (
   }
   return unanswered
 }
-
-/** A partition kafkajs did not answer for: its records were not written (retriable). */
-const notWritten = ({ topic, partition }: KafkaClient.TopicPartition) =>
-  new KafkaClient.KafkaError({
-    operation: "produce",
-    topic,
-    partition,
-    reason: new KafkaClient.ClientFailed({
-      retriable: true,
-      detail: "no response for this partition: not written (its leader may have moved during the request)"
-    })
-  })
 
 /** Each record's metadata from kafkajs' answer to one `sendBatch` of all of `messages` (see `recordAnswers`). */
 export const metadataOf = (

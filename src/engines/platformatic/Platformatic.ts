@@ -54,11 +54,15 @@ import * as KafkaClient from "../../KafkaClient.ts"
 import * as KafkaConfig from "../../KafkaConfig.ts"
 import {
   asErrorLike as asErrorLikeOf,
+  type Built,
   isTlsCode,
   leaderless,
   makeAttempt,
+  notWritten,
+  pendingOf,
   readPem,
-  retriableOnFreshProducer
+  retriableOnFreshProducer,
+  sameRecords
 } from "../shared.ts"
 
 type FetchResponse = Awaited<ReturnType<PltConsumer["fetch"]>>
@@ -576,13 +580,14 @@ export const make = (
         )
         // Round robin of keyless records, per topic.
         const nextPartition = new Map<string, number>()
-        const send = (records: ReadonlyArray<KafkaClient.ProducerRecord>) =>
+        type Produced = MessageToProduce<Buffer, Buffer, Buffer, Buffer>
+        const build = (records: ReadonlyArray<KafkaClient.ProducerRecord>) =>
           Effect.gen(function* () {
             const topics = [...new Set(records.map((record) => record.topic))]
             const metadata = yield* attempt(brokers, "produce", () => client.metadata({ topics }), {
               topic: topics.length === 1 ? topics[0] : undefined
             })
-            const messages = new Array<MessageToProduce<Buffer, Buffer, Buffer, Buffer>>(records.length)
+            const messages = new Array<Produced>(records.length)
             for (let index = 0; index < records.length; index++) {
               const record = records[index] as KafkaClient.ProducerRecord
               const count = metadata.topics.get(record.topic)?.partitionsCount ?? 0
@@ -615,7 +620,7 @@ export const make = (
                 nextPartition.set(record.topic, next + 1)
                 partition = next % count
               }
-              const message: MessageToProduce<Buffer, Buffer, Buffer, Buffer> = { topic: record.topic, partition }
+              const message: Produced = { topic: record.topic, partition }
               const keyBytes = toBuffer(record.key)
               if (keyBytes !== undefined) message.key = keyBytes
               const valueBytes = toBuffer(record.value)
@@ -624,37 +629,69 @@ export const make = (
               if (record.timestamp !== undefined) message.timestamp = BigInt(record.timestamp)
               messages[index] = message
             }
-            const result = yield* attempt(brokers, "produce", () => client.send({ messages }), {
-              topic: topics.length === 1 ? topics[0] : undefined
-            })
-            const next = new Map<string, bigint>()
-            for (const { topic, partition, offset } of result.offsets ?? []) next.set(key(topic, partition), offset)
-            const out = new Array<KafkaClient.RecordMetadata>(records.length)
-            for (let index = 0; index < records.length; index++) {
-              const { topic, partition } = messages[index] as { topic: string; partition: number }
-              const at = next.get(key(topic, partition))
-              if (at !== undefined && at >= 0n) {
-                next.set(key(topic, partition), at + 1n)
-                out[index] = { topic, partition, offset: at }
-              } else if (options.acks === 0) {
-                out[index] = { topic, partition, offset: -1n }
-              } else {
-                return yield* new KafkaClient.KafkaError({
-                  operation: "produce",
-                  topic,
-                  partition,
-                  reason: new KafkaClient.ClientFailed({
-                    retriable: true,
-                    detail: "no response for this partition: not written"
-                  })
-                })
-              }
+            return { records, messages, acked: new Array(records.length) } satisfies Built<Produced>
+          })
+        // Records the offsets of the partitions that answered a send of the records at `places`: each record's is
+        // its partition's base offset plus its place in the partition's share.
+        const recordAnswers = (
+          built: Built<Produced>,
+          places: ReadonlyArray<number>,
+          offsets: ReadonlyArray<{ readonly topic: string; readonly partition: number; readonly offset: bigint }>
+        ) => {
+          const next = new Map<string, bigint>()
+          for (const { topic, partition, offset } of offsets) next.set(key(topic, partition), offset)
+          for (const index of places) {
+            const { topic, partition } = built.messages[index] as { topic: string; partition: number }
+            const at = next.get(key(topic, partition))
+            if (at !== undefined && at >= 0n) {
+              next.set(key(topic, partition), at + 1n)
+              built.acked[index] = { topic, partition, offset: at }
             }
-            return out
+          }
+        }
+        // After a failure the same records sent again send only what has not been acked: the library reports the
+        // partitions that a failed send wrote (`produced`), and those are not written again. (It takes a fresh
+        // producer id after any failed send, so a partition whose answer was lost is written twice.)
+        let failed: Built<Produced> | undefined
+        const send = (records: ReadonlyArray<KafkaClient.ProducerRecord>) => {
+          let built: Built<Produced> | undefined
+          return Effect.gen(function* () {
+            const resend = failed !== undefined && sameRecords(failed.records, records) ? failed : undefined
+            failed = undefined
+            built = resend ?? (yield* build(records))
+            const current = built
+            const places = pendingOf(current)
+            const messages = places.map((index) => current.messages[index] as Produced)
+            const topics = [...new Set(messages.map((message) => message.topic))]
+            const result = yield* attempt(
+              brokers,
+              "produce",
+              () =>
+                client.send({ messages }).catch((error: unknown) => {
+                  const produced = (error as { produced?: { offsets?: Parameters<typeof recordAnswers>[2] } }).produced
+                  recordAnswers(current, places, produced?.offsets ?? [])
+                  throw error
+                }),
+              { topic: topics.length === 1 ? topics[0] : undefined }
+            )
+            recordAnswers(current, places, result.offsets ?? [])
+            for (const index of places) {
+              if (current.acked[index] !== undefined) continue
+              const { topic, partition } = current.messages[index] as { topic: string; partition: number }
+              if (options.acks !== 0) return yield* notWritten({ topic, partition })
+              current.acked[index] = { topic, partition, offset: -1n }
+            }
+            return current.acked as Array<KafkaClient.RecordMetadata>
           }).pipe(
             // The library gives these up, and starts the next send on a fresh producer id, which cures both.
-            Effect.mapError((error) => (options.idempotent ? retriableOnFreshProducer(error) : error))
+            Effect.mapError((error) => (options.idempotent ? retriableOnFreshProducer(error) : error)),
+            Effect.tapError(() =>
+              Effect.sync(() => {
+                failed = built
+              })
+            )
           )
+        }
         return { send } satisfies KafkaClient.ProducerConnection
       })
 
