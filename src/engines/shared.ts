@@ -115,6 +115,37 @@ export const pendingOf = (built: Built<unknown>): Array<number> => {
   return places
 }
 
+/**
+ * Records in `built.acked` the offset of each record at `places` (in the order they were sent) whose partition
+ * answered: the base offset of its partition's share (`baseOffsets`, by `${topic} ${partition}`) plus its place
+ * in that share. With acks=0 nobody answers and every record gets -1. Returns the first record's topic-partition
+ * that has no answer, if any.
+ */
+export const recordOffsets = <M>(
+  built: Built<M>,
+  places: ReadonlyArray<number>,
+  partitionOf: (index: number) => number,
+  baseOffsets: Map<string, bigint>,
+  acks: number
+): KafkaClient.TopicPartition | undefined => {
+  let unanswered: KafkaClient.TopicPartition | undefined
+  for (const index of places) {
+    const topic = (built.records[index] as KafkaClient.ProducerRecord).topic
+    const partition = partitionOf(index)
+    const key = `${topic} ${partition}`
+    const offset = baseOffsets.get(key)
+    if (offset !== undefined && offset >= 0n) {
+      baseOffsets.set(key, offset + 1n)
+      built.acked[index] = { topic, partition, offset }
+    } else if (acks === 0) {
+      built.acked[index] = { topic, partition, offset: -1n }
+    } else if (unanswered === undefined) {
+      unanswered = { topic, partition }
+    }
+  }
+  return unanswered
+}
+
 /** A partition the client did not answer for: its records were not written (retriable). */
 export const notWritten = ({ topic, partition }: KafkaClient.TopicPartition) =>
   new KafkaClient.KafkaError({

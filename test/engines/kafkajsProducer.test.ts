@@ -10,12 +10,11 @@ import { KafkaJSProtocolError, type Message, Partitioners, type RecordMetadata }
 import {
   type Built,
   byPartition,
-  metadataOf,
   recordAnswers,
   requestOf,
   stablePartitioner
 } from "../../src/engines/kafkajs/KafkaJS.ts"
-import { pendingOf } from "../../src/engines/shared.ts"
+import { notWritten, pendingOf } from "../../src/engines/shared.ts"
 import type * as KafkaClient from "../../src/KafkaClient.ts"
 
 interface PartitionData {
@@ -127,6 +126,21 @@ const messagesOf = (produced: ReadonlyArray<KafkaClient.ProducerRecord>) =>
   produced.map(
     (record): Message => ({ key: typeof record.key === "string" ? record.key : null, value: String(record.value) })
   )
+
+/** Each record's metadata from kafkajs' answer to one request of all of `messages`, as the engine reads it. */
+const metadataOf = (
+  records: ReadonlyArray<KafkaClient.ProducerRecord>,
+  messages: ReadonlyArray<Message>,
+  assigned: WeakMap<Message, number>,
+  responses: ReadonlyArray<RecordMetadata>,
+  acks: number
+): Effect.Effect<Array<KafkaClient.RecordMetadata>, KafkaClient.KafkaError> => {
+  const built: Built = { records, messages, acked: new Array(records.length) }
+  const unanswered = recordAnswers(built, Array.from(records.keys()), assigned, responses, acks)
+  return unanswered === undefined
+    ? Effect.succeed(built.acked as Array<KafkaClient.RecordMetadata>)
+    : Effect.fail(notWritten(unanswered))
+}
 
 /**
  * Records a–d for partitions 0–3, partition 1 on broker 2, which answers NOT_LEADER_OR_FOLLOWER: its leader is now

@@ -42,6 +42,7 @@ import {
   notWritten,
   pendingOf,
   readPem,
+  recordOffsets,
   retriableOnFreshProducer,
   type Built as SharedBuilt,
   sameRecords
@@ -941,47 +942,15 @@ export const recordAnswers = (
   responses: ReadonlyArray<KafkaJSRecordMetadata>,
   acks: number
 ): KafkaClient.TopicPartition | undefined => {
-  const next = new Map<string, Map<number, bigint>>()
+  const baseOffsets = new Map<string, bigint>()
   for (const response of responses) {
-    let partitions = next.get(response.topicName)
-    if (partitions === undefined) {
-      partitions = new Map()
-      next.set(response.topicName, partitions)
-    }
-    partitions.set(response.partition, BigInt(response.baseOffset ?? "-1"))
+    baseOffsets.set(`${response.topicName} ${response.partition}`, BigInt(response.baseOffset ?? "-1"))
   }
-  let unanswered: KafkaClient.TopicPartition | undefined
-  for (const index of places) {
-    const record = built.records[index] as KafkaClient.ProducerRecord
+  const partitionOf = (index: number) => {
     const message = built.messages[index] as Message
-    const partition = message.partition ?? assigned.get(message) ?? -1
-    const partitions = next.get(record.topic)
-    const offset = partitions?.get(partition)
-    if (partitions !== undefined && offset !== undefined && offset >= 0n) {
-      partitions.set(partition, offset + 1n)
-      built.acked[index] = { topic: record.topic, partition, offset }
-    } else if (acks === 0) {
-      built.acked[index] = { topic: record.topic, partition, offset: -1n }
-    } else if (unanswered === undefined) {
-      unanswered = { topic: record.topic, partition }
-    }
+    return message.partition ?? assigned.get(message) ?? -1
   }
-  return unanswered
-}
-
-/** Each record's metadata from kafkajs' answer to one `sendBatch` of all of `messages` (see `recordAnswers`). */
-export const metadataOf = (
-  records: ReadonlyArray<KafkaClient.ProducerRecord>,
-  messages: ReadonlyArray<Message>,
-  assigned: WeakMap<Message, number>,
-  responses: ReadonlyArray<KafkaJSRecordMetadata>,
-  acks: number
-): Effect.Effect<Array<KafkaClient.RecordMetadata>, KafkaClient.KafkaError> => {
-  const built: Built = { records, messages, acked: new Array(records.length) }
-  const unanswered = recordAnswers(built, Array.from(records.keys()), assigned, responses, acks)
-  return unanswered === undefined
-    ? Effect.succeed(built.acked as Array<KafkaClient.RecordMetadata>)
-    : Effect.fail(notWritten(unanswered))
+  return recordOffsets(built, places, partitionOf, baseOffsets, acks)
 }
 
 /**

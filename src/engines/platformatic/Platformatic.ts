@@ -61,6 +61,7 @@ import {
   notWritten,
   pendingOf,
   readPem,
+  recordOffsets,
   retriableOnFreshProducer,
   sameRecords
 } from "../shared.ts"
@@ -631,24 +632,20 @@ export const make = (
             }
             return { records, messages, acked: new Array(records.length) } satisfies Built<Produced>
           })
-        // Records the offsets of the partitions that answered a send of the records at `places`: each record's is
-        // its partition's base offset plus its place in the partition's share.
+        // Records the offsets of the partitions that answered a send of the records at `places`.
         const recordAnswers = (
           built: Built<Produced>,
           places: ReadonlyArray<number>,
-          offsets: ReadonlyArray<{ readonly topic: string; readonly partition: number; readonly offset: bigint }>
-        ) => {
-          const next = new Map<string, bigint>()
-          for (const { topic, partition, offset } of offsets) next.set(key(topic, partition), offset)
-          for (const index of places) {
-            const { topic, partition } = built.messages[index] as { topic: string; partition: number }
-            const at = next.get(key(topic, partition))
-            if (at !== undefined && at >= 0n) {
-              next.set(key(topic, partition), at + 1n)
-              built.acked[index] = { topic, partition, offset: at }
-            }
-          }
-        }
+          offsets: ReadonlyArray<{ readonly topic: string; readonly partition: number; readonly offset: bigint }>,
+          acks: number
+        ) =>
+          recordOffsets(
+            built,
+            places,
+            (index) => (built.messages[index] as { partition: number }).partition,
+            new Map(offsets.map(({ topic, partition, offset }) => [`${topic} ${partition}`, offset])),
+            acks
+          )
         // After a failure the same records sent again send only what has not been acked: the library reports the
         // partitions that a failed send wrote (`produced`), and those are not written again. (It takes a fresh
         // producer id after any failed send, so a partition whose answer was lost is written twice.)
@@ -669,18 +666,14 @@ export const make = (
               () =>
                 client.send({ messages }).catch((error: unknown) => {
                   const produced = (error as { produced?: { offsets?: Parameters<typeof recordAnswers>[2] } }).produced
-                  recordAnswers(current, places, produced?.offsets ?? [])
+                  // What a failed send wrote; the rest is not acked, whatever the acks (it goes again).
+                  recordAnswers(current, places, produced?.offsets ?? [], -1)
                   throw error
                 }),
               { topic: topics.length === 1 ? topics[0] : undefined }
             )
-            recordAnswers(current, places, result.offsets ?? [])
-            for (const index of places) {
-              if (current.acked[index] !== undefined) continue
-              const { topic, partition } = current.messages[index] as { topic: string; partition: number }
-              if (options.acks !== 0) return yield* notWritten({ topic, partition })
-              current.acked[index] = { topic, partition, offset: -1n }
-            }
+            const unanswered = recordAnswers(current, places, result.offsets ?? [], options.acks)
+            if (unanswered !== undefined) return yield* notWritten(unanswered)
             return current.acked as Array<KafkaClient.RecordMetadata>
           }).pipe(
             // The library gives these up, and starts the next send on a fresh producer id, which cures both.
