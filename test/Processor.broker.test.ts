@@ -3,7 +3,7 @@
  * The consumer program runs as its own OS process, from src/ with type stripping.
  */
 import { assert, describe, it } from "@effect/vitest"
-import { Duration, Effect, Fiber, Layer, Metric, Schedule } from "effect"
+import { Duration, Effect, Fiber, Layer, Metric } from "effect"
 import { inject } from "vitest"
 import * as Program from "../scripts/program.ts"
 import * as Event from "../src/Event.ts"
@@ -12,7 +12,7 @@ import * as KafkaProducer from "../src/KafkaProducer.ts"
 import * as Metrics from "../src/Metrics.ts"
 import * as Processor from "../src/Processor.ts"
 import * as RetryPolicy from "../src/RetryPolicy.ts"
-import { clientLayer, createTopic, readTopic, uniqueName } from "./support/kafka.ts"
+import { clientLayer, createTopic, eventually, readTopic, uniqueName } from "./support/kafka.ts"
 
 const brokers = inject("kafkaBrokers")
 
@@ -26,13 +26,6 @@ const event = (id: string, extra: Record<string, unknown> = {}) =>
     payload: {},
     ...extra
   })
-
-/** Polls `check` every 200 ms until it holds, failing after `timeout`. */
-const eventually = <E, R>(check: Effect.Effect<boolean, E, R>, what: string, timeout: Duration.Input = "60 seconds") =>
-  check.pipe(
-    Effect.repeat({ schedule: Schedule.spaced("200 millis"), until: (done) => done }),
-    Effect.timeoutOrElse({ duration: timeout, orElse: () => Effect.die(new Error(`timed out waiting for ${what}`)) })
-  )
 
 /**
  * How many records `topic` holds; -1 while the broker cannot say yet (a topic the program created a moment ago may

@@ -9,6 +9,7 @@ import * as Path from "node:path"
 import { type Duration, Effect, Exit, Schedule } from "effect"
 import { Kafka, logLevel } from "kafkajs"
 import * as Program from "../../scripts/program.ts"
+import { eventually as eventuallyWithin } from "../support/kafka.ts"
 
 export const producerProcess = Path.join(Program.root, "test", "support", "producerProcess.ts")
 
@@ -79,16 +80,12 @@ export const keepLogOnFailure = (name: string, log: () => string) =>
       : Effect.void
   )
 
-/** Polls `check` every 200 ms until it holds, failing after `timeout`. */
+/** `eventually` (test/support/kafka.ts) with a cluster's patience: 90 s unless told. */
 export const eventually = <E, R>(
   check: Effect.Effect<boolean, E, R>,
   what: string,
   timeout: Duration.Input = "90 seconds"
-) =>
-  check.pipe(
-    Effect.repeat({ schedule: Schedule.spaced("200 millis"), until: (done) => done }),
-    Effect.timeoutOrElse({ duration: timeout, orElse: () => Effect.die(new Error(`timed out waiting for ${what}`)) })
-  )
+) => eventuallyWithin(check, what, timeout)
 
 /** Java's `String.hashCode`, which the broker uses to place a group on a partition of `__consumer_offsets`. */
 const javaHashCode = (text: string) => {

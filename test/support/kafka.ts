@@ -214,3 +214,14 @@ export const readTopic = (brokers: string, topic: string) =>
       orElse: () => Effect.fail(new ReadError({ message: `read back ${topic}: timed out` }))
     })
   )
+
+/** Polls `check` every 200 ms until it holds, failing after `timeout`. */
+export const eventually = <E, R>(
+  check: Effect.Effect<boolean, E, R>,
+  what: string,
+  timeout: Duration.Input = "60 seconds"
+) =>
+  check.pipe(
+    Effect.repeat({ schedule: Schedule.spaced("200 millis"), until: (done) => done }),
+    Effect.timeoutOrElse({ duration: timeout, orElse: () => Effect.die(new Error(`timed out waiting for ${what}`)) })
+  )
