@@ -6,7 +6,7 @@ import { defineConfig } from "vitest/config"
 // consumer, processor and programs again on @platformatic/kafka, on a broker of its own. The
 // contract suite names its engine per file, and the broker script's own tests have no engine: they run once.
 // `cluster` (`npm run test:cluster`) starts a three-node cluster of its own per test. `npm test` (scripts/test.ts)
-// runs all four, as two vitest runs side by side: the cluster project in one, the others in the other.
+// runs all four, as two vitest runs side by side: unit and broker in one, broker:platformatic then cluster in the other.
 // The `source` condition resolves `kafka-effect/…` imports (the examples import the package as users do) to src/.
 export default defineConfig({
   resolve: { conditions: ["source"] },
@@ -21,6 +21,10 @@ export default defineConfig({
         test: {
           name: "unit",
           sequence: { groupOrder: 0 },
+          // A bound on a hang, not on speed: some unit tests do seconds of CPU work (100,000 jobs, 10,000 records
+          // under the TestClock), and `npm test` runs them beside real brokers on two cores.
+          testTimeout: 60_000,
+          hookTimeout: 60_000,
           include: ["test/**/*.test.ts", "examples/**/*.test.ts"],
           exclude: ["test/**/*.broker.test.ts", "test/**/*.cluster.test.ts"]
         }

@@ -108,7 +108,8 @@ const batchBytes = (compression: KafkaConfig.Compression) =>
 
 const program = Effect.gen(function* () {
   const scope = yield* Scope.make()
-  const brokers = process.env.KAFKA_BROKERS ?? (yield* Broker.acquire().pipe(Scope.provide(scope))).brokers
+  const brokers =
+    process.env.KAFKA_BROKERS ?? (yield* Broker.acquire({ jvm: "server" }).pipe(Scope.provide(scope))).brokers
   const figures = new Map<KafkaConfig.Compression, { produce: Array<number>; consume: Array<number> }>()
   for (const compression of compressions) figures.set(compression, { produce: [], consume: [] })
   for (let round = 0; round < rounds; round++) {

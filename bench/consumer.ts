@@ -218,7 +218,7 @@ const median = (values: ReadonlyArray<number>) => [...values].sort((x, y) => x -
 const main = Effect.gen(function* () {
   const jars = yield* Broker.resolveJars
   const external = process.env.KAFKA_BROKERS
-  const broker = external ? undefined : yield* Effect.acquireRelease(Broker.start(), Broker.stop)
+  const broker = external ? undefined : yield* Effect.acquireRelease(Broker.start({ jvm: "server" }), Broker.stop)
   const brokers = external ?? broker?.brokers ?? ""
   const results: Record<string, unknown> = {
     date: new Date().toISOString(),

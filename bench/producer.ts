@@ -294,7 +294,7 @@ const producerPerformance = async (jars: string, brokers: string, topic: string)
 const main = Effect.gen(function* () {
   const jars = yield* Broker.resolveJars
   const external = process.env.KAFKA_BROKERS
-  const broker = external ? undefined : yield* Effect.acquireRelease(Broker.start(), Broker.stop)
+  const broker = external ? undefined : yield* Effect.acquireRelease(Broker.start({ jvm: "server" }), Broker.stop)
   const brokers = external ?? broker?.brokers ?? ""
   const log = (line: string) => Effect.sync(() => console.log(line))
 

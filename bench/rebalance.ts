@@ -127,7 +127,7 @@ const once = (brokers: string, setup: Setup) =>
 
 const main = Effect.gen(function* () {
   const external = process.env.KAFKA_BROKERS
-  const broker = external ? undefined : yield* Effect.acquireRelease(Broker.start(), Broker.stop)
+  const broker = external ? undefined : yield* Effect.acquireRelease(Broker.start({ jvm: "server" }), Broker.stop)
   const brokers = external ?? broker?.brokers ?? ""
   const log = (line: string) => Effect.sync(() => console.log(line))
   const median = (values: ReadonlyArray<number>) =>

@@ -4,10 +4,19 @@
  */
 import { type ChildProcess, spawn } from "node:child_process"
 import * as Path from "node:path"
-import { Effect } from "effect"
+import { Effect, Schedule } from "effect"
 
 export const root = Path.join(import.meta.dirname, "..")
 export const consumerProgram = Path.join(root, "src", "consumer.ts")
+
+/**
+ * What a program started by a test keeps of the test's environment: PATH, and Node's compile cache when the run
+ * has one (`npm test` sets it: each program would compile effect and the engines afresh otherwise).
+ */
+export const inherited = (): Record<string, string> => ({
+  PATH: process.env.PATH ?? "",
+  ...(process.env.NODE_COMPILE_CACHE !== undefined && { NODE_COMPILE_CACHE: process.env.NODE_COMPILE_CACHE })
+})
 
 export interface Program {
   readonly child: ChildProcess
@@ -33,7 +42,7 @@ export const start = (
     {
       // The engine of the test run (KAFKA_CLIENT), unless `env` names one.
       env: {
-        PATH: process.env.PATH ?? "",
+        ...inherited(),
         ...(process.env.KAFKA_CLIENT !== undefined && { KAFKA_CLIENT: process.env.KAFKA_CLIENT }),
         ...options.env
       },
@@ -71,8 +80,9 @@ export interface Run {
 
 /**
  * Runs a program to its end, as `start` does; `onStderr` sees stderr so far as it comes (to signal the process at
- * the right moment), and the process is killed if it outlives `timeout` ms (default 60 s) or the caller is
- * interrupted.
+ * the right moment). The process is killed if the caller is interrupted, and, with `stallTimeout`, once it has
+ * printed nothing for that many ms (for a long run that reports its progress: bounded by its progress, not by the
+ * machine's speed); otherwise if it outlives `timeout` ms (default 60 s).
  */
 export const run = (
   script: string,
@@ -83,25 +93,37 @@ export const run = (
     readonly keepStdinOpen?: boolean | undefined
     readonly onStderr?: ((soFar: string, program: Program) => void) | undefined
     readonly timeout?: number | undefined
+    readonly stallTimeout?: number | undefined
   }
 ): Effect.Effect<Run> =>
   Effect.suspend(() => {
     let soFar = ""
+    let printedAt = Date.now()
     const program: Program = start(script, {
       args: options.args,
       env: options.env,
       stdin: options.stdin,
       keepStdinOpen: options.keepStdinOpen,
       onStderr: (chunk) => {
+        printedAt = Date.now()
         soFar += chunk
         options.onStderr?.(soFar, program)
       }
     })
-    return program.exited.pipe(
-      Effect.timeoutOrElse({
-        duration: options.timeout ?? 60_000,
-        orElse: () => Effect.sync(() => program.child.kill("SIGKILL")).pipe(Effect.andThen(program.exited))
-      }),
+    program.child.stdout?.on("data", () => {
+      printedAt = Date.now()
+    })
+    const { stallTimeout } = options
+    const bound =
+      stallTimeout === undefined
+        ? Effect.sleep(options.timeout ?? 60_000)
+        : Effect.sync(() => Date.now() - printedAt >= stallTimeout).pipe(
+            Effect.repeat({ schedule: Schedule.spaced("1 second"), until: (stalled) => stalled })
+          )
+    return Effect.raceFirst(
+      program.exited,
+      bound.pipe(Effect.andThen(Effect.sync(() => program.child.kill("SIGKILL"))), Effect.andThen(program.exited))
+    ).pipe(
       Effect.map((exitCode): Run => ({ exitCode, ...program.output() })),
       Effect.onInterrupt(() => Effect.sync(() => program.child.kill("SIGKILL")))
     )

@@ -115,7 +115,7 @@ const spawnNode = (jarsDir: string, nodeDir: string) =>
     const out = Fs.openSync(logFile, "a")
     const child: ChildProcess = spawn(
       javaBin(),
-      [...jvmOptions(jarsDir, heap), "kafka.Kafka", propertiesFileOf(nodeDir)],
+      [...jvmOptions(jarsDir, { heap }), "kafka.Kafka", propertiesFileOf(nodeDir)],
       { detached: true, stdio: ["ignore", out, out] }
     )
     Fs.closeSync(out)
@@ -266,7 +266,7 @@ export const acquire = (options: ClusterOptions = {}): Effect.Effect<Cluster, Br
           )
           if (!Fs.existsSync(Path.join(dataDir, "meta.properties"))) {
             yield* run(javaBin(), [
-              ...jvmOptions(jarsDir, heap),
+              ...jvmOptions(jarsDir, { heap }),
               "kafka.tools.StorageTool",
               "format",
               `--cluster-id=${id}`,

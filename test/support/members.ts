@@ -7,6 +7,7 @@
 import { type ChildProcess, spawn } from "node:child_process"
 import * as Path from "node:path"
 import { Effect, Schedule } from "effect"
+import * as Program from "../../scripts/program.ts"
 import { testEngine } from "./kafka.ts"
 
 const memberProgram = Path.join(import.meta.dirname, "consumerProcess.ts")
@@ -48,7 +49,7 @@ export class Member {
   constructor(name: string, env: Record<string, string>) {
     this.name = name
     this.child = spawn(process.execPath, ["--experimental-strip-types", "--no-warnings", memberProgram], {
-      env: { PATH: process.env.PATH ?? "", LOG_FORMAT: "json", LOG_LEVEL: "debug", ...testEngine, ...env },
+      env: { ...Program.inherited(), LOG_FORMAT: "json", LOG_LEVEL: "debug", ...testEngine, ...env },
       stdio: ["ignore", "pipe", "pipe"]
     })
     let out = ""
