@@ -179,7 +179,7 @@ const classArchive = (jarsDir: string) => `${jarsDir}.jdk-${javaKey()}.jsa`
 const dumpedArchive = (dir: string) => Path.join(dir, "classes.jsa")
 const archiveTarget = (dir: string) => Path.join(dir, "classes.jsa.target")
 
-export const classSharing = (jarsDir: string, dumpInto?: string): ReadonlyArray<string> => {
+const classSharing = (jarsDir: string, dumpInto?: string): ReadonlyArray<string> => {
   const archive = classArchive(jarsDir)
   const quiet = ["-Xlog:disable", "-Xlog:all=warning:stderr"]
   if (Fs.existsSync(archive)) return [...quiet, `-XX:SharedArchiveFile=${archive}`]
@@ -188,19 +188,24 @@ export const classSharing = (jarsDir: string, dumpInto?: string): ReadonlyArray<
   return [...quiet, `-XX:ArchiveClassesAtExit=${dumpedArchive(dumpInto)}`]
 }
 
-/** After a broker that was dumping its classes exited by itself: its archive becomes the shared one (atomically). */
+/**
+ * After a broker that was dumping its classes exited by itself: its archive becomes the shared one (atomically),
+ * unless another broker's got there first. The broker's own copy (about 50 MB) is removed either way.
+ */
 const publishArchive = (dir: string) => {
+  const dumped = dumpedArchive(dir)
   try {
-    const dumped = dumpedArchive(dir)
     if (!Fs.existsSync(dumped) || !Fs.existsSync(archiveTarget(dir))) return
     const archive = Fs.readFileSync(archiveTarget(dir), "utf8")
     if (Fs.existsSync(archive)) return
     const staging = `${archive}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`
     Fs.copyFileSync(dumped, staging)
     Fs.renameSync(staging, archive)
-    Fs.rmSync(dumped, { force: true })
   } catch {
     // Only a speed-up: the next broker dumps again.
+  } finally {
+    Fs.rmSync(dumped, { force: true })
+    Fs.rmSync(archiveTarget(dir), { force: true })
   }
 }
 
