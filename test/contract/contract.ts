@@ -343,7 +343,7 @@ export const contractSuite = (
       )
     } else {
       test(
-        "KIP-848: a running batch call is stale once its partition is revoked, while the member's other partition goes on (no stop-the-world)",
+        "KIP-848: a running batch call is stale once its partition is revoked, while the member's other partition goes on (no stop-the-world); the member holds the revoked partition (its assignment, for commits) until the call returns",
         Effect.gen(function* () {
           const topic = yield* createTopic(2)
           const groupId = uniqueName("incremental")
@@ -355,6 +355,9 @@ export const contractSuite = (
           const release = yield* Deferred.make<void>()
           const running = new Set<number>()
           const first = new Set<number>()
+          // What a held while its revoked call was still running: the Consumer commits that call's progress to the
+          // partitions of the assignment, and the next owner starts from it.
+          let heldWhileStale: ReadonlyArray<number> = []
           yield* a.run((batch, session) =>
             Effect.gen(function* () {
               // The first call of each partition stays until it is stale (or released at the end).
@@ -364,6 +367,7 @@ export const contractSuite = (
               if (running.size === 2) yield* Deferred.succeed(started, undefined)
               while (!(yield* Deferred.isDone(release))) {
                 if (yield* session.isStale) {
+                  heldWhileStale = partitionsOf(yield* a.assignment)
                   running.delete(batch.partition)
                   yield* Deferred.succeed(staleIn, batch.partition)
                   return
@@ -382,6 +386,9 @@ export const contractSuite = (
             (x) => x.partitions.length === 1
           )
           assert.deepStrictEqual(partitionsOf(ofB), [revoked])
+          assert.deepStrictEqual(heldWhileStale, [0, 1], "a still held the revoked partition while its call ran")
+          const ofA = yield* assignmentWhere(a, "a to give it up", (x) => x.partitions.length === 1)
+          assert.deepStrictEqual(partitionsOf(ofA), [1 - revoked])
           // The partition a kept: its call was never stale, and runs still.
           assert.deepStrictEqual([...running], [1 - revoked])
           yield* Deferred.succeed(release, undefined)

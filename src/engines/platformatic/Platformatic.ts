@@ -1086,12 +1086,21 @@ const makeConsumer = (
       )
     }
 
+    /**
+     * The assignment the Consumer sees is what the member holds: its target and the revoked partitions it has not
+     * given up yet. A revoked partition's running batch call commits what it finished before the partition goes
+     * (the broker gives it to another member only once this one reported it released): left out, that progress
+     * would be handled again by the next owner.
+     */
+    const publishHeld = () =>
+      runLog(SubscriptionRef.set(assignment, { generation, partitions: [...owned.values(), ...revoking.values()] }))
+
     const setOwned = (partitions: ReadonlyArray<Partition>) => {
       const next = new Map(partitions.map((tp) => [key(tp.topic, tp.partition), tp]))
       for (const k of [...lanes.keys()]) if (!next.has(k)) lanes.delete(k)
       owned = next
       generation = memberEpoch
-      runLog(SubscriptionRef.set(assignment, { generation, partitions: [...partitions] }))
+      publishHeld()
       changed.notify()
     }
 
@@ -1104,7 +1113,10 @@ const makeConsumer = (
           settled = true
         }
       }
-      if (settled) heartbeatNow.notify()
+      if (settled) {
+        publishHeld()
+        heartbeatNow.notify()
+      }
     }
 
     /** One KIP-848 heartbeat, and what its answer changes. */
